@@ -1,0 +1,37 @@
+"""Settings read from the environment.
+
+``DELTAHUB_HOME``   the store (default: ``$XDG_CACHE_HOME/deltahub`` or ``~/.cache/deltahub``).
+``DELTAHUB_DEBUG``  ``1`` shows tracebacks in the CLI.
+``DELTAHUB_DISABLE_PROGRESS_BARS`` (or ``HF_HUB_DISABLE_PROGRESS_BARS``) ``1`` hides progress bars.
+Hugging Face variables (``HF_HOME``, ``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HUB_OFFLINE``) are read by
+``huggingface_hub`` itself and honoured as they are.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def default_home() -> Path:
+    """Where the store lives when no ``--home`` is given."""
+    env = os.environ.get("DELTAHUB_HOME")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "deltahub"
+
+
+def debug_enabled() -> bool:
+    return _truthy(os.environ.get("DELTAHUB_DEBUG"))
+
+
+def progress_disabled() -> bool:
+    return _truthy(os.environ.get("DELTAHUB_DISABLE_PROGRESS_BARS")) or _truthy(
+        os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
+    )

@@ -1,0 +1,78 @@
+"""The deltahub exception hierarchy.
+
+Every error says what happened and what to do next. The CLI maps each class to an exit
+code through one table (``deltahub.cli.ERROR_EXIT_CODES``) and prints ``str(error)`` on one
+line; ``DELTAHUB_DEBUG=1`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+
+class DeltaHubError(Exception):
+    """Base class: ``message`` says what went wrong, ``hint`` what to do next."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        if self.hint:
+            return f"{self.message} ({self.hint})"
+        return self.message
+
+
+class InvalidNameError(DeltaHubError):
+    """A model name or a path from a manifest is not acceptable (``..``, ``/``, absolute...)."""
+
+
+class NameNotFoundError(DeltaHubError):
+    """No model of that name in the store."""
+
+
+class NameExistsError(DeltaHubError):
+    """The name already points at another model."""
+
+
+class InputError(DeltaHubError):
+    """A checkpoint given as input is missing, malformed or unsupported."""
+
+
+class PickleCheckpointError(InputError):
+    """The input holds only pickle checkpoints (.bin/.pt/.pth/.ckpt), which deltahub never loads."""
+
+
+class MalformedSafetensorsError(InputError):
+    """A .safetensors file is truncated or its header is invalid."""
+
+
+class IncompatibleBaseError(DeltaHubError):
+    """The fine-tune does not fit the base (other architecture, shapes or tensors)."""
+
+
+class WrongBaseError(DeltaHubError):
+    """A delta is being applied to a base whose tensors differ from the ones it was made from."""
+
+
+class CorruptObjectError(DeltaHubError):
+    """A stored object's bytes do not hash to its id, or the object is missing."""
+
+
+class UnsupportedFormatError(DeltaHubError):
+    """An on-disk or on-Hub format version this deltahub cannot read."""
+
+
+class OutputExistsError(DeltaHubError):
+    """The output directory exists and is not empty."""
+
+
+class StoreError(DeltaHubError):
+    """The store or its index is unusable (permissions, locked, inconsistent)."""
+
+
+class InUseError(DeltaHubError):
+    """The model is still needed (e.g. a base that deltas depend on)."""
+
+
+class CodecError(DeltaHubError):
+    """A tensor cannot be encoded or decoded (non-finite values, shape mismatch)."""

@@ -1,0 +1,1 @@
+"""Manifest schema and versions; safetensors and Hugging Face checkpoint readers and writers."""

@@ -1,0 +1,84 @@
+"""Writing an ordinary Hugging Face checkpoint: safetensors shards plus their index.
+
+Shards follow ``save_pretrained``'s naming: one ``model.safetensors`` when everything fits in one
+shard, else ``model-00001-of-0000N.safetensors`` and ``model.safetensors.index.json``. Tensors are
+laid out in the order given; the output is deterministic for the same inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from deltahub.formats.checkpoint import SINGLE_WEIGHTS, WEIGHTS_INDEX
+from deltahub.formats.safetensors_io import SafetensorsWriter, TensorSpec
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str | int) -> int:
+    """``"5GB"`` -> 5_000_000_000, ``"500MiB"`` -> 524_288_000, ints pass through."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ValueError(f"cannot parse size {text!r} (examples: 5GB, 500MB, 2GiB)")
+    unit = (match.group(2) or "B").lower()
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Group tensors into shards in order, starting a new shard when the next would overflow."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def shard_file_names(n: int) -> list[str]:
+    if n == 1:
+        return [SINGLE_WEIGHTS]
+    return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def write_sharded(
+    out_dir: Path,
+    specs: list[TensorSpec],
+    produce: Callable[[TensorSpec], torch.Tensor],
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    on_tensor: Callable[[TensorSpec], None] | None = None,
+) -> list[str]:
+    """Write ``specs`` into ``out_dir`` as HF safetensors shards; returns the files written.
+
+    ``produce(spec)`` returns each tensor when its turn comes (one tensor in memory at a time).
+    """
+    shards = plan_shards(specs, max_shard_bytes)
+    names = shard_file_names(len(shards))
+    weight_map: dict[str, str] = {}
+    for file_name, shard in zip(names, shards):
+        with SafetensorsWriter(out_dir / file_name, shard, metadata={"format": "pt"}) as writer:
+            for spec in shard:
+                writer.write(spec.name, produce(spec))
+                weight_map[spec.name] = file_name
+                if on_tensor is not None:
+                    on_tensor(spec)
+    written = list(names)
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(s.nbytes for s in specs)},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        (out_dir / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        written.append(WEIGHTS_INDEX)
+    return written

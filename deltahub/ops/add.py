@@ -1,0 +1,75 @@
+"""``add``: import a base model from a local Hugging Face checkpoint directory."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from deltahub.codec import Codec
+from deltahub.formats.checkpoint import open_checkpoint
+from deltahub.formats.manifest import Manifest, ModelKind, TensorRecord
+from deltahub.formats.paths import validate_name
+from deltahub.formats.safetensors_io import dtype_name, tensor_bytes
+from deltahub.ops.context import StoreContext, TensorStat
+from deltahub.ops.files import store_files
+from deltahub.progress import progress_bar
+from deltahub.store import Compression, ObjectInfo
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AddResult:
+    name: str
+    manifest_id: str
+    n_tensors: int
+    stored_bytes: int
+
+
+def default_name(src: Path) -> str:
+    """A valid model name derived from the source folder's name."""
+    import re
+
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(src).resolve().name).strip(".-_") or "model"
+    return validate_name(name.replace("..", ".")[:128])
+
+
+def add_base(ctx: StoreContext, src: Path, name: str | None = None, force: bool = False) -> AddResult:
+    """Store every tensor of ``src`` raw (memory-mappable) and record it as a base model."""
+    name = validate_name(name) if name else default_name(src)
+    checkpoint = open_checkpoint(Path(src))
+    ctx.check_name_free(name, force)
+    records: dict[str, TensorRecord] = {}
+    objects: dict[str, ObjectInfo] = {}
+    stats: list[TensorStat] = []
+    with ctx.writing():
+        files, file_infos = store_files(ctx, checkpoint)
+        objects.update(file_infos)
+        names = sorted(checkpoint.tensors)
+        with progress_bar(checkpoint.total_bytes(), f"add {name}", unit="B", unit_scale=True) as bar:
+            for tname in names:
+                tensor = checkpoint.read(tname)
+                info = ctx.put(tensor_bytes(tensor), Compression.NONE)
+                objects[info.sha256] = info
+                records[tname] = TensorRecord(
+                    tname, Codec.DENSE, dtype_name(tensor.dtype), tuple(tensor.shape), object=info.sha256
+                )
+                stats.append(
+                    TensorStat(tname, Codec.DENSE.value, dtype_name(tensor.dtype), tuple(tensor.shape), info.stored_size)
+                )
+                bar.update(info.size)
+                del tensor
+        manifest = Manifest(
+            kind=ModelKind.BASE,
+            model_type=checkpoint.model_type,
+            architectures=checkpoint.architectures,
+            dtype=dtype_name(checkpoint.main_dtype()),
+            files=files,
+            tensors=records,
+        )
+        manifest_info = ctx.put(manifest.to_bytes(), Compression.AUTO)
+        manifest_id = ctx.register(manifest, manifest_info, objects, stats, name, force)
+    logger.info("added base %s (%s)", name, manifest_id[:12])
+    unique = {oid: info for oid, info in objects.items()}
+    return AddResult(name, manifest_id, len(records), sum(i.stored_size for i in unique.values()))

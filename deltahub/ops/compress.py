@@ -1,0 +1,255 @@
+"""``compress``: store a fine-tune as a 1-bit delta against a stored base.
+
+Per tensor, in name order:
+
+* ``same``  – bit-identical to the base tensor (same dtype and bytes): nothing stored;
+* ``sign1`` – 2-D floating weight matrices of the same shape as the base (embeddings and the LM head
+  only with ``embeddings="sign1"``): packed signs of Δ = W_ft − W_base and scale = mean(|Δ|) in fp32;
+* ``dense`` – everything else (1-D tensors, non-float tensors, embeddings by default, a resized
+  vocabulary, tensors the base does not have): the fine-tuned tensor itself.
+
+Everything that can be checked (architecture, tensor names, shapes) is checked before the first
+object is written.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from deltahub.codec import PACKING_V1, Codec, CodecError, encode_sign1
+from deltahub.errors import CodecError as DeltaCodecError
+from deltahub.errors import IncompatibleBaseError, InputError
+from deltahub.formats.checkpoint import Checkpoint, open_checkpoint
+from deltahub.formats.manifest import BaseRef, Manifest, ModelKind, TensorRecord
+from deltahub.formats.paths import validate_name
+from deltahub.formats.safetensors_io import dtype_from_name, dtype_name, tensor_bytes
+from deltahub.ops.context import Resolved, StoreContext, TensorStat, fp16_bytes
+from deltahub.ops.files import store_files
+from deltahub.progress import progress_bar
+from deltahub.store import Compression, ObjectInfo
+
+logger = logging.getLogger(__name__)
+
+EMBEDDING_NAME_RE = re.compile(
+    r"(^|\.)(embed_tokens|embed_in|embed_out|wte|wpe|lm_head|word_embeddings|"
+    r"position_embeddings|token_type_embeddings|shared|embeddings)(\.|$)"
+)
+
+
+class EmbeddingsMode(str, enum.Enum):
+    """How token/position embeddings and the LM head are stored."""
+
+    DENSE = "dense"
+    SIGN1 = "sign1"
+
+
+DEFAULT_EMBEDDINGS = EmbeddingsMode.DENSE
+
+
+@dataclass
+class CompressResult:
+    name: str
+    manifest_id: str
+    base_name: str
+    codecs: dict[str, int] = field(default_factory=dict)
+    stored_bytes: int = 0
+    fp16_bytes: int = 0
+
+    @property
+    def ratio(self) -> float:
+        return self.fp16_bytes / self.stored_bytes if self.stored_bytes else math.inf
+
+
+def is_embedding(name: str, shape: tuple[int, ...], vocab_size: int | None) -> bool:
+    """Token/position embeddings and LM heads, by name or by a leading vocabulary dimension."""
+    if EMBEDDING_NAME_RE.search(name.removesuffix(".weight")):
+        return True
+    return bool(vocab_size) and len(shape) == 2 and shape[0] == vocab_size
+
+
+def plan_codecs(
+    ft: Checkpoint, base: Resolved, embeddings: EmbeddingsMode
+) -> dict[str, Codec]:
+    """The codec each fine-tune tensor *may* use (``same`` is decided later, from the bytes).
+
+    Raises :class:`IncompatibleBaseError` when the fine-tune does not fit the base.
+    """
+    bman = base.manifest
+    if (ft.model_type and bman.model_type and ft.model_type != bman.model_type) or (
+        ft.architectures and bman.architectures and ft.architectures != bman.architectures
+    ):
+        raise IncompatibleBaseError(
+            f"the fine-tune is a {ft.model_type or '?'} model ({', '.join(ft.architectures) or '?'}) "
+            f"but base {base.name!r} is {bman.model_type or '?'} ({', '.join(bman.architectures) or '?'})",
+            "compress against the base model this was fine-tuned from",
+        )
+    missing = sorted(set(bman.tensors) - set(ft.tensors))
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise IncompatibleBaseError(
+            f"the fine-tune lacks {len(missing)} tensor(s) of base {base.name!r}: "
+            f"{', '.join(missing[:3])}{more}",
+            "check that this is a complete checkpoint fine-tuned from that base",
+        )
+    vocab = ft.config.get("vocab_size")
+    plan: dict[str, Codec] = {}
+    for name in sorted(ft.tensors):
+        shape = ft.shape(name)
+        rec = bman.tensors.get(name)
+        if rec is None:
+            plan[name] = Codec.DENSE  # a tensor the base does not have
+            continue
+        if rec.shape != shape:
+            resized_vocab = (
+                len(shape) == len(rec.shape) >= 1
+                and shape[1:] == rec.shape[1:]
+                and is_embedding(name, shape, vocab)
+            )
+            if not resized_vocab:
+                raise IncompatibleBaseError(
+                    f"tensor {name!r} has shape {list(shape)} in the fine-tune but {list(rec.shape)} "
+                    f"in base {base.name!r}",
+                    "compress against the base model this was fine-tuned from",
+                )
+            plan[name] = Codec.DENSE
+            continue
+        floating = ft.dtype(name).is_floating_point and dtype_from_name(rec.dtype).is_floating_point
+        if len(shape) == 2 and floating and (
+            embeddings is EmbeddingsMode.SIGN1 or not is_embedding(name, shape, vocab)
+        ):
+            plan[name] = Codec.SIGN1
+        else:
+            plan[name] = Codec.DENSE
+    return plan
+
+
+def _bit_identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    )
+
+
+def _rel_norm(ft: torch.Tensor, base: torch.Tensor) -> float:
+    delta_sq = 0.0
+    base_sq = 0.0
+    flat_ft, flat_base = ft.reshape(-1), base.reshape(-1)
+    step = 1 << 22
+    for start in range(0, flat_ft.numel(), step):
+        b = flat_base[start : start + step].double()
+        d = flat_ft[start : start + step].double() - b
+        delta_sq += float(d.square().sum())
+        base_sq += float(b.square().sum())
+    if base_sq == 0.0:
+        return 0.0 if delta_sq == 0.0 else math.inf
+    return math.sqrt(delta_sq / base_sq)
+
+
+def compress_finetune(
+    ctx: StoreContext,
+    src: Path,
+    base_name: str,
+    name: str,
+    embeddings: EmbeddingsMode | str = DEFAULT_EMBEDDINGS,
+    force: bool = False,
+    verify_base: bool = True,
+) -> CompressResult:
+    """Compress the checkpoint at ``src`` against stored base ``base_name`` and name it ``name``."""
+    embeddings = EmbeddingsMode(embeddings)
+    validate_name(name)
+    base = ctx.resolve(base_name)
+    if base.manifest.kind is not ModelKind.BASE:
+        raise InputError(
+            f"{base_name!r} is a delta, not a base",
+            "pass the base model with --base (see `deltahub ls`)",
+        )
+    ft = open_checkpoint(Path(src))
+    plan = plan_codecs(ft, base, embeddings)
+    ctx.check_name_free(name, force)
+
+    bman = base.manifest
+    records: dict[str, TensorRecord] = {}
+    objects: dict[str, ObjectInfo] = {}
+    stats: list[TensorStat] = []
+    used_base: dict[str, str] = {}
+    result = CompressResult(name=name, manifest_id="", base_name=base_name)
+    with ctx.writing():
+        files, file_infos = store_files(ctx, ft)
+        objects.update(file_infos)
+        with progress_bar(ft.total_bytes(), f"compress {name}", unit="B", unit_scale=True) as bar:
+            for tname, planned in plan.items():
+                tensor = ft.read(tname)
+                shape = tuple(tensor.shape)
+                dtype = dtype_name(tensor.dtype)
+                brec = bman.tensors.get(tname)
+                base_t = None
+                if brec is not None and brec.shape == shape:
+                    assert brec.object is not None
+                    base_t = ctx.read_tensor(brec.object, brec.dtype, brec.shape, verify=verify_base)
+                stat = TensorStat(tname, planned.value, dtype, shape, 0)
+                if base_t is not None and _bit_identical(tensor, base_t):
+                    codec = Codec.SAME
+                    records[tname] = TensorRecord(tname, codec, dtype, shape)
+                    stat.rel_delta_norm = 0.0
+                    stat.rel_recon_error = 0.0
+                elif planned is Codec.SIGN1:
+                    assert base_t is not None
+                    codec = Codec.SIGN1
+                    try:
+                        enc = encode_sign1(base_t, tensor)
+                    except CodecError as exc:
+                        raise DeltaCodecError(
+                            f"cannot compress tensor {tname!r}: {exc}",
+                            "check the fine-tune for NaN/Inf weights",
+                        ) from None
+                    info = ctx.put(tensor_bytes(enc.packed), Compression.NONE)
+                    objects[info.sha256] = info
+                    records[tname] = TensorRecord(tname, codec, dtype, shape, object=info.sha256, scale=enc.scale)
+                    stat.stored_bytes = info.stored_size
+                    stat.scale = enc.scale
+                    stat.rel_delta_norm = enc.stats.rel_delta_norm
+                    stat.rel_recon_error = enc.rel_recon_error
+                else:
+                    codec = Codec.DENSE
+                    info = ctx.put(tensor_bytes(tensor), Compression.AUTO)
+                    objects[info.sha256] = info
+                    records[tname] = TensorRecord(tname, codec, dtype, shape, object=info.sha256)
+                    stat.stored_bytes = info.stored_size
+                    if base_t is not None and tensor.is_floating_point() and base_t.is_floating_point():
+                        stat.rel_delta_norm = _rel_norm(tensor, base_t)
+                    stat.rel_recon_error = 0.0
+                stat.codec = codec.value
+                if codec in (Codec.SAME, Codec.SIGN1):
+                    assert brec is not None and brec.object is not None
+                    used_base[tname] = brec.object
+                stats.append(stat)
+                result.codecs[codec.value] = result.codecs.get(codec.value, 0) + 1
+                bar.update(tensor.numel() * tensor.element_size())
+                del tensor, base_t
+        manifest = Manifest(
+            kind=ModelKind.DELTA,
+            model_type=ft.model_type,
+            architectures=ft.architectures,
+            dtype=dtype_name(ft.main_dtype()),
+            files=files,
+            tensors=records,
+            base=BaseRef(
+                manifest=base.manifest_id,
+                tensors=used_base,
+            ),
+            packing=PACKING_V1,
+        )
+        manifest_info = ctx.put(manifest.to_bytes(), Compression.AUTO)
+        result.manifest_id = ctx.register(manifest, manifest_info, objects, stats, name, force)
+    result.stored_bytes = sum(info.stored_size for info in objects.values()) + manifest_info.stored_size
+    result.fp16_bytes = fp16_bytes(manifest)
+    logger.info("compressed %s against %s: %s", name, base_name, result.codecs)
+    return result

@@ -1,0 +1,305 @@
+"""The store as operations see it: the object store and the index joined, plus shared helpers.
+
+Layout of ``$DELTAHUB_HOME``::
+
+    objects/ab/abcdef...   content-addressed objects (see deltahub.store.objects)
+    tmp/                   per-process temporary files, renamed into objects/
+    index.sqlite           the SQLite index (WAL), schema managed by Alembic
+    locks/                 advisory locks: gc.lock, names.lock, migrate.lock
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from sqlalchemy import select
+
+from deltahub.config import default_home
+from deltahub.errors import (
+    CorruptObjectError,
+    NameExistsError,
+    NameNotFoundError,
+    StoreError,
+    WrongBaseError,
+)
+from deltahub.formats.manifest import Manifest, ModelKind, parse_manifest
+from deltahub.formats.paths import validate_name
+from deltahub.formats.safetensors_io import dtype_from_name
+from deltahub.index import Index
+from deltahub.index.models import (
+    ManifestObjectRow,
+    ManifestRow,
+    NameRow,
+    ObjectRow,
+    TensorStatRow,
+    utcnow,
+)
+from deltahub.store import Compression, ObjectInfo, ObjectStore, file_lock
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TensorStat:
+    """Per-tensor statistics recorded in the index at compress/add time."""
+
+    name: str
+    codec: str
+    dtype: str
+    shape: tuple[int, ...]
+    stored_bytes: int
+    scale: float | None = None
+    rel_delta_norm: float | None = None
+    rel_recon_error: float | None = None
+
+
+@dataclass
+class Resolved:
+    """A name looked up: its manifest id and parsed manifest."""
+
+    name: str
+    manifest_id: str
+    manifest: Manifest
+
+
+def fp16_bytes(manifest: Manifest) -> int:
+    """Bytes the model's tensors would take in fp16 (non-float tensors at their own size)."""
+    total = 0
+    for rec in manifest.tensors.values():
+        dtype = dtype_from_name(rec.dtype)
+        size = 2 if dtype.is_floating_point else torch.empty((), dtype=dtype).element_size()
+        total += size * math.prod(rec.shape)
+    return total
+
+
+class StoreContext:
+    """An open store: objects + index + locks. Cheap to open; safe for several processes."""
+
+    def __init__(self, home: Path | str | None = None) -> None:
+        self.home = Path(home) if home is not None else default_home()
+        try:
+            self.home.mkdir(parents=True, exist_ok=True)
+            self.locks_dir = self.home / "locks"
+            self.locks_dir.mkdir(exist_ok=True)
+            self.objects = ObjectStore(self.home)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot use {self.home} as a deltahub store: {exc.strerror}",
+                "set DELTAHUB_HOME or --home to a writable folder",
+            ) from None
+        self.index = Index(self.home / "index.sqlite", self.locks_dir / "migrate.lock")
+
+    def close(self) -> None:
+        self.index.close()
+
+    # ------------------------------------------------------------------ locks
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Held by every writer from its first object until its name is published (blocks gc)."""
+        with file_lock(self.locks_dir / "gc.lock", exclusive=False):
+            yield
+
+    @contextmanager
+    def collecting(self) -> Iterator[None]:
+        """Held by gc: no writer is between writing objects and indexing them."""
+        with file_lock(self.locks_dir / "gc.lock", exclusive=True, timeout=600):
+            yield
+
+    @contextmanager
+    def naming(self) -> Iterator[None]:
+        with file_lock(self.locks_dir / "names.lock", exclusive=True, timeout=120):
+            yield
+
+    # ------------------------------------------------------------------ names
+    def resolve(self, name: str) -> Resolved:
+        validate_name(name)
+        with self.index.session() as session:
+            row = session.get(NameRow, name)
+            if row is None:
+                raise NameNotFoundError(
+                    f"no model named {name!r} in {self.home}", "see `deltahub ls` for the stored names"
+                )
+            manifest_id = row.manifest_id
+        return Resolved(name, manifest_id, self.load_manifest(manifest_id))
+
+    def check_name_free(self, name: str, force: bool) -> None:
+        validate_name(name)
+        if force:
+            return
+        with self.index.session() as session:
+            if session.get(NameRow, name) is not None:
+                raise NameExistsError(
+                    f"the name {name!r} is already taken",
+                    "choose another --name, `deltahub rm` it first, or pass --force to re-point it",
+                )
+
+    def load_manifest(self, manifest_id: str, verify: bool = True) -> Manifest:
+        return parse_manifest(self.objects.read(manifest_id, verify=verify))
+
+    def base_of(self, delta: Manifest) -> tuple[str, Manifest]:
+        """The stored base a delta applies to, checked against the delta's recorded tensor hashes."""
+        assert delta.base is not None
+        base_id = delta.base.manifest
+        if not self.objects.exists(base_id):
+            where = ""
+            if delta.base.hub_repo_id:
+                where = f" ({delta.base.hub_repo_id}@{delta.base.hub_revision})"
+            raise WrongBaseError(
+                f"the base this delta was made from{where} is not in the store",
+                "add or pull that base first",
+            )
+        base = self.load_manifest(base_id)
+        if base.kind is not ModelKind.BASE:
+            raise WrongBaseError(f"manifest {base_id[:12]} named as base is not a base model")
+        for name, sha in delta.base.tensors.items():
+            rec = base.tensors.get(name)
+            if rec is None or rec.object != sha:
+                raise WrongBaseError(
+                    f"base tensor {name!r} differs from the one the delta was computed against",
+                    "the delta must be applied to the exact base it was compressed from",
+                )
+        return base_id, base
+
+    # ------------------------------------------------------------------ tensors
+    def read_tensor(self, object_id: str, dtype: str, shape: tuple[int, ...], verify: bool = True) -> torch.Tensor:
+        """A stored tensor object as an owned CPU tensor (hash-verified unless ``verify=False``)."""
+        torch_dtype = dtype_from_name(dtype)
+        expected = math.prod(shape) * torch.empty((), dtype=torch_dtype).element_size()
+        buf = self.objects.read(object_id, verify=verify)
+        if len(buf) != expected:
+            raise CorruptObjectError(
+                f"object {object_id[:12]} holds {len(buf)} bytes, expected {expected} for "
+                f"{dtype}{list(shape)}",
+                "run `deltahub verify`",
+            )
+        if expected == 0:
+            return torch.empty(shape, dtype=torch_dtype)
+        return torch.frombuffer(buf, dtype=torch.uint8).view(torch_dtype).reshape(shape)
+
+    def put(self, data, compression: Compression = Compression.NONE) -> ObjectInfo:
+        return self.objects.put(data, compression)
+
+    # ------------------------------------------------------------------ index
+    def register(
+        self,
+        manifest: Manifest,
+        manifest_info: ObjectInfo,
+        objects: dict[str, ObjectInfo],
+        stats: list[TensorStat],
+        name: str,
+        force: bool,
+    ) -> str:
+        """Index rows, then the name (invariant 2). Returns the manifest id."""
+        manifest_id = manifest_info.sha256
+        now = utcnow()
+        all_objects = dict(objects)
+        all_objects[manifest_id] = manifest_info
+        with self.index.session() as session:
+            existing = set(
+                session.scalars(select(ObjectRow.sha256).where(ObjectRow.sha256.in_(list(all_objects))))
+            )
+            for oid, info in all_objects.items():
+                if oid not in existing:
+                    session.add(
+                        ObjectRow(
+                            sha256=oid,
+                            size=info.size,
+                            stored_size=info.stored_size,
+                            encoding="zstd" if info.encoding.name == "ZSTD" else "raw",
+                            created_at=now,
+                        )
+                    )
+            if session.get(ManifestRow, manifest_id) is None:
+                session.add(
+                    ManifestRow(
+                        id=manifest_id,
+                        kind=manifest.kind.value,
+                        format_version=manifest.format_version,
+                        base_id=manifest.base.manifest if manifest.base else None,
+                        model_type=manifest.model_type,
+                        dtype=manifest.dtype,
+                        n_tensors=len(manifest.tensors),
+                        stored_bytes=sum(info.stored_size for info in all_objects.values()),
+                        fp16_bytes=fp16_bytes(manifest),
+                        created_at=now,
+                    )
+                )
+                session.flush()
+                roles = manifest.object_ids()
+                roles[manifest_id] = "manifest"
+                for oid, role in roles.items():
+                    session.add(ManifestObjectRow(manifest_id=manifest_id, object_id=oid, role=role))
+                for st in stats:
+                    session.add(
+                        TensorStatRow(
+                            manifest_id=manifest_id,
+                            name=st.name,
+                            codec=st.codec,
+                            dtype=st.dtype,
+                            shape="[" + ",".join(str(d) for d in st.shape) + "]",
+                            numel=math.prod(st.shape),
+                            stored_bytes=st.stored_bytes,
+                            scale=st.scale,
+                            rel_delta_norm=st.rel_delta_norm,
+                            rel_recon_error=st.rel_recon_error,
+                        )
+                    )
+        self.set_name(name, manifest_id, force)
+        return manifest_id
+
+    def set_name(self, name: str, manifest_id: str, force: bool) -> None:
+        validate_name(name)
+        with self.naming(), self.index.session() as session:
+            row = session.get(NameRow, name)
+            if row is None:
+                session.add(NameRow(name=name, manifest_id=manifest_id, created_at=utcnow(), updated_at=utcnow()))
+            elif row.manifest_id != manifest_id:
+                if not force:
+                    raise NameExistsError(
+                        f"the name {name!r} was taken by another process meanwhile",
+                        "choose another --name or pass --force",
+                    )
+                row.manifest_id = manifest_id
+                row.updated_at = utcnow()
+                session.flush()
+                prune_unreachable(session)
+
+
+def prune_unreachable(session) -> list[str]:
+    """Delete the index rows of manifests no name reaches (directly or as a delta's base).
+
+    Objects stay on disk until ``gc``; returns the deleted manifest ids.
+    """
+    from sqlalchemy import delete
+
+    reachable: set[str] = set(session.scalars(select(NameRow.manifest_id)))
+    frontier = set(reachable)
+    while frontier:
+        bases = set(
+            session.scalars(
+                select(ManifestRow.base_id).where(ManifestRow.id.in_(list(frontier)), ManifestRow.base_id.is_not(None))
+            )
+        )
+        frontier = bases - reachable
+        reachable |= bases
+    doomed = [
+        (row.id, row.kind)
+        for row in session.execute(select(ManifestRow.id, ManifestRow.kind))
+        if row.id not in reachable
+    ]
+    # Deltas first: they reference their base through a foreign key.
+    for kind in ("delta", "base"):
+        ids = [mid for mid, k in doomed if k == kind]
+        if ids:
+            session.execute(delete(ManifestRow).where(ManifestRow.id.in_(ids)))
+    if doomed:
+        session.execute(
+            delete(ObjectRow).where(ObjectRow.sha256.not_in(select(ManifestObjectRow.object_id)))
+        )
+    return [mid for mid, _ in doomed]

@@ -1,0 +1,307 @@
+"""Inspecting and managing the store: ``ls``, ``show``, ``du``, ``rm``, ``gc``, ``verify``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sqlalchemy import func, select
+
+from deltahub.errors import DeltaHubError, InUseError
+from deltahub.formats.manifest import ModelKind
+from deltahub.formats.paths import validate_name
+from deltahub.index.models import ManifestObjectRow, ManifestRow, NameRow, ObjectRow, TensorStatRow
+from deltahub.ops.context import StoreContext, prune_unreachable
+from deltahub.progress import progress_bar
+
+logger = logging.getLogger(__name__)
+
+
+def _names_by_manifest(session) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for row in session.scalars(select(NameRow).order_by(NameRow.name)):
+        out.setdefault(row.manifest_id, []).append(row.name)
+    return out
+
+
+def _ratio(fp16: int, stored: int) -> float | None:
+    return round(fp16 / stored, 3) if stored else None
+
+
+def list_models(ctx: StoreContext) -> list[dict[str, Any]]:
+    """One dict per name: name, kind, base, manifest id, bytes on disk, fp16 bytes, ratio."""
+    rows = []
+    with ctx.index.session() as session:
+        names = _names_by_manifest(session)
+        for name_row in session.scalars(select(NameRow).order_by(NameRow.name)):
+            m = session.get(ManifestRow, name_row.manifest_id)
+            assert m is not None
+            base_names = names.get(m.base_id or "", [])
+            rows.append(
+                {
+                    "name": name_row.name,
+                    "kind": m.kind,
+                    "base": base_names[0] if base_names else (m.base_id[:12] if m.base_id else None),
+                    "manifest_id": m.id,
+                    "model_type": m.model_type,
+                    "dtype": m.dtype,
+                    "n_tensors": m.n_tensors,
+                    "stored_bytes": m.stored_bytes,
+                    "fp16_bytes": m.fp16_bytes,
+                    "ratio": _ratio(m.fp16_bytes, m.stored_bytes),
+                    "updated_at": name_row.updated_at.isoformat(),
+                }
+            )
+    return rows
+
+
+def show_model(ctx: StoreContext, name: str, tensors: bool = False) -> dict[str, Any]:
+    """Everything known about ``name``: kind, base, codecs, bytes, ratio, statistics."""
+    resolved = ctx.resolve(name)
+    with ctx.index.session() as session:
+        m = session.get(ManifestRow, resolved.manifest_id)
+        if m is None:
+            raise DeltaHubError(
+                f"{name!r} points at manifest {resolved.manifest_id[:12]} which is not indexed",
+                "run `deltahub verify`",
+            )
+        names = _names_by_manifest(session)
+        stats = list(
+            session.scalars(
+                select(TensorStatRow).where(TensorStatRow.manifest_id == m.id).order_by(TensorStatRow.name)
+            )
+        )
+        codecs: dict[str, dict[str, int]] = {}
+        for st in stats:
+            c = codecs.setdefault(st.codec, {"tensors": 0, "params": 0, "stored_bytes": 0})
+            c["tensors"] += 1
+            c["params"] += st.numel
+            c["stored_bytes"] += st.stored_bytes
+        sign1 = [st for st in stats if st.codec == "sign1"]
+        summary: dict[str, Any] = {
+            "name": name,
+            "kind": m.kind,
+            "manifest_id": m.id,
+            "model_type": m.model_type,
+            "architectures": resolved.manifest.architectures,
+            "dtype": m.dtype,
+            "n_tensors": m.n_tensors,
+            "params": sum(st.numel for st in stats),
+            "stored_bytes": m.stored_bytes,
+            "fp16_bytes": m.fp16_bytes,
+            "ratio": _ratio(m.fp16_bytes, m.stored_bytes),
+            "codecs": codecs,
+            "files": sorted(resolved.manifest.files),
+            "created_at": m.created_at.isoformat(),
+            "info": json.loads(m.info) if m.info else {},
+        }
+        if m.kind == ModelKind.DELTA.value:
+            base_names = names.get(m.base_id or "", [])
+            summary["base"] = {"manifest_id": m.base_id, "names": base_names}
+            summary["packing"] = resolved.manifest.packing.to_json() if resolved.manifest.packing else None
+            if sign1:
+                weights = [st.numel for st in sign1]
+                total = sum(weights)
+                summary["statistics"] = {
+                    "sign1_tensors": len(sign1),
+                    "mean_rel_delta_norm": sum((st.rel_delta_norm or 0.0) * w for st, w in zip(sign1, weights)) / total,
+                    "max_rel_delta_norm": max(st.rel_delta_norm or 0.0 for st in sign1),
+                    "mean_rel_recon_error": sum((st.rel_recon_error or 0.0) * w for st, w in zip(sign1, weights)) / total,
+                    "max_rel_recon_error": max(st.rel_recon_error or 0.0 for st in sign1),
+                }
+        if tensors:
+            summary["tensors"] = [
+                {
+                    "name": st.name,
+                    "codec": st.codec,
+                    "dtype": st.dtype,
+                    "shape": json.loads(st.shape),
+                    "stored_bytes": st.stored_bytes,
+                    "scale": st.scale,
+                    "rel_delta_norm": st.rel_delta_norm,
+                    "rel_recon_error": st.rel_recon_error,
+                }
+                for st in stats
+            ]
+    return summary
+
+
+def disk_usage(ctx: StoreContext) -> dict[str, Any]:
+    """Bytes on disk: objects (indexed / unreferenced), the index, and per model."""
+    on_disk = {oid: ctx.objects.path_of(oid).stat().st_size for oid in ctx.objects.iter_ids()}
+    index_bytes = sum(
+        p.stat().st_size for p in ctx.home.glob("index.sqlite*") if p.is_file()
+    )
+    with ctx.index.session() as session:
+        referenced = set(session.scalars(select(ManifestObjectRow.object_id)))
+        models = [
+            {"name": r["name"], "kind": r["kind"], "stored_bytes": r["stored_bytes"]}
+            for r in list_models_in(session)
+        ]
+    unreferenced = {oid: size for oid, size in on_disk.items() if oid not in referenced}
+    return {
+        "home": str(ctx.home),
+        "objects": len(on_disk),
+        "object_bytes": sum(on_disk.values()),
+        "unreferenced_objects": len(unreferenced),
+        "unreferenced_bytes": sum(unreferenced.values()),
+        "index_bytes": index_bytes,
+        "total_bytes": sum(on_disk.values()) + index_bytes,
+        "models": models,
+    }
+
+
+def list_models_in(session) -> list[dict[str, Any]]:
+    out = []
+    for name_row in session.scalars(select(NameRow).order_by(NameRow.name)):
+        m = session.get(ManifestRow, name_row.manifest_id)
+        out.append({"name": name_row.name, "kind": m.kind if m else "?", "stored_bytes": m.stored_bytes if m else 0})
+    return out
+
+
+def remove(ctx: StoreContext, name: str, force: bool = False) -> dict[str, Any]:
+    """Delete a name, then the index rows nothing reaches any more (objects wait for ``gc``)."""
+    validate_name(name)
+    resolved = ctx.resolve(name)
+    with ctx.naming(), ctx.index.session() as session:
+        row = session.get(NameRow, name)
+        if row is None:  # removed meanwhile
+            return {"name": name, "removed": False, "pruned_manifests": []}
+        other_names = set(
+            session.scalars(select(NameRow.name).where(NameRow.manifest_id == row.manifest_id, NameRow.name != name))
+        )
+        dependants = [
+            n
+            for n in session.scalars(
+                select(NameRow.name)
+                .join(ManifestRow, ManifestRow.id == NameRow.manifest_id)
+                .where(ManifestRow.base_id == resolved.manifest_id)
+            )
+        ]
+        if dependants and not other_names and not force:
+            raise InUseError(
+                f"{name!r} is the base of {len(dependants)} stored delta(s): {', '.join(sorted(dependants)[:5])}",
+                "remove those first, or pass --force to drop the name and keep the base for them",
+            )
+        session.delete(row)
+        session.flush()
+        pruned = prune_unreachable(session)
+    return {"name": name, "removed": True, "pruned_manifests": pruned}
+
+
+@dataclass
+class GcReport:
+    dry_run: bool
+    objects: list[str] = field(default_factory=list)
+    bytes: int = 0
+    temp_files: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["n_objects"] = len(self.objects)
+        return out
+
+
+def garbage_collect(ctx: StoreContext, dry_run: bool = False) -> GcReport:
+    """Delete objects that no indexed manifest references, and dead processes' temp files."""
+    report = GcReport(dry_run=dry_run)
+    with ctx.collecting():
+        with ctx.index.session() as session:
+            prune_unreachable(session)
+            referenced = set(session.scalars(select(ManifestObjectRow.object_id)))
+        for oid in list(ctx.objects.iter_ids()):
+            if oid in referenced:
+                continue
+            size = ctx.objects.path_of(oid).stat().st_size
+            report.objects.append(oid)
+            report.bytes += size
+            if not dry_run:
+                ctx.objects.delete(oid)
+        for path in ctx.objects.stale_temp_files():
+            report.temp_files.append(path.name)
+            if not dry_run:
+                path.unlink(missing_ok=True)
+    return report
+
+
+@dataclass
+class VerifyReport:
+    objects_checked: int = 0
+    manifests_checked: int = 0
+    problems: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def add(self, kind: str, subject: str, detail: str) -> None:
+        self.problems.append({"kind": kind, "subject": subject, "detail": detail})
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "objects_checked": self.objects_checked,
+            "manifests_checked": self.manifests_checked,
+            "problems": self.problems,
+        }
+
+
+def verify_store(ctx: StoreContext) -> VerifyReport:
+    """Re-hash every object and check every manifest, name and base link. Repairs nothing."""
+    report = VerifyReport()
+    ids = list(ctx.objects.iter_ids())
+    total = sum(ctx.objects.path_of(oid).stat().st_size for oid in ids)
+    with progress_bar(total, "verify", unit="B", unit_scale=True) as bar:
+        for oid in ids:
+            try:
+                got = ctx.objects.hash_content(oid)
+                if got != oid:
+                    report.add("corrupt-object", oid, f"content hashes to {got}")
+            except DeltaHubError as exc:
+                report.add("corrupt-object", oid, str(exc))
+            report.objects_checked += 1
+            bar.update(ctx.objects.path_of(oid).stat().st_size)
+    present = set(ids)
+    with ctx.index.session() as session:
+        indexed = set(session.scalars(select(ObjectRow.sha256)))
+        for oid in sorted(indexed - present):
+            report.add("missing-object", oid, "indexed but not in objects/")
+        manifests = list(session.scalars(select(ManifestRow)))
+        links = {}
+        for row in session.execute(select(ManifestObjectRow.manifest_id, ManifestObjectRow.object_id)):
+            links.setdefault(row.manifest_id, set()).add(row.object_id)
+        names = list(session.scalars(select(NameRow)))
+    manifest_ids = {m.id for m in manifests}
+    for name_row in names:
+        if name_row.manifest_id not in manifest_ids:
+            report.add("dangling-name", name_row.name, f"points at unknown manifest {name_row.manifest_id}")
+    for m in manifests:
+        report.manifests_checked += 1
+        if m.id not in present:
+            report.add("missing-object", m.id, "manifest object missing")
+            continue
+        try:
+            manifest = ctx.load_manifest(m.id, verify=False)
+        except DeltaHubError as exc:
+            report.add("bad-manifest", m.id, str(exc))
+            continue
+        for oid in manifest.object_ids():
+            if oid not in present:
+                report.add("missing-object", oid, f"referenced by manifest {m.id[:12]}")
+            if oid not in links.get(m.id, set()):
+                report.add("index-mismatch", oid, f"not linked to manifest {m.id[:12]} in the index")
+        if manifest.kind is ModelKind.DELTA:
+            try:
+                ctx.base_of(manifest)
+            except DeltaHubError as exc:
+                report.add("bad-base", m.id, str(exc))
+    if report.problems:
+        logger.warning("verify found %d problem(s)", len(report.problems))
+    return report
+
+
+def count_names(ctx: StoreContext) -> int:
+    with ctx.index.session() as session:
+        return int(session.scalar(select(func.count()).select_from(NameRow)) or 0)

@@ -1,0 +1,122 @@
+"""``materialize``: write a stored model as an ordinary Hugging Face checkpoint.
+
+The checkpoint is written into a temporary sibling directory of ``out_dir`` and renamed into place
+at the end, so ``out_dir`` is never half-written. A non-empty ``out_dir`` is refused unless
+``force``. Same store content and options give the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from deltahub.errors import InputError, OutputExistsError
+from deltahub.formats.hf_writer import DEFAULT_MAX_SHARD_BYTES, write_sharded
+from deltahub.formats.paths import join_inside
+from deltahub.formats.safetensors_io import dtype_name
+from deltahub.ops.context import StoreContext
+from deltahub.ops.reconstruct import ModelSource
+from deltahub.progress import progress_bar
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class MaterializeResult:
+    name: str
+    out_dir: Path
+    dtype: str
+    files: list[str]
+    bytes_written: int
+
+
+def parse_output_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return OUTPUT_DTYPES[dtype]
+    except KeyError:
+        raise InputError(
+            f"unsupported output dtype {dtype!r}", f"use one of {', '.join(OUTPUT_DTYPES)}"
+        ) from None
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def materialize(
+    ctx: StoreContext,
+    name: str,
+    out_dir: Path,
+    dtype: str | torch.dtype | None = None,
+    force: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    verify: bool = True,
+) -> MaterializeResult:
+    """Write model ``name`` to ``out_dir`` as safetensors shards + config + tokenizer files."""
+    out_dir = Path(out_dir)
+    out_dtype = parse_output_dtype(dtype)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputExistsError(f"{out_dir} exists and is not a directory", "choose another output path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise OutputExistsError(
+            f"{out_dir} is not empty", "choose an empty or new directory, or pass --force to replace it"
+        )
+    source = ModelSource.open(ctx, name, verify=verify)
+    out_dtype = out_dtype or source.default_dtype()
+    specs = source.specs(out_dtype)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.deltahub-tmp-", dir=out_dir.parent))
+    try:
+        config = source.config(out_dtype)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        files = ["config.json"]
+        for rel in sorted(source.manifest.files):
+            if rel == "config.json":
+                continue
+            target = join_inside(tmp, rel)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.file_bytes(rel))
+            files.append(rel)
+        total = sum(spec.nbytes for spec in specs)
+        with progress_bar(total, f"materialize {name}", unit="B", unit_scale=True) as bar:
+            files += write_sharded(
+                tmp,
+                specs,
+                lambda spec: source.tensor(spec.name, spec.dtype),
+                max_shard_bytes=max_shard_bytes,
+                on_tensor=lambda spec: bar.update(spec.nbytes),
+            )
+        _fsync_tree(tmp)
+        os.chmod(tmp, 0o755)
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.deltahub-old-", dir=out_dir.parent))
+            os.replace(out_dir, old / "old")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    bytes_written = sum((out_dir / f).stat().st_size for f in files)
+    logger.info("materialized %s into %s", name, out_dir)
+    return MaterializeResult(name, out_dir, dtype_name(out_dtype), sorted(files), bytes_written)

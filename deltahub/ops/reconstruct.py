@@ -1,0 +1,102 @@
+"""Rebuilding a stored model's tensors one at a time (shared by ``materialize`` and ``load_model``).
+
+For a delta, tensor ``name`` in output dtype ``D`` is:
+
+* ``same``:  ``W_base.to(D)``
+* ``dense``: ``W_ft.to(D)``
+* ``sign1``: ``(W_base.to(float32) + scale * S).to(D)``, S ∈ {−1, +1} from the packed bits
+  (see :func:`deltahub.codec.decode_sign1`); exact and deterministic.
+
+Non-floating tensors keep their own dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from deltahub.codec import Codec, decode_sign1, packed_shape
+from deltahub.errors import CorruptObjectError
+from deltahub.formats.manifest import Manifest, ModelKind, TensorRecord
+from deltahub.formats.safetensors_io import TensorSpec, dtype_from_name, dtype_name
+from deltahub.ops.context import Resolved, StoreContext
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelSource:
+    """A resolved model (base or delta, with its base) ready to produce tensors."""
+
+    ctx: StoreContext
+    resolved: Resolved
+    base: Manifest | None
+    verify: bool = True
+
+    @classmethod
+    def open(cls, ctx: StoreContext, name: str, verify: bool = True) -> ModelSource:
+        resolved = ctx.resolve(name)
+        base = None
+        if resolved.manifest.kind is ModelKind.DELTA:
+            _base_id, base = ctx.base_of(resolved.manifest)
+        return cls(ctx, resolved, base, verify)
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.resolved.manifest
+
+    def default_dtype(self) -> torch.dtype:
+        return dtype_from_name(self.manifest.dtype)
+
+    def output_dtype(self, rec: TensorRecord, dtype: torch.dtype | None) -> torch.dtype:
+        own = dtype_from_name(rec.dtype)
+        if not own.is_floating_point:
+            return own
+        return dtype or self.default_dtype()
+
+    def specs(self, dtype: torch.dtype | None) -> list[TensorSpec]:
+        return [
+            TensorSpec(name, self.output_dtype(rec, dtype), rec.shape)
+            for name, rec in sorted(self.manifest.tensors.items())
+        ]
+
+    def _base_tensor(self, name: str) -> torch.Tensor:
+        assert self.base is not None
+        brec = self.base.tensors[name]
+        assert brec.object is not None
+        return self.ctx.read_tensor(brec.object, brec.dtype, brec.shape, verify=self.verify)
+
+    def tensor(self, name: str, out_dtype: torch.dtype) -> torch.Tensor:
+        """Tensor ``name`` rebuilt in ``out_dtype`` (a new CPU tensor)."""
+        rec = self.manifest.tensors[name]
+        if rec.codec is Codec.DENSE:
+            assert rec.object is not None
+            t = self.ctx.read_tensor(rec.object, rec.dtype, rec.shape, verify=self.verify)
+            return t if t.dtype == out_dtype else t.to(out_dtype)
+        if rec.codec is Codec.SAME:
+            t = self._base_tensor(name)
+            return t if t.dtype == out_dtype else t.to(out_dtype)
+        if rec.codec is Codec.SIGN1:
+            assert rec.object is not None and rec.scale is not None
+            n, k = rec.shape
+            packed = self.ctx.read_tensor(rec.object, "int32", packed_shape(n, k), verify=self.verify)
+            return decode_sign1(self._base_tensor(name), packed, rec.scale, out_dtype)
+        raise CorruptObjectError(f"tensor {name!r} has codec {rec.codec}", "run `deltahub verify`")
+
+    def config(self, dtype: torch.dtype | None) -> dict:
+        """The model's config.json with the output dtype written in."""
+        oid = self.manifest.files.get("config.json")
+        if oid is None:
+            raise CorruptObjectError("the stored model has no config.json", "re-add the model")
+        config = json.loads(self.ctx.objects.read(oid, verify=self.verify).decode("utf-8"))
+        name = dtype_name(dtype or self.default_dtype())
+        config["torch_dtype"] = name
+        if "dtype" in config:
+            config["dtype"] = name
+        return config
+
+    def file_bytes(self, rel: str) -> bytes:
+        return bytes(self.ctx.objects.read(self.manifest.files[rel], verify=self.verify))

@@ -94,6 +94,7 @@ class StoreContext:
                 "set DELTAHUB_HOME or --home to a writable folder",
             ) from None
         self.index = Index(self.home / "index.sqlite", self.locks_dir / "migrate.lock")
+        self._created: list[list[str]] = []
 
     def close(self) -> None:
         self.index.close()
@@ -101,14 +102,43 @@ class StoreContext:
     # ------------------------------------------------------------------ locks
     @contextmanager
     def writing(self) -> Iterator[None]:
-        """Held by every writer from its first object until its name is published (blocks gc)."""
-        with file_lock(self.locks_dir / "gc.lock", exclusive=False):
-            yield
+        """Held by every writer from its first object until its name is published (blocks gc).
+
+        If the block fails, the objects it created and nothing references are deleted again (under
+        the gc lock), so a failed add or compress leaves the store as it found it.
+        """
+        created: list[str] = []
+        self._created.append(created)
+        try:
+            with file_lock(self.locks_dir / "gc.lock", exclusive=False):
+                yield
+        except BaseException:
+            self._created.pop()
+            self._discard(created)
+            raise
+        self._created.pop()
+
+    def _discard(self, object_ids: list[str]) -> None:
+        if not object_ids:
+            return
+        try:
+            with self.collecting(timeout=30), self.index.session() as session:
+                prune_unreachable(session)
+                referenced = set(
+                    session.scalars(
+                        select(ManifestObjectRow.object_id).where(ManifestObjectRow.object_id.in_(object_ids))
+                    )
+                )
+                for oid in object_ids:
+                    if oid not in referenced:
+                        self.objects.delete(oid)
+        except Exception as exc:  # the objects are unreferenced: gc removes them later
+            logger.warning("could not remove %d unreferenced objects (%s); `deltahub gc` will", len(object_ids), exc)
 
     @contextmanager
-    def collecting(self) -> Iterator[None]:
+    def collecting(self, timeout: float = 600) -> Iterator[None]:
         """Held by gc: no writer is between writing objects and indexing them."""
-        with file_lock(self.locks_dir / "gc.lock", exclusive=True, timeout=600):
+        with file_lock(self.locks_dir / "gc.lock", exclusive=True, timeout=timeout):
             yield
 
     @contextmanager
@@ -183,7 +213,11 @@ class StoreContext:
         return torch.frombuffer(buf, dtype=torch.uint8).view(torch_dtype).reshape(shape)
 
     def put(self, data, compression: Compression = Compression.NONE) -> ObjectInfo:
-        return self.objects.put(data, compression)
+        """Store an object; inside :meth:`writing`, remember it if this call created it."""
+        info = self.objects.put(data, compression)
+        if info.created and self._created:
+            self._created[-1].append(info.sha256)
+        return info
 
     # ------------------------------------------------------------------ index
     def register(

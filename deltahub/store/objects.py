@@ -72,6 +72,8 @@ class ObjectInfo:
     size: int
     stored_size: int
     encoding: Encoding
+    #: True when this write created the object, False when it already existed.
+    created: bool = True
 
 
 def check_object_id(object_id: str) -> str:
@@ -206,7 +208,9 @@ class ObjectStore:
         final = self.path_of(obj.sha256)
         if final.exists():
             tmp_path.unlink(missing_ok=True)
-            return ObjectInfo(obj.sha256, obj.size, final.stat().st_size, self.encoding_of(obj.sha256))
+            return ObjectInfo(
+                obj.sha256, obj.size, final.stat().st_size, self.encoding_of(obj.sha256), created=False
+            )
         final.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(tmp_path, 0o444)
         os.replace(tmp_path, final)

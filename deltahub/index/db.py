@@ -1,0 +1,391 @@
+"""The store's SQLite index: engine set-up, schema migrations and short transactions.
+
+:class:`Index` opens (creating if needed) the SQLite database, sets the per-connection
+pragmas (WAL, ``synchronous=NORMAL``, foreign keys, busy timeout) and brings the schema to
+:data:`SCHEMA_HEAD` with Alembic, under an exclusive ``flock`` so that concurrent processes
+opening a brand-new store do not race. Opening a database that is already at head costs one
+small query and does not import Alembic at all.
+
+This module does no I/O on store objects and never imports ``deltahub.store``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import importlib
+import importlib.resources
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from deltahub.errors import StoreError, UnsupportedFormatError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+__all__ = ["SCHEMA_HEAD", "Index", "alembic_config", "migrations_dir"]
+
+logger = logging.getLogger(__name__)
+
+#: The Alembic revision this deltahub writes and expects (the single head of the migrations).
+SCHEMA_HEAD = "0001_initial"
+
+#: Pragmas run on every new DBAPI connection. ``busy_timeout`` comes first so that switching
+#: a new database to WAL waits for a concurrent opener instead of failing.
+_CONNECT_PRAGMAS: tuple[str, ...] = (
+    "PRAGMA busy_timeout=30000",
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA synchronous=NORMAL",
+    "PRAGMA foreign_keys=ON",
+)
+
+#: Execution option read by the ``begin`` listener: ``"IMMEDIATE"`` or ``"DEFERRED"``.
+_BEGIN_MODE = "deltahub_sqlite_begin"
+
+_UPGRADE_HINT = "upgrade deltahub (pip install -U deltahub)"
+
+
+def migrations_dir() -> Path:
+    """The folder holding ``env.py`` and ``versions/`` of the index migrations.
+
+    In an installed deltahub (regular or editable) that is the package
+    ``deltahub.migrations``; in a bare source checkout (not installed, ``PYTHONPATH=.``) it
+    falls back to the repository's top-level ``migrations/`` folder next to ``deltahub/``.
+
+    Raises:
+        StoreError: the migrations cannot be found (a broken installation).
+    """
+    path: Path | None = None
+    try:
+        package = importlib.import_module("deltahub.migrations")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("deltahub.migrations", "deltahub"):
+            raise
+        package = None
+    if package is not None:
+        files = importlib.resources.files(package)
+        if isinstance(files, Path):
+            path = files
+        elif getattr(package, "__file__", None):
+            path = Path(str(package.__file__)).parent
+    if path is None:
+        path = Path(__file__).resolve().parents[2] / "migrations"
+    if not (path / "env.py").is_file():
+        raise StoreError(
+            f"the index migrations are missing (looked in {path})",
+            hint="reinstall deltahub",
+        )
+    return path
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    """A programmatic Alembic config pointing at the installed migrations.
+
+    ``connection``, if given, is handed to ``env.py`` through
+    ``config.attributes["connection"]``; migrations then run on it, inside whatever
+    transaction it is in.
+    """
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir()))
+    config.set_main_option("path_separator", "os")
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def _install_sqlite_listeners(engine: Engine) -> None:
+    """Set the pragmas on connect and let SQLAlchemy, not pysqlite, emit ``BEGIN``.
+
+    pysqlite's own transaction handling does not begin a transaction before DDL or
+    ``SELECT``; taking it over (``isolation_level = None`` plus an explicit ``BEGIN``) makes
+    migrations transactional and lets write sessions take the write lock up front.
+    """
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, connection_record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            for pragma in _CONNECT_PRAGMAS:
+                cursor.execute(pragma)
+                if pragma.startswith("PRAGMA journal_mode"):
+                    mode = cursor.fetchone()
+                    if not mode or str(mode[0]).lower() != "wal":
+                        logger.warning(
+                            "SQLite refused WAL journal mode (got %r); concurrent access "
+                            "to the index will be slower",
+                            mode[0] if mode else None,
+                        )
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        mode = connection.get_execution_options().get(_BEGIN_MODE, "DEFERRED")
+        connection.exec_driver_sql(f"BEGIN {mode}")
+
+
+@contextmanager
+def _exclusive_lock(lock_path: Path, timeout: float) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_path`` (created if missing)."""
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise StoreError(
+            f"cannot open the index lock file {lock_path}: {exc.strerror}",
+            hint="check the store directory's permissions",
+        ) from exc
+    try:
+        deadline = time.monotonic() + timeout
+        waited = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise StoreError(
+                        f"cannot lock {lock_path}: {exc.strerror}",
+                        hint="check the store directory's permissions",
+                    ) from exc
+                if time.monotonic() >= deadline:
+                    raise StoreError(
+                        f"timed out after {timeout:.0f}s waiting for the index lock {lock_path}",
+                        hint="another deltahub process is upgrading the store; retry later",
+                    ) from exc
+                if not waited:
+                    logger.info("waiting for another process to finish setting up the index")
+                    waited = True
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+class Index:
+    """The SQLite index of a store.
+
+    Args:
+        db_path: the SQLite database file (created if missing, parent directories too).
+        lock_path: a file used only to serialise schema creation/upgrades between processes
+            (created if missing). Do not hold an ``flock`` on it yourself while opening an
+            ``Index`` in the same process: ``flock`` locks are per open file, so that would
+            wait for itself until ``lock_timeout``.
+        lock_timeout: seconds to wait for that lock before giving up with :class:`StoreError`.
+
+    Raises:
+        UnsupportedFormatError: the database was written by a newer deltahub.
+        StoreError: the database cannot be opened or upgraded.
+    """
+
+    def __init__(self, db_path: Path, lock_path: Path, *, lock_timeout: float = 120.0) -> None:
+        self.db_path = Path(db_path)
+        self.lock_path = Path(lock_path)
+        self._lock_timeout = lock_timeout
+        try:
+            self.db_path.parent.mkdir(parents=True, exist_ok=True)
+            self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create the index directory {self.db_path.parent}: {exc.strerror}",
+                hint="check the store directory's permissions",
+            ) from exc
+
+        self._engine: Engine = create_engine(
+            f"sqlite:///{self.db_path}", connect_args={"timeout": 30}
+        )
+        _install_sqlite_listeners(self._engine)
+        self._write_engine: Engine = self._engine.execution_options(
+            **{_BEGIN_MODE: "IMMEDIATE"}
+        )
+        try:
+            self._ensure_schema()
+        except BaseException:
+            self._engine.dispose()
+            raise
+
+    # ----------------------------------------------------------------------------- schema
+
+    def current_revision(self) -> str | None:
+        """The Alembic revision the database is at (``None`` for an empty database)."""
+        try:
+            with self._engine.connect() as conn:
+                exists = conn.exec_driver_sql(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'"
+                ).first()
+                if exists is None:
+                    return None
+                rows = conn.exec_driver_sql("SELECT version_num FROM alembic_version").all()
+        except SQLAlchemyError as exc:
+            raise self._store_error("cannot read the index", exc) from exc
+        if not rows:
+            return None
+        if len(rows) > 1:
+            # Several heads: not something any released deltahub writes.
+            return ",".join(sorted(str(row[0]) for row in rows))
+        return str(rows[0][0])
+
+    def _ensure_schema(self) -> None:
+        """Bring the schema to :data:`SCHEMA_HEAD`; cheap when it is already there."""
+        if self.current_revision() == SCHEMA_HEAD:
+            return
+        with _exclusive_lock(self.lock_path, self._lock_timeout):
+            revision = self.current_revision()  # another process may have done it meanwhile
+            if revision == SCHEMA_HEAD:
+                return
+            self._upgrade(revision)
+
+    def _upgrade(self, revision: str | None) -> None:
+        """Run the Alembic upgrade from ``revision`` to head (caller holds the lock)."""
+        from alembic import command
+        from alembic.script import ScriptDirectory
+        from alembic.script.revision import RevisionError
+        from alembic.util import CommandError
+
+        script = ScriptDirectory.from_config(alembic_config())
+        if revision is not None:
+            try:
+                known = script.get_revision(revision) is not None
+            except (RevisionError, CommandError):
+                known = False
+            if not known:
+                raise UnsupportedFormatError(
+                    f"the store index {self.db_path} is at schema revision {revision!r}, "
+                    "which this deltahub does not know: the store was written by a newer "
+                    "deltahub",
+                    hint=_UPGRADE_HINT,
+                )
+        heads = script.get_heads()
+        if heads != [SCHEMA_HEAD]:
+            raise StoreError(
+                f"the installed index migrations end at {heads}, expected {SCHEMA_HEAD!r}",
+                hint="reinstall deltahub",
+            )
+
+        logger.info(
+            "upgrading the index schema of %s from %s to %s",
+            self.db_path,
+            revision or "an empty database",
+            SCHEMA_HEAD,
+        )
+        try:
+            with self._engine.connect() as conn:
+                # SQLite rebuilds tables in batch migrations; with foreign keys on, dropping
+                # the old table would cascade-delete child rows. Foreign keys can only be
+                # switched outside a transaction, so this goes straight to the DBAPI
+                # connection (in autocommit mode, see _install_sqlite_listeners) rather
+                # than through SQLAlchemy, which would autobegin one. Integrity is checked
+                # before committing instead.
+                raw = conn.connection.driver_connection
+                assert raw is not None
+                raw.execute("PRAGMA foreign_keys=OFF")
+                try:
+                    conn.execution_options(**{_BEGIN_MODE: "IMMEDIATE"})
+                    with conn.begin():
+                        command.upgrade(alembic_config(conn), SCHEMA_HEAD)
+                        violations = conn.exec_driver_sql("PRAGMA foreign_key_check").all()
+                        if violations:
+                            raise StoreError(
+                                f"upgrading the index {self.db_path} would break "
+                                f"{len(violations)} foreign key(s); nothing was changed",
+                                hint="report this as a deltahub bug",
+                            )
+                finally:
+                    try:
+                        raw.execute("PRAGMA foreign_keys=ON")
+                    except Exception:  # never pool a connection with foreign keys off
+                        conn.invalidate()
+                        raise
+        except (SQLAlchemyError, CommandError, RevisionError) as exc:
+            raise self._store_error(
+                f"cannot upgrade the index schema to {SCHEMA_HEAD}", exc
+            ) from exc
+
+    # ------------------------------------------------------------------------- sessions
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine (deferred ``BEGIN``); prefer :meth:`session`."""
+        return self._engine
+
+    @contextmanager
+    def session(self, *, write: bool = True) -> Iterator[Session]:
+        """A short transaction: commits when the block succeeds, rolls back on any error.
+
+        Args:
+            write: take SQLite's write lock when the transaction starts (``BEGIN
+                IMMEDIATE``), so a read-then-write transaction waits for other writers (up
+                to the 30 s busy timeout) instead of failing half-way with "database is
+                locked". Pass ``False`` for read-only work, which then never blocks.
+
+        Objects stay usable after the block (``expire_on_commit=False``).
+
+        Raises:
+            StoreError: the index stayed locked by another process past the busy timeout.
+        """
+        bind = self._write_engine if write else self._engine
+        with Session(bind=bind, expire_on_commit=False) as session:
+            try:
+                yield session
+                session.commit()
+            except OperationalError as exc:
+                session.rollback()
+                if _is_locked(exc):
+                    raise self._store_error("the index is locked", exc) from exc
+                raise
+            except BaseException:
+                session.rollback()
+                raise
+
+    # -------------------------------------------------------------------------- closing
+
+    def close(self) -> None:
+        """Close all pooled connections. The index can still be used (it reconnects)."""
+        self._engine.dispose()
+
+    dispose = close
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Index({str(self.db_path)!r})"
+
+    # -------------------------------------------------------------------------- helpers
+
+    def _store_error(self, what: str, exc: BaseException) -> StoreError:
+        original = getattr(exc, "orig", None) or exc
+        if isinstance(exc, OperationalError) and _is_locked(exc):
+            hint = "another deltahub process holds the index; retry when it has finished"
+        else:
+            hint = "check that the store directory is writable and its index not damaged"
+        return StoreError(f"{what} ({self.db_path}): {original}", hint=hint)
+
+
+def _is_locked(exc: OperationalError) -> bool:
+    text = str(getattr(exc, "orig", exc)).lower()
+    return "database is locked" in text or "database is busy" in text

@@ -1,0 +1,227 @@
+"""SQLAlchemy 2.x ORM models of the store's SQLite index.
+
+The index only *describes* what lives in the object store: which objects exist (by sha256),
+which manifests reference them, per-tensor statistics and the human-readable names that
+point at manifests. It never reads or writes object bytes.
+
+The schema is owned by the Alembic migrations in ``deltahub.migrations`` (the repository's
+top-level ``migrations/`` folder). Any change here needs a new revision there; the test-suite
+checks that the migrations and these models agree (no autogenerate drift).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+__all__ = [
+    "NAMING_CONVENTION",
+    "Base",
+    "ManifestObjectRow",
+    "ManifestRow",
+    "NameRow",
+    "ObjectRow",
+    "TensorStatRow",
+    "UTCDateTime",
+    "utcnow",
+]
+
+#: Constraint/index naming rules shared by the models and the migrations, so that
+#: autogenerate and batch operations (SQLite table rebuilds) see stable names.
+NAMING_CONVENTION: dict[str, str] = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    """The current time as a timezone-aware UTC ``datetime``."""
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp that round-trips through SQLite.
+
+    SQLite has no timezone support, so values are stored as *naive* UTC (``DATETIME``) and
+    handed back as aware UTC datetimes. Aware inputs in any timezone are converted to UTC;
+    naive inputs are rejected, since their meaning is ambiguous.
+
+    The underlying column type is a plain ``DateTime()``, which is what the migrations create
+    and what SQLite reflects, so Alembic's autogenerate reports no type drift.
+    """
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Convert an aware datetime to naive UTC for storage."""
+        if value is None:
+            return None
+        if value.tzinfo is None or value.tzinfo.utcoffset(value) is None:
+            raise ValueError(f"naive datetime {value!r} given; pass a timezone-aware datetime")
+        return value.astimezone(timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Attach UTC to the naive value read back from the database."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+    def __repr__(self) -> str:
+        # Autogenerate renders unknown types via repr(); keep it importable-looking.
+        return "UTCDateTime()"
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every index table (shared ``MetaData`` with naming rules)."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map: dict[Any, Any] = {datetime: UTCDateTime()}
+
+
+class ObjectRow(Base):
+    """One content-addressed object of the store (a blob named by its sha256)."""
+
+    __tablename__ = "objects"
+    __table_args__ = (CheckConstraint("encoding IN ('raw', 'zstd')", name="encoding"),)
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: Uncompressed size in bytes.
+    size: Mapped[int] = mapped_column(Integer)
+    #: Size in bytes on disk (after compression, if any).
+    stored_size: Mapped[int] = mapped_column(Integer)
+    #: ``'raw'`` or ``'zstd'``.
+    encoding: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"ObjectRow(sha256={self.sha256!r}, size={self.size!r}, encoding={self.encoding!r})"
+
+
+class ManifestRow(Base):
+    """A stored model: a base or a delta, identified by the sha256 of its manifest object."""
+
+    __tablename__ = "manifests"
+    __table_args__ = (CheckConstraint("kind IN ('base', 'delta')", name="kind"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: ``'base'`` or ``'delta'``.
+    kind: Mapped[str] = mapped_column(String(16))
+    format_version: Mapped[int] = mapped_column(Integer)
+    #: For deltas: the manifest of the base they apply to.
+    base_id: Mapped[str | None] = mapped_column(
+        String(64), ForeignKey("manifests.id"), index=True
+    )
+    model_type: Mapped[str | None] = mapped_column(String(64))
+    #: The model's main dtype (e.g. ``'bfloat16'``).
+    dtype: Mapped[str | None] = mapped_column(String(16))
+    n_tensors: Mapped[int] = mapped_column(Integer)
+    #: Bytes on disk of the objects this manifest references (each object counted once).
+    stored_bytes: Mapped[int] = mapped_column(Integer)
+    #: What the model's tensors would take in fp16.
+    fp16_bytes: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    #: JSON blob for extra per-model data (calibration, evaluation results...).
+    info: Mapped[str | None] = mapped_column(Text)
+
+    base: Mapped[ManifestRow | None] = relationship(remote_side=[id])
+    objects: Mapped[list[ManifestObjectRow]] = relationship(
+        back_populates="manifest", cascade="all, delete-orphan", passive_deletes=True
+    )
+    tensor_stats: Mapped[list[TensorStatRow]] = relationship(
+        back_populates="manifest", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+    def __repr__(self) -> str:
+        return f"ManifestRow(id={self.id!r}, kind={self.kind!r}, base_id={self.base_id!r})"
+
+
+class ManifestObjectRow(Base):
+    """Link between a manifest and an object it references (for garbage collection)."""
+
+    __tablename__ = "manifest_objects"
+    __table_args__ = (
+        CheckConstraint("role IN ('manifest', 'tensor', 'file')", name="role"),
+    )
+
+    manifest_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("manifests.id", ondelete="CASCADE"), primary_key=True
+    )
+    object_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("objects.sha256"), primary_key=True, index=True
+    )
+    #: ``'manifest'``, ``'tensor'`` or ``'file'``.
+    role: Mapped[str] = mapped_column(String(16))
+
+    manifest: Mapped[ManifestRow] = relationship(back_populates="objects")
+
+    def __repr__(self) -> str:
+        return (
+            f"ManifestObjectRow(manifest_id={self.manifest_id!r}, "
+            f"object_id={self.object_id!r}, role={self.role!r})"
+        )
+
+
+class TensorStatRow(Base):
+    """Per-tensor statistics of a manifest (codec, sizes, delta scale and errors)."""
+
+    __tablename__ = "tensor_stats"
+
+    manifest_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("manifests.id", ondelete="CASCADE"), primary_key=True
+    )
+    name: Mapped[str] = mapped_column(String, primary_key=True)
+    codec: Mapped[str] = mapped_column(String(16))
+    dtype: Mapped[str] = mapped_column(String(16))
+    #: JSON list of ints.
+    shape: Mapped[str] = mapped_column(Text)
+    numel: Mapped[int] = mapped_column(Integer)
+    stored_bytes: Mapped[int] = mapped_column(Integer)
+    scale: Mapped[float | None] = mapped_column(Float)
+    rel_delta_norm: Mapped[float | None] = mapped_column(Float)
+    rel_recon_error: Mapped[float | None] = mapped_column(Float)
+
+    manifest: Mapped[ManifestRow] = relationship(back_populates="tensor_stats")
+
+    def __repr__(self) -> str:
+        return (
+            f"TensorStatRow(manifest_id={self.manifest_id!r}, name={self.name!r}, "
+            f"codec={self.codec!r})"
+        )
+
+
+class NameRow(Base):
+    """A human-readable model name pointing at a manifest."""
+
+    __tablename__ = "names"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    manifest_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("manifests.id"), index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+    manifest: Mapped[ManifestRow] = relationship()
+
+    def __repr__(self) -> str:
+        return f"NameRow(name={self.name!r}, manifest_id={self.manifest_id!r})"

@@ -32,6 +32,7 @@ from deltahub.formats.paths import validate_name
 from deltahub.formats.safetensors_io import dtype_from_name, dtype_name, tensor_bytes
 from deltahub.ops.context import Resolved, StoreContext, TensorStat, fp16_bytes
 from deltahub.ops.files import store_files
+from deltahub.ops.prefetch import prefetched
 from deltahub.progress import progress_bar
 from deltahub.store import Compression, ObjectInfo
 
@@ -185,15 +186,19 @@ def compress_finetune(
         files, file_infos = store_files(ctx, ft)
         objects.update(file_infos)
         with progress_bar(ft.total_bytes(), f"compress {name}", unit="B", unit_scale=True) as bar:
-            for tname, planned in plan.items():
+            def load(tname: str) -> tuple[torch.Tensor, torch.Tensor | None]:
                 tensor = ft.read(tname)
+                brec = bman.tensors.get(tname)
+                if brec is None or brec.shape != tuple(tensor.shape):
+                    return tensor, None
+                assert brec.object is not None
+                return tensor, ctx.read_tensor(brec.object, brec.dtype, brec.shape, verify=verify_base)
+
+            for tname, (tensor, base_t) in prefetched(list(plan), load):
+                planned = plan[tname]
                 shape = tuple(tensor.shape)
                 dtype = dtype_name(tensor.dtype)
                 brec = bman.tensors.get(tname)
-                base_t = None
-                if brec is not None and brec.shape == shape:
-                    assert brec.object is not None
-                    base_t = ctx.read_tensor(brec.object, brec.dtype, brec.shape, verify=verify_base)
                 stat = TensorStat(tname, planned.value, dtype, shape, 0)
                 if base_t is not None and _bit_identical(tensor, base_t):
                     codec = Codec.SAME

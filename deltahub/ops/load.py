@@ -69,8 +69,8 @@ def load_model(
     state_dict: dict[str, torch.Tensor] = {}
     specs = source.specs(out_dtype)
     with progress_bar(len(specs), f"load {name}", unit="tensor") as bar:
-        for spec in specs:
-            state_dict[spec.name] = source.tensor(spec.name, spec.dtype)
+        for spec, tensor in zip(specs, source.iter_tensors(specs)):
+            state_dict[spec.name] = tensor
             bar.update(1)
     cls = model_class(source.manifest.architectures)
     model, info = cls.from_pretrained(

@@ -97,11 +97,12 @@ def materialize(
             target.write_bytes(source.file_bytes(rel))
             files.append(rel)
         total = sum(spec.nbytes for spec in specs)
+        tensors = source.iter_tensors(specs)
         with progress_bar(total, f"materialize {name}", unit="B", unit_scale=True) as bar:
             files += write_sharded(
                 tmp,
                 specs,
-                lambda spec: source.tensor(spec.name, spec.dtype),
+                lambda spec: next(tensors),
                 max_shard_bytes=max_shard_bytes,
                 on_tensor=lambda spec: bar.update(spec.nbytes),
             )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ from deltahub.errors import CorruptObjectError
 from deltahub.formats.manifest import Manifest, ModelKind, TensorRecord
 from deltahub.formats.safetensors_io import TensorSpec, dtype_from_name, dtype_name
 from deltahub.ops.context import Resolved, StoreContext
+from deltahub.ops.prefetch import prefetched
 
 logger = logging.getLogger(__name__)
 
@@ -69,22 +71,43 @@ class ModelSource:
         assert brec.object is not None
         return self.ctx.read_tensor(brec.object, brec.dtype, brec.shape, verify=self.verify)
 
-    def tensor(self, name: str, out_dtype: torch.dtype) -> torch.Tensor:
-        """Tensor ``name`` rebuilt in ``out_dtype`` (a new CPU tensor)."""
+    def _inputs(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Read (and hash-verify) what tensor ``name`` is rebuilt from: (stored object, base tensor)."""
         rec = self.manifest.tensors[name]
         if rec.codec is Codec.DENSE:
             assert rec.object is not None
-            t = self.ctx.read_tensor(rec.object, rec.dtype, rec.shape, verify=self.verify)
-            return t if t.dtype == out_dtype else t.to(out_dtype)
+            return self.ctx.read_tensor(rec.object, rec.dtype, rec.shape, verify=self.verify), None
         if rec.codec is Codec.SAME:
-            t = self._base_tensor(name)
-            return t if t.dtype == out_dtype else t.to(out_dtype)
+            return None, self._base_tensor(name)
         if rec.codec is Codec.SIGN1:
-            assert rec.object is not None and rec.scale is not None
+            assert rec.object is not None
             n, k = rec.shape
             packed = self.ctx.read_tensor(rec.object, "int32", packed_shape(n, k), verify=self.verify)
-            return decode_sign1(self._base_tensor(name), packed, rec.scale, out_dtype)
+            return packed, self._base_tensor(name)
         raise CorruptObjectError(f"tensor {name!r} has codec {rec.codec}", "run `deltahub verify`")
+
+    def _finish(
+        self, name: str, inputs: tuple[torch.Tensor | None, torch.Tensor | None], out_dtype: torch.dtype
+    ) -> torch.Tensor:
+        rec = self.manifest.tensors[name]
+        stored, base = inputs
+        if rec.codec is Codec.SIGN1:
+            assert stored is not None and base is not None and rec.scale is not None
+            return decode_sign1(base, stored, rec.scale, out_dtype)
+        t = stored if stored is not None else base
+        assert t is not None
+        return t if t.dtype == out_dtype else t.to(out_dtype)
+
+    def tensor(self, name: str, out_dtype: torch.dtype) -> torch.Tensor:
+        """Tensor ``name`` rebuilt in ``out_dtype`` (a new CPU tensor)."""
+        return self._finish(name, self._inputs(name), out_dtype)
+
+    def iter_tensors(self, specs: list[TensorSpec]) -> Iterator[torch.Tensor]:
+        """Rebuild ``specs`` in order, reading and hash-verifying the next tensor's inputs in a
+        background thread while the current one is decoded (file reads, sha256 and torch ops all
+        release the GIL). At most two tensors' inputs are in memory at once."""
+        for spec, inputs in prefetched(specs, lambda spec: self._inputs(spec.name)):
+            yield self._finish(spec.name, inputs, spec.dtype)
 
     def config(self, dtype: torch.dtype | None) -> dict:
         """The model's config.json with the output dtype written in."""

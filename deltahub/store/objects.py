@@ -112,6 +112,27 @@ def _as_byte_views(data: bytes | bytearray | memoryview | Iterable) -> Iterator[
         yield memoryview(chunk).cast("B")
 
 
+SAMPLE_BYTES = 256 << 10
+
+
+def _worth_compressing(view: memoryview) -> bool:
+    """Guess from four samples whether zstd saves ``ZSTD_MIN_SAVING`` on a large payload.
+
+    Small payloads are simply tried; for large ones this avoids compressing hundreds of megabytes of
+    incompressible floats just to throw the result away.
+    """
+    if len(view) <= 8 * SAMPLE_BYTES:
+        return True
+    cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    step = (len(view) - SAMPLE_BYTES) // 3
+    raw = packed = 0
+    for i in range(4):
+        sample = view[i * step : i * step + SAMPLE_BYTES]
+        raw += len(sample)
+        packed += len(cctx.compress(sample))
+    return packed <= (1 - ZSTD_MIN_SAVING) * raw
+
+
 class ObjectStore:
     """The ``objects/`` and ``tmp/`` folders of a store. Knows nothing of manifests or the index."""
 
@@ -156,6 +177,8 @@ class ObjectStore:
         rewritten raw so that raw stays the default for incompressible content.
         """
         reusable = isinstance(data, (bytes, bytearray, memoryview))
+        if compression is Compression.AUTO and reusable and not _worth_compressing(memoryview(data).cast("B")):
+            compression = Compression.NONE
         info = self._write(data, compression)
         if (
             info is not None
@@ -188,8 +211,7 @@ class ObjectStore:
                         digest.update(view)
                         size += len(view)
                         writer.write(view)
-                    writer.flush(zstandard.FLUSH_FRAME)
-                    writer.close()
+                    writer.close()  # ends the one frame (a flush(FLUSH_FRAME) first would add an empty 2nd frame)
                 else:
                     for view in _as_byte_views(data):
                         digest.update(view)
@@ -278,7 +300,7 @@ class ObjectStore:
                 view = memoryview(out)
                 pos = 0
                 try:
-                    with dctx.stream_reader(fh, read_across_frames=False) as reader:
+                    with dctx.stream_reader(fh, read_across_frames=True) as reader:
                         while pos < size:
                             n = reader.readinto(view[pos:])
                             if n == 0:
@@ -318,7 +340,7 @@ class ObjectStore:
                     digest.update(chunk)
             else:
                 try:
-                    with zstandard.ZstdDecompressor().stream_reader(fh) as reader:
+                    with zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True) as reader:
                         while chunk := reader.read(CHUNK):
                             digest.update(chunk)
                 except zstandard.ZstdError as exc:

@@ -1,0 +1,335 @@
+"""BitDelta ``sign1`` codec: a fine-tuned matrix as ``base + s * sign(delta)``.
+
+For a base matrix ``W_base`` and a fine-tuned matrix ``W_ft`` (both ``[N, K]``):
+
+* ``delta = W_ft.float() - W_base.float()`` (fp32);
+* ``S = where(delta >= 0, +1, -1)`` -- packed with :func:`deltahub.codec.packing.pack_signs`
+  into int32 ``[N, ceil(K/32)]`` (layout v1);
+* ``s = fp32(mean(|delta|))`` -- the L2-optimal scale for a fixed sign matrix;
+* reconstruction: ``out = (W_base.to(float32) + s * S).to(out_dtype)`` (see
+  :func:`decode_sign1` for the exact, bit-reproducible formula).
+
+Everything runs in fixed row chunks so that memory stays bounded for any matrix size.
+This module imports nothing from the rest of deltahub.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .codecs import CodecError
+from .packing import (
+    WORD_BITS,
+    check_packed,
+    pack_signs_into,
+    packed_shape,
+    sign_lut,
+    unpack_signs,
+)
+
+__all__ = [
+    "DeltaStats",
+    "Sign1Encoded",
+    "encode_sign1",
+    "decode_sign1",
+    "reference_decode_sign1",
+    "fp32_scale",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_BYTES = 64 << 20
+"""Default bound on the temporaries of one row chunk (64 MiB)."""
+
+# Temporaries per matrix element in encode_sign1: fp32 base + fp32 delta + fp64 copy +
+# fp64 |delta| + fp64 base copy + bool masks, rounded up.
+_ENCODE_BYTES_PER_ELEM = 40
+
+# Decode works in tiles of about this many elements (two fp32 buffers of 2 MiB each),
+# small enough to stay in the L2 cache between the passes of one tile; measured fastest
+# in bench/codec_speed.py. ``chunk_bytes`` can only make tiles smaller.
+_DECODE_TILE_ELEMS = 1 << 19
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass
+class DeltaStats:
+    """Sums over one matrix's delta, accumulated in float64.
+
+    Attributes:
+        numel: number of elements ``N*K``.
+        abs_sum: ``sum(|delta|)``.
+        delta_sq_sum: ``sum(delta**2)``.
+        base_sq_sum: ``sum(W_base**2)``.
+    """
+
+    numel: int
+    abs_sum: float
+    delta_sq_sum: float
+    base_sq_sum: float
+
+    @property
+    def rel_delta_norm(self) -> float:
+        """``||delta||_F / ||W_base||_F``; 0 if both are zero, ``inf`` if only the base is."""
+        if self.base_sq_sum == 0.0:
+            return 0.0 if self.delta_sq_sum == 0.0 else math.inf
+        return math.sqrt(self.delta_sq_sum) / math.sqrt(self.base_sq_sum)
+
+    def rel_recon_error(self, scale: float) -> float:
+        """``||delta - scale*S||_F / ||delta||_F`` with ``S = sign(delta)`` (0 -> +1).
+
+        Computed from the sums: ``err^2 = sum(delta^2) - 2*scale*sum|delta| +
+        scale^2*numel`` (clamped at 0). Returns 0.0 when ``||delta|| == 0``.
+        """
+        if self.delta_sq_sum == 0.0:
+            return 0.0
+        err_sq = self.delta_sq_sum - 2.0 * scale * self.abs_sum + scale * scale * self.numel
+        return math.sqrt(max(err_sq, 0.0)) / math.sqrt(self.delta_sq_sum)
+
+
+@dataclass
+class Sign1Encoded:
+    """Result of :func:`encode_sign1`.
+
+    Attributes:
+        packed: ``torch.int32`` ``[N, ceil(K/32)]`` packed signs (layout v1).
+        scale: the fp32 scale as a Python float (exactly representable in fp32).
+        stats: float64 sums over the delta.
+        rel_recon_error: ``stats.rel_recon_error(scale)``.
+    """
+
+    packed: torch.Tensor
+    scale: float
+    stats: DeltaStats
+    rel_recon_error: float
+
+
+def fp32_scale(value: float) -> float:
+    """Round a Python float to the nearest fp32 value (returned as a Python float)."""
+    return float(torch.tensor(value, dtype=torch.float32))
+
+
+def _check_matrix(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise CodecError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise CodecError(f"{name} must be a 2-D matrix, got shape {list(t.shape)}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise CodecError(f"{name} must be fp32/fp16/bf16 (or fp64), got {t.dtype}")
+    if t.device.type != "cpu":
+        raise CodecError(f"{name} must be on the CPU, got {t.device}")
+
+
+def _row_sums(x: torch.Tensor) -> torch.Tensor:
+    """Per-row sums of a float64 ``[R, K]`` tensor -> float64 ``[R]``.
+
+    Each row is reduced serially by one thread whatever ``R`` is: torch splits a reduction
+    whose output has a single element across threads (results then depend on the thread
+    count), so a single row is padded with a zero row.
+    """
+    if x.shape[0] == 1:
+        x = torch.cat([x, torch.zeros_like(x)])
+        return x.sum(dim=1)[:1]
+    return x.sum(dim=1)
+
+
+def _describe_nonfinite(delta: torch.Tensor, row0: int) -> str:
+    nan = torch.isnan(delta)
+    kind = "NaN" if bool(nan.any()) else "Inf"
+    bad = nan if kind == "NaN" else torch.isinf(delta)
+    r, c = (int(v) for v in bad.nonzero()[0])
+    count = int(bad.sum())
+    return f"{kind} in delta at [{row0 + r}, {c}] ({count} such values in rows {row0}..{row0 + delta.shape[0] - 1})"
+
+
+def encode_sign1(
+    base: torch.Tensor,
+    finetuned: torch.Tensor,
+    *,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Sign1Encoded:
+    """Encode ``finetuned`` relative to ``base`` as packed signs plus one fp32 scale.
+
+    One pass over fixed row chunks (``chunk_bytes`` bounds the temporaries; the chunking
+    depends only on the arguments): ``delta = finetuned.float() - base.float()`` in fp32,
+    pack ``delta >= 0`` and accumulate per-row float64 sums, which are added exactly
+    (``math.fsum``) at the end, so the result does not depend on the chunking.
+
+    Args:
+        base: ``[N, K]`` fp32/fp16/bf16 CPU tensor.
+        finetuned: ``[N, K]`` fp32/fp16/bf16 CPU tensor (its dtype may differ from base's).
+        chunk_bytes: bound on per-chunk temporaries, in bytes.
+
+    Returns:
+        :class:`Sign1Encoded` with ``packed`` int32 ``[N, ceil(K/32)]`` and
+        ``scale = fp32(sum|delta| / numel)`` (0.0 for an empty matrix).
+
+    Raises:
+        CodecError: not 2-D, shapes differ, unsupported dtype, or delta has NaN/Inf.
+    """
+    _check_matrix("base", base)
+    _check_matrix("finetuned", finetuned)
+    if base.shape != finetuned.shape:
+        raise CodecError(
+            f"shape mismatch: base is {list(base.shape)}, finetuned is {list(finetuned.shape)}"
+        )
+    n, k = base.shape
+    _, w = packed_shape(n, k)
+    packed = torch.zeros((n, w), dtype=torch.int32)
+    numel = n * k
+    if numel == 0:
+        stats = DeltaStats(numel=0, abs_sum=0.0, delta_sq_sum=0.0, base_sq_sum=0.0)
+        return Sign1Encoded(packed=packed, scale=0.0, stats=stats, rel_recon_error=0.0)
+
+    packed_bytes = packed.numpy().view("uint8")  # [N, 4W], shares memory with `packed`
+    row_abs = torch.empty(n, dtype=torch.float64)
+    row_dsq = torch.empty(n, dtype=torch.float64)
+    row_bsq = torch.empty(n, dtype=torch.float64)
+    rows = max(1, chunk_bytes // (k * _ENCODE_BYTES_PER_ELEM))
+    with torch.no_grad():
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            b32 = base[r0:r1].to(torch.float32)
+            delta = finetuned[r0:r1].to(torch.float32) - b32
+            if not bool(torch.isfinite(delta).all()):
+                raise CodecError(f"non-finite delta: {_describe_nonfinite(delta, r0)}")
+            pack_signs_into(delta, packed_bytes[r0:r1])
+            d64 = delta.to(torch.float64)
+            del delta
+            row_abs[r0:r1] = _row_sums(d64.abs())
+            row_dsq[r0:r1] = _row_sums(d64.square_())
+            del d64
+            b64 = b32.to(torch.float64)
+            del b32
+            row_bsq[r0:r1] = _row_sums(b64.square_())
+            del b64
+
+    abs_sum = math.fsum(row_abs.tolist())
+    stats = DeltaStats(
+        numel=numel,
+        abs_sum=abs_sum,
+        delta_sq_sum=math.fsum(row_dsq.tolist()),
+        base_sq_sum=math.fsum(row_bsq.tolist()),
+    )
+    scale = fp32_scale(abs_sum / numel)
+    err = stats.rel_recon_error(scale)
+    logger.debug(
+        "sign1 encode [%d, %d]: scale=%.6g rel_delta_norm=%.4g rel_recon_error=%.4f",
+        n, k, scale, stats.rel_delta_norm, err,
+    )
+    return Sign1Encoded(packed=packed, scale=scale, stats=stats, rel_recon_error=err)
+
+
+def _check_decode_args(
+    base: torch.Tensor, packed: torch.Tensor, scale: float, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """Validate decode arguments; return the scale as a 0-d fp32 tensor."""
+    _check_matrix("base", base)
+    n, k = base.shape
+    check_packed(packed, k, n)
+    if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
+        raise CodecError(f"out_dtype must be a floating torch.dtype, got {out_dtype!r}")
+    try:
+        s = torch.tensor(float(scale), dtype=torch.float32)
+    except (TypeError, ValueError) as exc:
+        raise CodecError(f"scale must be a number, got {scale!r}") from exc
+    if not bool(torch.isfinite(s)):
+        raise CodecError(f"scale must be finite in fp32, got {scale!r}")
+    return s
+
+
+def decode_sign1(
+    base: torch.Tensor,
+    packed: torch.Tensor,
+    scale: float,
+    out_dtype: torch.dtype,
+    *,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> torch.Tensor:
+    """Reconstruct a fine-tuned matrix from the base, packed signs and scale.
+
+    THE reconstruction formula (bit-exact; :func:`reference_decode_sign1` is the naive
+    implementation and tests check ``torch.equal`` against it)::
+
+        s   = torch.tensor(scale, dtype=torch.float32)            # fp32 scale
+        S   = unpack_signs(packed, K, torch.float32)              # {-1, +1}, [N, K]
+        out = (base.to(torch.float32) + s * S).to(out_dtype)
+
+    i.e. elementwise in fp32 (``s * S`` is exactly ``+-s``), one fp32 addition, then a
+    single rounding to ``out_dtype`` (round-to-nearest-even, torch's ``.to``).
+
+    Implementation: a ``[256, 8]`` fp32 table of ``+-s`` is gathered with the packed bytes,
+    added to the fp32 base tile in place and cast into a preallocated output, tile by tile
+    (cache-sized row tiles, at most ``chunk_bytes`` of temporaries).
+
+    Args:
+        base: ``[N, K]`` fp32/fp16/bf16 CPU tensor.
+        packed: ``torch.int32`` ``[N, ceil(K/32)]`` packed signs (layout v1).
+        scale: the scale (rounded to fp32 if it is not exactly representable).
+        out_dtype: floating dtype of the result.
+        chunk_bytes: bound on temporaries, in bytes.
+
+    Returns:
+        ``[N, K]`` tensor of ``out_dtype``.
+
+    Raises:
+        CodecError: bad base, packed dtype/shape, scale or out_dtype.
+    """
+    s = _check_decode_args(base, packed, scale, out_dtype)
+    n, k = base.shape
+    out = torch.empty((n, k), dtype=out_dtype)
+    if n == 0 or k == 0:
+        return out
+    w = packed.shape[1]
+    nbytes = w * (WORD_BITS // 8)
+    wide = w * WORD_BITS
+    lut = sign_lut(torch.float32) * s  # [256, 8] fp32, exactly +-s
+    packed_bytes = packed.contiguous().view(torch.uint8)  # [N, 4W]
+    direct = out_dtype == torch.float32  # accumulate straight into the output
+    # Temporaries per row: int32 byte indices + fp32 gathered signs (+ fp32 accumulator).
+    row_bytes = nbytes * 4 + wide * 4 + (0 if direct else k * 4)
+    rows = max(1, min(chunk_bytes // row_bytes, _DECODE_TILE_ELEMS // wide))
+    rows = min(rows, n)
+    idx_buf = torch.empty(rows * nbytes, dtype=torch.int32)
+    sgn_buf = torch.empty((rows * nbytes, 8), dtype=torch.float32)
+    acc_buf = None if direct else torch.empty((rows, k), dtype=torch.float32)
+    with torch.no_grad():
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            r = r1 - r0
+            idx = idx_buf[: r * nbytes]
+            idx.copy_(packed_bytes[r0:r1].reshape(-1))
+            sgn = sgn_buf[: r * nbytes]
+            torch.index_select(lut, 0, idx, out=sgn)
+            signs = sgn.view(r, wide)[:, :k]  # +-s, fp32 [r, K]
+            acc = out[r0:r1] if acc_buf is None else acc_buf[:r]
+            base_rows = base[r0:r1]
+            if base_rows.dtype == torch.float32:
+                torch.add(base_rows, signs, out=acc)
+            else:
+                acc.copy_(base_rows)  # exact widening to fp32
+                acc.add_(signs)
+            if acc_buf is not None:
+                out[r0:r1].copy_(acc)  # the single rounding to out_dtype
+    return out
+
+
+def reference_decode_sign1(
+    base: torch.Tensor,
+    packed: torch.Tensor,
+    scale: float,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Naive, unchunked implementation of the :func:`decode_sign1` formula (for tests).
+
+    Args/returns as :func:`decode_sign1`; uses ``O(N*K)`` fp32 temporaries.
+    """
+    s = _check_decode_args(base, packed, scale, out_dtype)
+    k = base.shape[1]
+    signs = unpack_signs(packed, k, torch.float32)
+    return (base.to(torch.float32) + s * signs).to(out_dtype)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import traceback
 from pathlib import Path
@@ -67,9 +68,20 @@ def _human(n: float | None) -> str:
     return str(n)
 
 
+def _json_safe(data: Any) -> Any:
+    """Replace NaN/Infinity (not valid JSON) by null, recursively."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _json_safe(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_json_safe(v) for v in data]
+    return data
+
+
 def _emit(data: Any, as_json: bool, text: str) -> None:
     if as_json:
-        click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+        click.echo(json.dumps(_json_safe(data), indent=2, sort_keys=True, default=str))
     else:
         click.echo(text)
 

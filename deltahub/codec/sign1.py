@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -25,9 +27,9 @@ from .codecs import CodecError
 from .packing import (
     WORD_BITS,
     check_packed,
+    gather_signs,
     pack_signs_into,
     packed_shape,
-    sign_lut,
     unpack_signs,
 )
 
@@ -45,14 +47,18 @@ logger = logging.getLogger(__name__)
 DEFAULT_CHUNK_BYTES = 64 << 20
 """Default bound on the temporaries of one row chunk (64 MiB)."""
 
-# Temporaries per matrix element in encode_sign1: fp32 base + fp32 delta + fp64 copy +
-# fp64 |delta| + fp64 base copy + bool masks, rounded up.
-_ENCODE_BYTES_PER_ELEM = 40
+# Temporaries per matrix element in encode_sign1: fp32 base + fp32 delta + fp64 delta +
+# fp64 base + bool signs + packing scratch, rounded up.
+_ENCODE_BYTES_PER_ELEM = 32
 
-# Decode works in tiles of about this many elements (two fp32 buffers of 2 MiB each),
-# small enough to stay in the L2 cache between the passes of one tile; measured fastest
-# in bench/codec_speed.py. ``chunk_bytes`` can only make tiles smaller.
-_DECODE_TILE_ELEMS = 1 << 19
+# Decode tiles hold at most this many elements: below torch's intra-op grain size (32768),
+# so every torch op of a tile runs on the calling thread -- no OpenMP barrier per op, which
+# on a busy machine costs a scheduler time slice each time. decode_sign1 runs tiles on its
+# own worker threads instead (torch releases the GIL inside ops). A tile's fp32 buffers
+# (128 KiB each) stay in L1/L2 between the passes.
+_SERIAL_ELEMS = 32767
+# Below this many elements decode runs inline on the calling thread.
+_PARALLEL_MIN_ELEMS = 1 << 20
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -196,13 +202,16 @@ def encode_sign1(
             r1 = min(n, r0 + rows)
             b32 = base[r0:r1].to(torch.float32)
             delta = finetuned[r0:r1].to(torch.float32) - b32
-            if not bool(torch.isfinite(delta).all()):
+            d64 = delta.to(torch.float64)
+            chunk_abs = _row_sums(d64.abs_())
+            # A row sum of |delta| is finite iff the row is: fp32 magnitudes summed in
+            # float64 cannot overflow. One check on [rows] instead of a pass over delta.
+            if not bool(torch.isfinite(chunk_abs).all()):
                 raise CodecError(f"non-finite delta: {_describe_nonfinite(delta, r0)}")
             pack_signs_into(delta, packed_bytes[r0:r1])
-            d64 = delta.to(torch.float64)
             del delta
-            row_abs[r0:r1] = _row_sums(d64.abs())
-            row_dsq[r0:r1] = _row_sums(d64.square_())
+            row_abs[r0:r1] = chunk_abs
+            row_dsq[r0:r1] = _row_sums(d64.square_())  # |d|^2 == d^2 exactly
             del d64
             b64 = b32.to(torch.float64)
             del b32
@@ -243,6 +252,14 @@ def _check_decode_args(
     return s
 
 
+def _decode_workers(n_blocks: int, numel: int, k: int) -> int:
+    """Worker threads for a decode: torch's thread count, at most one per block, and one
+    for small matrices or rows too long for single-threaded tiles."""
+    if numel < _PARALLEL_MIN_ELEMS or k > _SERIAL_ELEMS:
+        return 1
+    return max(1, min(torch.get_num_threads(), n_blocks))
+
+
 def decode_sign1(
     base: torch.Tensor,
     packed: torch.Tensor,
@@ -263,9 +280,14 @@ def decode_sign1(
     i.e. elementwise in fp32 (``s * S`` is exactly ``+-s``), one fp32 addition, then a
     single rounding to ``out_dtype`` (round-to-nearest-even, torch's ``.to``).
 
-    Implementation: a ``[256, 8]`` fp32 table of ``+-s`` is gathered with the packed bytes,
-    added to the fp32 base tile in place and cast into a preallocated output, tile by tile
-    (cache-sized row tiles, at most ``chunk_bytes`` of temporaries).
+    Implementation (hot path of materialize): row blocks of packed bytes are expanded to
+    ``int8`` signs with a 256-entry int64 table (:func:`deltahub.codec.packing.gather_signs`);
+    then, per cache-sized tile, the signs are widened to fp32, the base tile is widened
+    into an fp32 accumulator, ``acc.add_(signs, alpha=s)`` adds ``+-s`` exactly, and the
+    accumulator is cast into the preallocated output. Tiles are small enough that torch
+    runs each op single-threaded; blocks are spread over ``torch.get_num_threads()``
+    worker threads (dynamic scheduling). Temporaries: a few hundred KiB per worker, and
+    never more than about ``chunk_bytes``.
 
     Args:
         base: ``[N, K]`` fp32/fp16/bf16 CPU tensor.
@@ -280,7 +302,8 @@ def decode_sign1(
     Raises:
         CodecError: bad base, packed dtype/shape, scale or out_dtype.
     """
-    s = _check_decode_args(base, packed, scale, out_dtype)
+    s_t = _check_decode_args(base, packed, scale, out_dtype)
+    s = float(s_t)  # exactly the fp32 scale; as ``alpha`` it is cast back to fp32 exactly
     n, k = base.shape
     out = torch.empty((n, k), dtype=out_dtype)
     if n == 0 or k == 0:
@@ -288,34 +311,69 @@ def decode_sign1(
     w = packed.shape[1]
     nbytes = w * (WORD_BITS // 8)
     wide = w * WORD_BITS
-    lut = sign_lut(torch.float32) * s  # [256, 8] fp32, exactly +-s
     packed_bytes = packed.contiguous().view(torch.uint8)  # [N, 4W]
     direct = out_dtype == torch.float32  # accumulate straight into the output
-    # Temporaries per row: int32 byte indices + fp32 gathered signs (+ fp32 accumulator).
-    row_bytes = nbytes * 4 + wide * 4 + (0 if direct else k * 4)
-    rows = max(1, min(chunk_bytes // row_bytes, _DECODE_TILE_ELEMS // wide))
-    rows = min(rows, n)
-    idx_buf = torch.empty(rows * nbytes, dtype=torch.int32)
-    sgn_buf = torch.empty((rows * nbytes, 8), dtype=torch.float32)
-    acc_buf = None if direct else torch.empty((rows, k), dtype=torch.float32)
-    with torch.no_grad():
-        for r0 in range(0, n, rows):
-            r1 = min(n, r0 + rows)
-            r = r1 - r0
-            idx = idx_buf[: r * nbytes]
-            idx.copy_(packed_bytes[r0:r1].reshape(-1))
-            sgn = sgn_buf[: r * nbytes]
-            torch.index_select(lut, 0, idx, out=sgn)
-            signs = sgn.view(r, wide)[:, :k]  # +-s, fp32 [r, K]
-            acc = out[r0:r1] if acc_buf is None else acc_buf[:r]
-            base_rows = base[r0:r1]
-            if base_rows.dtype == torch.float32:
-                torch.add(base_rows, signs, out=acc)
-            else:
-                acc.copy_(base_rows)  # exact widening to fp32
-                acc.add_(signs)
-            if acc_buf is not None:
-                out[r0:r1].copy_(acc)  # the single rounding to out_dtype
+    base_f32 = base.dtype == torch.float32
+
+    # Tile rows: fp32 signs + fp32 accumulator per tile row.
+    tile_row_bytes = k * 4 * (1 if direct else 2)
+    tile_rows = max(1, min(_SERIAL_ELEMS // k, chunk_bytes // tile_row_bytes))
+    # Block rows (a multiple of tile_rows): int32 indices + int64 signs per block row.
+    block_row_bytes = nbytes * (4 + 8)
+    tiles_per_block = max(
+        1,
+        min(_SERIAL_ELEMS // (nbytes * tile_rows), chunk_bytes // (block_row_bytes * tile_rows)),
+    )
+    block_rows = min(n, tile_rows * tiles_per_block)
+    tile_rows = min(tile_rows, block_rows)
+    n_blocks = (n + block_rows - 1) // block_rows
+
+    next_block = iter(range(n_blocks))
+    lock = threading.Lock()
+
+    def work() -> None:
+        with torch.no_grad():  # grad mode is per thread
+            work_blocks()
+
+    def work_blocks() -> None:
+        idx_buf = torch.empty(block_rows * nbytes, dtype=torch.int32)
+        sgn_buf = torch.empty(block_rows * nbytes, dtype=torch.int64)
+        sf_buf = torch.empty((tile_rows, k), dtype=torch.float32)
+        acc_buf = None if direct else torch.empty((tile_rows, k), dtype=torch.float32)
+        while True:
+            with lock:
+                b = next(next_block, None)
+            if b is None:
+                return
+            b0 = b * block_rows
+            b1 = min(n, b0 + block_rows)
+            m = (b1 - b0) * nbytes
+            idx = idx_buf[:m]
+            idx.copy_(packed_bytes[b0:b1].reshape(-1))
+            sgn = gather_signs(idx, out=sgn_buf[:m])
+            signs8 = sgn.view(torch.int8).view(b1 - b0, wide)  # +-1, int8
+            for r0 in range(b0, b1, tile_rows):
+                r1 = min(b1, r0 + tile_rows)
+                r = r1 - r0
+                sf = sf_buf[:r]
+                sf.copy_(signs8[r0 - b0 : r1 - b0, :k])  # +-1, fp32
+                acc = out[r0:r1] if acc_buf is None else acc_buf[:r]
+                base_rows = base[r0:r1]
+                if base_f32:
+                    torch.add(base_rows, sf, alpha=s, out=acc)
+                else:
+                    acc.copy_(base_rows)  # exact widening to fp32
+                    acc.add_(sf, alpha=s)  # + (+-s): exact product, one fp32 rounding
+                if acc_buf is not None:
+                    out[r0:r1].copy_(acc)  # the single rounding to out_dtype
+
+    workers = _decode_workers(n_blocks, n * k, k)
+    if workers == 1:
+        work()
+    else:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sign1") as pool:
+            for fut in [pool.submit(work) for _ in range(workers)]:
+                fut.result()
     return out
 
 

@@ -139,7 +139,7 @@ def _bit_identical(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-def _rel_norm(ft: torch.Tensor, base: torch.Tensor) -> float:
+def _rel_norm(ft: torch.Tensor, base: torch.Tensor) -> float | None:
     delta_sq = 0.0
     base_sq = 0.0
     flat_ft, flat_base = ft.reshape(-1), base.reshape(-1)
@@ -150,7 +150,7 @@ def _rel_norm(ft: torch.Tensor, base: torch.Tensor) -> float:
         delta_sq += float(d.square().sum())
         base_sq += float(b.square().sum())
     if base_sq == 0.0:
-        return 0.0 if delta_sq == 0.0 else math.inf
+        return 0.0 if delta_sq == 0.0 else None  # undefined against an all-zero base (e.g. biases)
     return math.sqrt(delta_sq / base_sq)
 
 
@@ -220,7 +220,8 @@ def compress_finetune(
                     records[tname] = TensorRecord(tname, codec, dtype, shape, object=info.sha256, scale=enc.scale)
                     stat.stored_bytes = info.stored_size
                     stat.scale = enc.scale
-                    stat.rel_delta_norm = enc.stats.rel_delta_norm
+                    norm = enc.stats.rel_delta_norm
+                    stat.rel_delta_norm = norm if math.isfinite(norm) else None
                     stat.rel_recon_error = enc.rel_recon_error
                 else:
                     codec = Codec.DENSE

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from deltahub.errors import InputError
+from deltahub.errors import DeltaHubError, InputError
 from deltahub.formats.paths import join_inside
 from deltahub.ops.context import StoreContext
 from deltahub.ops.materialize import parse_output_dtype
@@ -76,9 +76,16 @@ def load_model(
     model, info = cls.from_pretrained(
         None, config=config, state_dict=state_dict, dtype=out_dtype, output_loading_info=True
     )
-    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    if problems:
-        logger.warning("loading %s: %s", name, problems)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise DeltaHubError(
+            f"{cls.__name__} expects {len(missing)} tensor(s) that {name!r} does not have: "
+            f"{', '.join(missing[:3])}",
+            "materialize the model and load it with the matching transformers class",
+        )
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if unexpected:
+        logger.warning("loading %s: %d unused tensor(s): %s", name, len(unexpected), ", ".join(unexpected[:3]))
     model.eval()
     return model.to(device)
 

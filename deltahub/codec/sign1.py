@@ -20,6 +20,7 @@ import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -47,9 +48,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_CHUNK_BYTES = 64 << 20
 """Default bound on the temporaries of one row chunk (64 MiB)."""
 
-# Temporaries per matrix element in encode_sign1: fp32 base + fp32 delta + fp64 delta +
-# fp64 base + bool signs + packing scratch, rounded up.
-_ENCODE_BYTES_PER_ELEM = 32
+# Temporaries per matrix element in encode_sign1 (per worker): fp32 base + fp32 delta +
+# fp64 scratch + bool signs + packed bytes, rounded up.
+_ENCODE_BYTES_PER_ELEM = 24
 
 # Decode tiles hold at most this many elements: below torch's intra-op grain size (32768),
 # so every torch op of a tile runs on the calling thread -- no OpenMP barrier per op, which
@@ -57,7 +58,7 @@ _ENCODE_BYTES_PER_ELEM = 32
 # own worker threads instead (torch releases the GIL inside ops). A tile's fp32 buffers
 # (128 KiB each) stay in L1/L2 between the passes.
 _SERIAL_ELEMS = 32767
-# Below this many elements decode runs inline on the calling thread.
+# Below this many elements encode/decode run inline on the calling thread.
 _PARALLEL_MIN_ELEMS = 1 << 20
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -131,26 +132,87 @@ def _check_matrix(name: str, t: torch.Tensor) -> None:
         raise CodecError(f"{name} must be on the CPU, got {t.device}")
 
 
-def _row_sums(x: torch.Tensor) -> torch.Tensor:
-    """Per-row sums of a float64 ``[R, K]`` tensor -> float64 ``[R]``.
+def _row_sums_into(x: torch.Tensor, out: torch.Tensor) -> None:
+    """Per-row sums of a float64 ``[R, K]`` tensor into float64 ``out`` ``[R]``.
 
     Each row is reduced serially by one thread whatever ``R`` is: torch splits a reduction
     whose output has a single element across threads (results then depend on the thread
-    count), so a single row is padded with a zero row.
+    count), so a single row is padded with a zero row. The per-row results therefore do
+    not depend on how rows are grouped into chunks.
     """
     if x.shape[0] == 1:
-        x = torch.cat([x, torch.zeros_like(x)])
-        return x.sum(dim=1)[:1]
-    return x.sum(dim=1)
+        out.copy_(torch.cat([x, torch.zeros_like(x)]).sum(dim=1)[:1])
+    else:
+        torch.sum(x, dim=1, out=out)
+
+
+class _BlockQueue:
+    """Hands out block indices ``0, 1, 2, ...`` to worker threads, in increasing order.
+
+    ``limit(b)`` stops handing out blocks ``>= b``; since blocks are handed out in order,
+    every block below ``b`` has then already been handed out and will be finished.
+    """
+
+    def __init__(self, n_blocks: int) -> None:
+        self._next = 0
+        self._end = n_blocks
+        self._lock = threading.Lock()
+
+    def take(self) -> int | None:
+        with self._lock:
+            if self._next >= self._end:
+                return None
+            b = self._next
+            self._next += 1
+            return b
+
+    def limit(self, b: int) -> None:
+        with self._lock:
+            self._end = min(self._end, b)
+
+
+def _workers(n_blocks: int, numel: int, k: int) -> int:
+    """Worker threads for a chunked job: torch's thread count, at most one per block, and
+    one for small matrices or rows too long for single-threaded tiles."""
+    if numel < _PARALLEL_MIN_ELEMS or k > _SERIAL_ELEMS:
+        return 1
+    return max(1, min(torch.get_num_threads(), n_blocks))
+
+
+def _run_blocks(n_blocks: int, workers: int, fn: Callable[[_BlockQueue], None]) -> None:
+    """Run ``fn(queue)`` on ``workers`` threads (inline if 1) until the queue is empty.
+
+    Each call of ``fn`` takes blocks from the shared queue until it is empty (dynamic
+    scheduling: a thread descheduled by other processes just takes fewer blocks). Torch
+    releases the GIL inside ops, so the threads' torch work runs in parallel.
+    """
+    queue = _BlockQueue(n_blocks)
+
+    def run() -> None:
+        try:
+            with torch.no_grad():  # grad mode is per thread
+                fn(queue)
+        except BaseException:
+            queue.limit(0)  # the other workers stop after their current block
+            raise
+
+    if workers <= 1:
+        run()
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deltahub-codec") as pool:
+        futures = [pool.submit(run) for _ in range(workers)]
+    for fut in futures:
+        fut.result()  # re-raises the first worker's exception, if any
 
 
 def _describe_nonfinite(delta: torch.Tensor, row0: int) -> str:
-    nan = torch.isnan(delta)
-    kind = "NaN" if bool(nan.any()) else "Inf"
-    bad = nan if kind == "NaN" else torch.isinf(delta)
+    """Name the first non-finite value of ``delta`` (rows ``row0 ..``) and count them."""
+    bad = ~torch.isfinite(delta)
     r, c = (int(v) for v in bad.nonzero()[0])
+    kind = "NaN" if math.isnan(float(delta[r, c])) else "Inf"
     count = int(bad.sum())
-    return f"{kind} in delta at [{row0 + r}, {c}] ({count} such values in rows {row0}..{row0 + delta.shape[0] - 1})"
+    last = row0 + delta.shape[0] - 1
+    return f"{kind} in delta at [{row0 + r}, {c}] ({count} non-finite values in rows {row0}..{last})"
 
 
 def encode_sign1(
@@ -161,10 +223,13 @@ def encode_sign1(
 ) -> Sign1Encoded:
     """Encode ``finetuned`` relative to ``base`` as packed signs plus one fp32 scale.
 
-    One pass over fixed row chunks (``chunk_bytes`` bounds the temporaries; the chunking
-    depends only on the arguments): ``delta = finetuned.float() - base.float()`` in fp32,
-    pack ``delta >= 0`` and accumulate per-row float64 sums, which are added exactly
-    (``math.fsum``) at the end, so the result does not depend on the chunking.
+    One pass over row chunks: ``delta = finetuned.float() - base.float()`` in fp32, pack
+    ``delta >= 0`` and compute per-row float64 sums (``|delta|``, ``delta**2``,
+    ``base**2``); the row sums are added exactly (``math.fsum``) at the end. Each row's
+    sum is reduced by one thread in a fixed order, so the result is deterministic and does
+    not depend on the chunking, the number of threads or ``chunk_bytes``. Chunks are small
+    (below torch's intra-op grain size, at most ``chunk_bytes`` of temporaries) and spread
+    over ``torch.get_num_threads()`` worker threads, like :func:`decode_sign1`.
 
     Args:
         base: ``[N, K]`` fp32/fp16/bf16 CPU tensor.
@@ -196,27 +261,51 @@ def encode_sign1(
     row_abs = torch.empty(n, dtype=torch.float64)
     row_dsq = torch.empty(n, dtype=torch.float64)
     row_bsq = torch.empty(n, dtype=torch.float64)
-    rows = max(1, chunk_bytes // (k * _ENCODE_BYTES_PER_ELEM))
-    with torch.no_grad():
-        for r0 in range(0, n, rows):
+    rows = max(1, min(_SERIAL_ELEMS // k, chunk_bytes // (k * _ENCODE_BYTES_PER_ELEM)))
+    n_blocks = (n + rows - 1) // rows
+    bad_blocks: list[int] = []
+    base_f32 = base.dtype == torch.float32
+    ft_f32 = finetuned.dtype == torch.float32
+
+    def work(queue: _BlockQueue) -> None:
+        b32_buf = None if base_f32 else torch.empty((rows, k), dtype=torch.float32)
+        d32_buf = torch.empty((rows, k), dtype=torch.float32)
+        d64_buf = torch.empty((rows, k), dtype=torch.float64)
+        while (b := queue.take()) is not None:
+            r0 = b * rows
             r1 = min(n, r0 + rows)
-            b32 = base[r0:r1].to(torch.float32)
-            delta = finetuned[r0:r1].to(torch.float32) - b32
-            d64 = delta.to(torch.float64)
-            chunk_abs = _row_sums(d64.abs_())
+            r = r1 - r0
+            if b32_buf is None:
+                b32 = base[r0:r1]
+            else:
+                b32 = b32_buf[:r]
+                b32.copy_(base[r0:r1])  # exact widening
+            d32 = d32_buf[:r]
+            if ft_f32:
+                torch.sub(finetuned[r0:r1], b32, out=d32)
+            else:
+                d32.copy_(finetuned[r0:r1])
+                d32.sub_(b32)  # delta in fp32
+            d64 = d64_buf[:r]
+            d64.copy_(d32)
+            _row_sums_into(d64.abs_(), row_abs[r0:r1])
             # A row sum of |delta| is finite iff the row is: fp32 magnitudes summed in
             # float64 cannot overflow. One check on [rows] instead of a pass over delta.
-            if not bool(torch.isfinite(chunk_abs).all()):
-                raise CodecError(f"non-finite delta: {_describe_nonfinite(delta, r0)}")
-            pack_signs_into(delta, packed_bytes[r0:r1])
-            del delta
-            row_abs[r0:r1] = chunk_abs
-            row_dsq[r0:r1] = _row_sums(d64.square_())  # |d|^2 == d^2 exactly
-            del d64
-            b64 = b32.to(torch.float64)
-            del b32
-            row_bsq[r0:r1] = _row_sums(b64.square_())
-            del b64
+            if not bool(torch.isfinite(row_abs[r0:r1]).all()):
+                bad_blocks.append(b)
+                queue.limit(b)  # blocks before b are already handed out and will finish
+                return
+            pack_signs_into(d32, packed_bytes[r0:r1])
+            _row_sums_into(d64.square_(), row_dsq[r0:r1])  # |d|^2 == d^2 exactly
+            d64.copy_(b32)
+            _row_sums_into(d64.square_(), row_bsq[r0:r1])
+
+    _run_blocks(n_blocks, _workers(n_blocks, numel, k), work)
+    if bad_blocks:  # report the first non-finite value of the matrix
+        r0 = min(bad_blocks) * rows
+        r1 = min(n, r0 + rows)
+        delta = finetuned[r0:r1].to(torch.float32) - base[r0:r1].to(torch.float32)
+        raise CodecError(f"non-finite delta: {_describe_nonfinite(delta, r0)}")
 
     abs_sum = math.fsum(row_abs.tolist())
     stats = DeltaStats(
@@ -250,14 +339,6 @@ def _check_decode_args(
     if not bool(torch.isfinite(s)):
         raise CodecError(f"scale must be finite in fp32, got {scale!r}")
     return s
-
-
-def _decode_workers(n_blocks: int, numel: int, k: int) -> int:
-    """Worker threads for a decode: torch's thread count, at most one per block, and one
-    for small matrices or rows too long for single-threaded tiles."""
-    if numel < _PARALLEL_MIN_ELEMS or k > _SERIAL_ELEMS:
-        return 1
-    return max(1, min(torch.get_num_threads(), n_blocks))
 
 
 def decode_sign1(
@@ -328,23 +409,12 @@ def decode_sign1(
     tile_rows = min(tile_rows, block_rows)
     n_blocks = (n + block_rows - 1) // block_rows
 
-    next_block = iter(range(n_blocks))
-    lock = threading.Lock()
-
-    def work() -> None:
-        with torch.no_grad():  # grad mode is per thread
-            work_blocks()
-
-    def work_blocks() -> None:
+    def work(queue: _BlockQueue) -> None:
         idx_buf = torch.empty(block_rows * nbytes, dtype=torch.int32)
         sgn_buf = torch.empty(block_rows * nbytes, dtype=torch.int64)
         sf_buf = torch.empty((tile_rows, k), dtype=torch.float32)
         acc_buf = None if direct else torch.empty((tile_rows, k), dtype=torch.float32)
-        while True:
-            with lock:
-                b = next(next_block, None)
-            if b is None:
-                return
+        while (b := queue.take()) is not None:
             b0 = b * block_rows
             b1 = min(n, b0 + block_rows)
             m = (b1 - b0) * nbytes
@@ -367,13 +437,7 @@ def decode_sign1(
                 if acc_buf is not None:
                     out[r0:r1].copy_(acc)  # the single rounding to out_dtype
 
-    workers = _decode_workers(n_blocks, n * k, k)
-    if workers == 1:
-        work()
-    else:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sign1") as pool:
-            for fut in [pool.submit(work) for _ in range(workers)]:
-                fut.result()
+    _run_blocks(n_blocks, _workers(n_blocks, n * k, k), work)
     return out
 
 

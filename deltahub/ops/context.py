@@ -312,16 +312,7 @@ def prune_unreachable(session) -> list[str]:
     """
     from sqlalchemy import delete
 
-    reachable: set[str] = set(session.scalars(select(NameRow.manifest_id)))
-    frontier = set(reachable)
-    while frontier:
-        bases = set(
-            session.scalars(
-                select(ManifestRow.base_id).where(ManifestRow.id.in_(list(frontier)), ManifestRow.base_id.is_not(None))
-            )
-        )
-        frontier = bases - reachable
-        reachable |= bases
+    reachable = reachable_manifests(session)
     doomed = [
         (row.id, row.kind)
         for row in session.execute(select(ManifestRow.id, ManifestRow.kind))
@@ -337,3 +328,18 @@ def prune_unreachable(session) -> list[str]:
             delete(ObjectRow).where(ObjectRow.sha256.not_in(select(ManifestObjectRow.object_id)))
         )
     return [mid for mid, _ in doomed]
+
+
+def reachable_manifests(session) -> set[str]:
+    """Manifest ids some name reaches, directly or as (the base of) a named delta."""
+    reachable: set[str] = set(session.scalars(select(NameRow.manifest_id)))
+    frontier = set(reachable)
+    while frontier:
+        bases = set(
+            session.scalars(
+                select(ManifestRow.base_id).where(ManifestRow.id.in_(list(frontier)), ManifestRow.base_id.is_not(None))
+            )
+        )
+        frontier = bases - reachable
+        reachable |= bases
+    return reachable

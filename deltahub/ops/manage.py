@@ -13,7 +13,7 @@ from deltahub.errors import DeltaHubError, InUseError
 from deltahub.formats.manifest import ModelKind
 from deltahub.formats.paths import validate_name
 from deltahub.index.models import ManifestObjectRow, ManifestRow, NameRow, ObjectRow, TensorStatRow
-from deltahub.ops.context import StoreContext, prune_unreachable
+from deltahub.ops.context import StoreContext, prune_unreachable, reachable_manifests
 from deltahub.progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -135,7 +135,12 @@ def disk_usage(ctx: StoreContext) -> dict[str, Any]:
         p.stat().st_size for p in ctx.home.glob("index.sqlite*") if p.is_file()
     )
     with ctx.index.session() as session:
-        referenced = set(session.scalars(select(ManifestObjectRow.object_id)))
+        reachable = reachable_manifests(session)
+        referenced = set(
+            session.scalars(
+                select(ManifestObjectRow.object_id).where(ManifestObjectRow.manifest_id.in_(list(reachable)))
+            )
+        )
         models = [
             {"name": r["name"], "kind": r["kind"], "stored_bytes": r["stored_bytes"]}
             for r in list_models_in(session)

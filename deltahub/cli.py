@@ -171,10 +171,11 @@ def add(ctx: click.Context, src: Path, name: str | None, force: bool, as_json: b
 @click.option("--name", required=True, help="Name for the compressed fine-tune.")
 @click.option(
     "--embeddings",
-    type=click.Choice(["dense", "sign1"]),
-    default="dense",
+    type=click.Choice(["sign1", "dense"]),
+    default="sign1",
     show_default=True,
-    help="Store embeddings and the LM head dense (exact) or as 1-bit deltas (smaller).",
+    help="Store embeddings and the LM head as 1-bit deltas (default; much smaller) or dense (exact, "
+    "keeps slightly more of the fine-tune's quality).",
 )
 @click.option("--force", is_flag=True, help="Re-point NAME if it already exists.")
 @json_option

@@ -31,15 +31,17 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-def expected_codecs(base_dir, ft_dir) -> dict[str, str]:
-    """The codec each tensor should get with the default (dense) embeddings, from the checkpoints."""
+def expected_codecs(base_dir, ft_dir, embeddings: str = "sign1") -> dict[str, str]:
+    """The codec each tensor should get (default: sign1 embeddings), from the checkpoints."""
     base, ft = load_file(base_dir / "model.safetensors"), load_file(ft_dir / "model.safetensors")
     out = {}
     for name, t in ft.items():
         b = base.get(name)
         if b is not None and bits_equal(b, t):
             out[name] = "same"
-        elif b is not None and t.ndim == 2 and b.shape == t.shape and not EMBEDDING_RE.search(name):
+        elif b is not None and t.ndim == 2 and b.shape == t.shape and (
+            embeddings == "sign1" or not EMBEDDING_RE.search(name)
+        ):
             out[name] = "sign1"
         else:
             out[name] = "dense"
@@ -242,14 +244,14 @@ def test_compress_options_and_names(model_dirs, tmp_path):
         assert store.home == tmp_path / "s"
         added = store.add(dirs["base"])  # default name: the folder's name
         assert added.name == "base" and added.n_tensors > 0
-        dense = store.compress(dirs["ft"], base="base", name="ft")
-        small = store.compress(dirs["ft"], base="base", name="ft-s1", embeddings="sign1")
+        dense = store.compress(dirs["ft"], base="base", name="ft", embeddings="dense")
+        small = store.compress(dirs["ft"], base="base", name="ft-s1")  # default: sign1 embeddings
         assert small.ratio > dense.ratio > 1
         assert small.codecs["sign1"] == dense.codecs["sign1"] + 2  # embed_tokens and lm_head
         assert math.isclose(dense.ratio, dense.fp16_bytes / dense.stored_bytes)
         with pytest.raises(NameExistsError):
             store.compress(dirs["ft"], base="base", name="ft")
-        again = store.compress(dirs["ft"], base="base", name="ft", force=True)
+        again = store.compress(dirs["ft"], base="base", name="ft", embeddings="dense", force=True)
         assert again.manifest_id == dense.manifest_id
         with pytest.raises(InputError):  # a delta is not a base
             store.compress(dirs["ft"], base="ft", name="x")

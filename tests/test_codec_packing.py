@@ -229,6 +229,10 @@ def test_layout_from_json_rejects_unknown() -> None:
     del missing["axis"]
     with pytest.raises(CodecError, match="axis"):
         PackingLayout.from_json(missing)
+    with pytest.raises(CodecError, match="version True"):
+        PackingLayout.from_json({**d, "version": True})
+    with pytest.raises(CodecError, match="word_bits"):
+        PackingLayout.from_json({**d, "word_bits": 32.0})
     with pytest.raises(CodecError):
         PackingLayout.from_json([1])  # type: ignore[arg-type]
 

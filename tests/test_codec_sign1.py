@@ -190,10 +190,14 @@ def test_decode_larger_matrix(base_dtype: torch.dtype, out_dtype: torch.dtype) -
     # several tiles, K not a multiple of 32, a scale that is not exactly fp32
     base, ft = make_pair(300, 1000, 11, base_dtype, out_dtype)
     enc = encode_sign1(base, ft)
-    ref = reference_decode_sign1(base, enc.packed, 0.013, out_dtype)
-    assert torch.equal(decode_sign1(base, enc.packed, 0.013, out_dtype), ref)
-    assert torch.equal(decode_sign1(base, enc.packed, 0.013, out_dtype, chunk_bytes=40_000), ref)
-    assert torch.equal(ref, reference_decode_sign1(base, enc.packed, fp32_scale(0.013), out_dtype))
+    for scale in (enc.scale, 0.013, 1e-41, 3e4):  # 1e-41: subnormal in fp32
+        ref = reference_decode_sign1(base, enc.packed, scale, out_dtype)
+        assert torch.equal(decode_sign1(base, enc.packed, scale, out_dtype), ref)
+        assert torch.equal(decode_sign1(base, enc.packed, scale, out_dtype, chunk_bytes=40_000), ref)
+        assert torch.equal(ref, reference_decode_sign1(base, enc.packed, fp32_scale(scale), out_dtype))
+    tiny = base * 1e-36  # subnormal sums in fp32
+    ref = reference_decode_sign1(tiny, enc.packed, 1e-41, out_dtype)
+    assert torch.equal(decode_sign1(tiny, enc.packed, 1e-41, out_dtype), ref)
 
 
 def test_decode_non_contiguous_base() -> None:
@@ -245,7 +249,7 @@ def test_decode_empty() -> None:
 def test_decode_worker_threads(monkeypatch: pytest.MonkeyPatch, out_dtype: torch.dtype) -> None:
     import deltahub.codec.sign1 as sign1_mod
 
-    monkeypatch.setattr(sign1_mod, "_workers", lambda n_blocks, numel, k: min(3, n_blocks))
+    monkeypatch.setattr(sign1_mod, "_workers", lambda n_blocks, numel, k, threads=None: min(3, n_blocks))
     base, ft = make_pair(257, 1000, 5, torch.bfloat16, out_dtype)
     enc = encode_sign1(base, ft)
     ref = reference_decode_sign1(base, enc.packed, enc.scale, out_dtype)
@@ -253,11 +257,16 @@ def test_decode_worker_threads(monkeypatch: pytest.MonkeyPatch, out_dtype: torch
     assert torch.equal(decode_sign1(base, enc.packed, enc.scale, out_dtype, chunk_bytes=9000), ref)
 
 
-def test_decode_default_threading_large_matrix() -> None:
+def test_default_threading_large_matrix() -> None:
     base, ft = make_pair(1030, 1024, 9, torch.float16, torch.float16)  # > 2**20 elements
     enc = encode_sign1(base, ft)
+    for threads in (1, 2, 4):
+        other = encode_sign1(base, ft, threads=threads)
+        assert torch.equal(other.packed, enc.packed) and other.stats == enc.stats
     ref = reference_decode_sign1(base, enc.packed, enc.scale, torch.float16)
     assert torch.equal(decode_sign1(base, enc.packed, enc.scale, torch.float16), ref)
+    for threads in (1, 2, 4):
+        assert torch.equal(decode_sign1(base, enc.packed, enc.scale, torch.float16, threads=threads), ref)
 
 
 def test_decode_long_rows() -> None:
@@ -280,7 +289,7 @@ def test_encode_worker_threads(monkeypatch: pytest.MonkeyPatch) -> None:
 
     base, ft = make_pair(257, 1000, 17, torch.float16, torch.bfloat16)
     single = encode_sign1(base, ft)
-    monkeypatch.setattr(sign1_mod, "_workers", lambda n_blocks, numel, k: min(3, n_blocks))
+    monkeypatch.setattr(sign1_mod, "_workers", lambda n_blocks, numel, k, threads=None: min(3, n_blocks))
     for chunk_bytes in (64 << 20, 50_000):
         multi = encode_sign1(base, ft, chunk_bytes=chunk_bytes)
         assert torch.equal(multi.packed, single.packed)
@@ -293,3 +302,21 @@ def test_encode_worker_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     for _ in range(3):
         with pytest.raises(CodecError, match=r"Inf in delta at \[40, 9\]"):
             encode_sign1(base, bad, chunk_bytes=50_000)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_into_out_and_in_place(dtype: torch.dtype) -> None:
+    base, ft = make_pair(50, 70, 21, dtype, dtype)
+    enc = encode_sign1(base, ft)
+    ref = reference_decode_sign1(base, enc.packed, enc.scale, dtype)
+    buf = torch.full((50, 70), 7.0, dtype=dtype)
+    assert decode_sign1(base, enc.packed, enc.scale, dtype, out=buf) is buf
+    assert torch.equal(buf, ref)
+    in_place = base.clone()
+    decode_sign1(in_place, enc.packed, enc.scale, dtype, out=in_place, chunk_bytes=2000)
+    assert torch.equal(in_place, ref)
+    with pytest.raises(CodecError, match="out must be"):
+        decode_sign1(base, enc.packed, enc.scale, dtype, out=torch.empty(50, 71, dtype=dtype))
+    other = torch.float32 if dtype != torch.float32 else torch.float16
+    with pytest.raises(CodecError, match="out must be"):
+        decode_sign1(base, enc.packed, enc.scale, dtype, out=torch.empty(50, 70, dtype=other))

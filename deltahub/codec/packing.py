@@ -86,7 +86,7 @@ class PackingLayout:
         if not isinstance(d, dict):
             raise CodecError(f"packing layout must be a JSON object, got {type(d).__name__}")
         version = d.get("version")
-        if version != PACKING_V1.version:
+        if type(version) is not int or version != PACKING_V1.version:  # noqa: E721 (True == 1)
             raise CodecError(
                 f"unknown packing layout version {version!r} (this deltahub reads version "
                 f"{PACKING_V1.version} only)"
@@ -99,7 +99,7 @@ class PackingLayout:
         if missing:
             raise CodecError(f"packing layout version {version} is missing field(s) {missing}")
         for name, want in expected.items():
-            if d[name] != want:
+            if type(d[name]) is not type(want) or d[name] != want:
                 raise CodecError(
                     f"packing layout field {name!r} is {d[name]!r}; version {version} "
                     f"requires {want!r}"

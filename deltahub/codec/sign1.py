@@ -9,7 +9,7 @@ For a base matrix ``W_base`` and a fine-tuned matrix ``W_ft`` (both ``[N, K]``):
 * reconstruction: ``out = (W_base.to(float32) + s * S).to(out_dtype)`` (see
   :func:`decode_sign1` for the exact, bit-reproducible formula).
 
-Everything runs in fixed row chunks so that memory stays bounded for any matrix size.
+Everything runs in row chunks so that memory stays bounded for any matrix size.
 This module imports nothing from the rest of deltahub.
 """
 
@@ -52,11 +52,12 @@ DEFAULT_CHUNK_BYTES = 64 << 20
 # fp64 scratch + bool signs + packed bytes, rounded up.
 _ENCODE_BYTES_PER_ELEM = 24
 
-# Decode tiles hold at most this many elements: below torch's intra-op grain size (32768),
-# so every torch op of a tile runs on the calling thread -- no OpenMP barrier per op, which
-# on a busy machine costs a scheduler time slice each time. decode_sign1 runs tiles on its
-# own worker threads instead (torch releases the GIL inside ops). A tile's fp32 buffers
-# (128 KiB each) stay in L1/L2 between the passes.
+# Encode/decode tiles hold at most this many elements: below torch's intra-op grain size
+# (32768), so every torch op of a tile runs on the calling thread -- no OpenMP barrier per
+# op, which on a busy machine costs a scheduler time slice each time (measured: 5-100x
+# slower decodes with torch's own threads under load). Tiles run on our own worker threads
+# instead (torch releases the GIL inside ops), and a tile's buffers (128-256 KiB) stay in
+# L1/L2 between the passes.
 _SERIAL_ELEMS = 32767
 # Below this many elements encode/decode run inline on the calling thread.
 _PARALLEL_MIN_ELEMS = 1 << 20
@@ -171,12 +172,13 @@ class _BlockQueue:
             self._end = min(self._end, b)
 
 
-def _workers(n_blocks: int, numel: int, k: int) -> int:
-    """Worker threads for a chunked job: torch's thread count, at most one per block, and
-    one for small matrices or rows too long for single-threaded tiles."""
+def _workers(n_blocks: int, numel: int, k: int, threads: int | None = None) -> int:
+    """Worker threads for a chunked job: ``threads`` (default: torch's thread count), at
+    most one per block, and one for small matrices or rows too long for serial tiles."""
     if numel < _PARALLEL_MIN_ELEMS or k > _SERIAL_ELEMS:
         return 1
-    return max(1, min(torch.get_num_threads(), n_blocks))
+    wanted = torch.get_num_threads() if threads is None else threads
+    return max(1, min(wanted, n_blocks))
 
 
 def _run_blocks(n_blocks: int, workers: int, fn: Callable[[_BlockQueue], None]) -> None:
@@ -220,6 +222,7 @@ def encode_sign1(
     finetuned: torch.Tensor,
     *,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    threads: int | None = None,
 ) -> Sign1Encoded:
     """Encode ``finetuned`` relative to ``base`` as packed signs plus one fp32 scale.
 
@@ -234,7 +237,10 @@ def encode_sign1(
     Args:
         base: ``[N, K]`` fp32/fp16/bf16 CPU tensor.
         finetuned: ``[N, K]`` fp32/fp16/bf16 CPU tensor (its dtype may differ from base's).
-        chunk_bytes: bound on per-chunk temporaries, in bytes.
+        chunk_bytes: bound on per-chunk temporaries (per worker thread), in bytes.
+        threads: worker threads (default ``torch.get_num_threads()``; ``1`` runs on the
+            calling thread -- use it when the caller already parallelises over tensors).
+            The result does not depend on it.
 
     Returns:
         :class:`Sign1Encoded` with ``packed`` int32 ``[N, ceil(K/32)]`` and
@@ -300,7 +306,7 @@ def encode_sign1(
             d64.copy_(b32)
             _row_sums_into(d64.square_(), row_bsq[r0:r1])
 
-    _run_blocks(n_blocks, _workers(n_blocks, numel, k), work)
+    _run_blocks(n_blocks, _workers(n_blocks, numel, k, threads), work)
     if bad_blocks:  # report the first non-finite value of the matrix
         r0 = min(bad_blocks) * rows
         r1 = min(n, r0 + rows)
@@ -348,6 +354,8 @@ def decode_sign1(
     out_dtype: torch.dtype,
     *,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    threads: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reconstruct a fine-tuned matrix from the base, packed signs and scale.
 
@@ -367,18 +375,25 @@ def decode_sign1(
     into an fp32 accumulator, ``acc.add_(signs, alpha=s)`` adds ``+-s`` exactly, and the
     accumulator is cast into the preallocated output. Tiles are small enough that torch
     runs each op single-threaded; blocks are spread over ``torch.get_num_threads()``
-    worker threads (dynamic scheduling). Temporaries: a few hundred KiB per worker, and
-    never more than about ``chunk_bytes``.
+    worker threads (dynamic scheduling). Temporaries: under 1 MiB per worker, and never
+    more than about ``chunk_bytes`` per worker.
 
     Args:
         base: ``[N, K]`` fp32/fp16/bf16 CPU tensor.
         packed: ``torch.int32`` ``[N, ceil(K/32)]`` packed signs (layout v1).
         scale: the scale (rounded to fp32 if it is not exactly representable).
         out_dtype: floating dtype of the result.
-        chunk_bytes: bound on temporaries, in bytes.
+        chunk_bytes: bound on temporaries (per worker thread), in bytes.
+        threads: worker threads (default ``torch.get_num_threads()``; ``1`` runs on the
+            calling thread -- use it when the caller already parallelises over tensors).
+            The result does not depend on it.
+        out: optional ``[N, K]`` CPU tensor of ``out_dtype`` to write into (e.g. a reused
+            or already-mapped buffer: a fresh ``torch.empty`` output costs page faults that
+            can take as long as the decode itself). It may be ``base`` itself (in-place
+            decode) but must not otherwise overlap ``base``.
 
     Returns:
-        ``[N, K]`` tensor of ``out_dtype``.
+        ``[N, K]`` tensor of ``out_dtype`` (``out`` when given).
 
     Raises:
         CodecError: bad base, packed dtype/shape, scale or out_dtype.
@@ -386,7 +401,14 @@ def decode_sign1(
     s_t = _check_decode_args(base, packed, scale, out_dtype)
     s = float(s_t)  # exactly the fp32 scale; as ``alpha`` it is cast back to fp32 exactly
     n, k = base.shape
-    out = torch.empty((n, k), dtype=out_dtype)
+    if out is None:
+        out = torch.empty((n, k), dtype=out_dtype)
+    elif not isinstance(out, torch.Tensor) or out.shape != (n, k) or out.dtype != out_dtype \
+            or out.device.type != "cpu":
+        raise CodecError(
+            f"out must be a CPU tensor [{n}, {k}] of {out_dtype}, got "
+            f"{getattr(out, 'dtype', type(out).__name__)} {list(getattr(out, 'shape', []))}"
+        )
     if n == 0 or k == 0:
         return out
     w = packed.shape[1]
@@ -409,11 +431,15 @@ def decode_sign1(
     tile_rows = min(tile_rows, block_rows)
     n_blocks = (n + block_rows - 1) // block_rows
 
+    # Views of every tile, made once (cheaper than slicing in the loop).
+    base_tiles = base.split(tile_rows)
+    out_tiles = out.split(tile_rows)
+
     def work(queue: _BlockQueue) -> None:
         idx_buf = torch.empty(block_rows * nbytes, dtype=torch.int32)
         sgn_buf = torch.empty(block_rows * nbytes, dtype=torch.int64)
-        sf_buf = torch.empty((tile_rows, k), dtype=torch.float32)
-        acc_buf = None if direct else torch.empty((tile_rows, k), dtype=torch.float32)
+        sf_full = torch.empty((tile_rows, k), dtype=torch.float32)
+        acc_full = None if direct else torch.empty((tile_rows, k), dtype=torch.float32)
         while (b := queue.take()) is not None:
             b0 = b * block_rows
             b1 = min(n, b0 + block_rows)
@@ -421,23 +447,26 @@ def decode_sign1(
             idx = idx_buf[:m]
             idx.copy_(packed_bytes[b0:b1].reshape(-1))
             sgn = gather_signs(idx, out=sgn_buf[:m])
-            signs8 = sgn.view(torch.int8).view(b1 - b0, wide)  # +-1, int8
-            for r0 in range(b0, b1, tile_rows):
-                r1 = min(b1, r0 + tile_rows)
-                r = r1 - r0
-                sf = sf_buf[:r]
-                sf.copy_(signs8[r0 - b0 : r1 - b0, :k])  # +-1, fp32
-                acc = out[r0:r1] if acc_buf is None else acc_buf[:r]
-                base_rows = base[r0:r1]
-                if base_f32:
-                    torch.add(base_rows, sf, alpha=s, out=acc)
+            signs8 = sgn.view(torch.int8).view(b1 - b0, wide)[:, :k]  # +-1, int8
+            t0 = b0 // tile_rows
+            for t, sig in enumerate(signs8.split(tile_rows), start=t0):
+                r = sig.shape[0]
+                sf = sf_full if r == tile_rows else sf_full[:r]
+                sf.copy_(sig)  # +-1, fp32
+                out_tile = out_tiles[t]
+                if acc_full is None:
+                    acc = out_tile
                 else:
-                    acc.copy_(base_rows)  # exact widening to fp32
+                    acc = acc_full if r == tile_rows else acc_full[:r]
+                if base_f32:
+                    torch.add(base_tiles[t], sf, alpha=s, out=acc)
+                else:
+                    acc.copy_(base_tiles[t])  # exact widening to fp32
                     acc.add_(sf, alpha=s)  # + (+-s): exact product, one fp32 rounding
-                if acc_buf is not None:
-                    out[r0:r1].copy_(acc)  # the single rounding to out_dtype
+                if acc_full is not None:
+                    out_tile.copy_(acc)  # the single rounding to out_dtype
 
-    _run_blocks(n_blocks, _workers(n_blocks, n * k, k), work)
+    _run_blocks(n_blocks, _workers(n_blocks, n * k, k, threads), work)
     return out
 
 

@@ -4,8 +4,8 @@ Per tensor, in name order:
 
 * ``same``  – bit-identical to the base tensor (same dtype and bytes): nothing stored;
 * ``sign1`` – 2-D floating weight matrices of the same shape as the base (embeddings and the LM head
-  only with ``embeddings="sign1"``): packed signs of Δ = W_ft − W_base and scale = mean(|Δ|) in fp32;
-* ``dense`` – everything else (1-D tensors, non-float tensors, embeddings by default, a resized
+  too unless ``embeddings="dense"``): packed signs of Δ = W_ft − W_base and scale = mean(|Δ|) in fp32;
+* ``dense`` – everything else (1-D tensors, non-float tensors, embeddings with ``"dense"``, a resized
   vocabulary, tensors the base does not have): the fine-tuned tensor itself.
 
 Everything that can be checked (architecture, tensor names, shapes) is checked before the first
@@ -51,7 +51,9 @@ class EmbeddingsMode(str, enum.Enum):
     SIGN1 = "sign1"
 
 
-DEFAULT_EMBEDDINGS = EmbeddingsMode.DENSE
+#: Measured on SmolLM2-135M + a Shakespeare fine-tune (docs/design.md): sign1 embeddings keep
+#: 94% of the fine-tune's perplexity gain at 15.3x smaller, dense ones 96% at 2.3x.
+DEFAULT_EMBEDDINGS = EmbeddingsMode.SIGN1
 
 
 @dataclass
@@ -140,15 +142,16 @@ def _bit_identical(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _rel_norm(ft: torch.Tensor, base: torch.Tensor) -> float | None:
+    """‖W_ft − W_base‖ / ‖W_base‖ in fp32 chunks (a statistic: fp32 dot products suffice)."""
     delta_sq = 0.0
     base_sq = 0.0
     flat_ft, flat_base = ft.reshape(-1), base.reshape(-1)
     step = 1 << 22
     for start in range(0, flat_ft.numel(), step):
-        b = flat_base[start : start + step].double()
-        d = flat_ft[start : start + step].double() - b
-        delta_sq += float(d.square().sum())
-        base_sq += float(b.square().sum())
+        b = flat_base[start : start + step].float()
+        d = flat_ft[start : start + step].float() - b
+        delta_sq += float(torch.dot(d, d))
+        base_sq += float(torch.dot(b, b))
     if base_sq == 0.0:
         return 0.0 if delta_sq == 0.0 else None  # undefined against an all-zero base (e.g. biases)
     return math.sqrt(delta_sq / base_sq)
@@ -194,7 +197,12 @@ def compress_finetune(
                 assert brec.object is not None
                 return tensor, ctx.read_tensor(brec.object, brec.dtype, brec.shape, verify=verify_base)
 
-            for tname, (tensor, base_t) in prefetched(list(plan), load):
+            def input_bytes(tname: str) -> int:
+                brec = bman.tensors.get(tname)
+                base_bytes = math.prod(brec.shape) * dtype_from_name(brec.dtype).itemsize if brec else 0
+                return ft.tensors[tname][1].nbytes + base_bytes
+
+            for tname, (tensor, base_t) in prefetched(list(plan), load, size=input_bytes):
                 planned = plan[tname]
                 shape = tuple(tensor.shape)
                 dtype = dtype_name(tensor.dtype)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -98,6 +99,15 @@ class ModelSource:
         assert t is not None
         return t if t.dtype == out_dtype else t.to(out_dtype)
 
+    def _input_bytes(self, spec: TensorSpec) -> int:
+        """Bytes read to rebuild ``spec`` (base tensor + stored object), for the prefetch budget."""
+        rec = self.manifest.tensors[spec.name]
+        own = math.prod(rec.shape) * dtype_from_name(rec.dtype).itemsize
+        if rec.codec is Codec.DENSE or self.base is None:
+            return own
+        brec = self.base.tensors[spec.name]
+        return math.prod(brec.shape) * dtype_from_name(brec.dtype).itemsize + own // 16
+
     def tensor(self, name: str, out_dtype: torch.dtype) -> torch.Tensor:
         """Tensor ``name`` rebuilt in ``out_dtype`` (a new CPU tensor)."""
         return self._finish(name, self._inputs(name), out_dtype)
@@ -106,7 +116,7 @@ class ModelSource:
         """Rebuild ``specs`` in order, reading and hash-verifying the next tensor's inputs in a
         background thread while the current one is decoded (file reads, sha256 and torch ops all
         release the GIL). At most two tensors' inputs are in memory at once."""
-        for spec, inputs in prefetched(specs, lambda spec: self._inputs(spec.name)):
+        for spec, inputs in prefetched(specs, lambda spec: self._inputs(spec.name), size=self._input_bytes):
             yield self._finish(spec.name, inputs, spec.dtype)
 
     def config(self, dtype: torch.dtype | None) -> dict:

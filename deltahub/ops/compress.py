@@ -195,7 +195,7 @@ def compress_finetune(
                 if brec is None or brec.shape != tuple(tensor.shape):
                     return tensor, None
                 assert brec.object is not None
-                return tensor, ctx.read_tensor(brec.object, brec.dtype, brec.shape, verify=verify_base)
+                return tensor, ctx.read_tensor(brec.object, brec.dtype, brec.shape, verify=verify_base, owned=False)
 
             def input_bytes(tname: str) -> int:
                 brec = bman.tensors.get(tname)

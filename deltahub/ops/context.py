@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -197,11 +198,17 @@ class StoreContext:
         return base_id, base
 
     # ------------------------------------------------------------------ tensors
-    def read_tensor(self, object_id: str, dtype: str, shape: tuple[int, ...], verify: bool = True) -> torch.Tensor:
-        """A stored tensor object as an owned CPU tensor (hash-verified unless ``verify=False``)."""
+    def read_tensor(
+        self, object_id: str, dtype: str, shape: tuple[int, ...], verify: bool = True, owned: bool = True
+    ) -> torch.Tensor:
+        """A stored tensor object as a CPU tensor (hash-verified unless ``verify=False``).
+
+        ``owned=False`` may return a read-only tensor over a memory map of the object (no copy):
+        for inputs that are only read, never handed to the user.
+        """
         torch_dtype = dtype_from_name(dtype)
         expected = math.prod(shape) * torch.empty((), dtype=torch_dtype).element_size()
-        buf = self.objects.read(object_id, verify=verify)
+        buf = self.objects.read(object_id, verify=verify) if owned else self.objects.read_view(object_id, verify)
         if len(buf) != expected:
             raise CorruptObjectError(
                 f"object {object_id[:12]} holds {len(buf)} bytes, expected {expected} for "
@@ -210,7 +217,9 @@ class StoreContext:
             )
         if expected == 0:
             return torch.empty(shape, dtype=torch_dtype)
-        return torch.frombuffer(buf, dtype=torch.uint8).view(torch_dtype).reshape(shape)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            return torch.frombuffer(buf, dtype=torch.uint8).view(torch_dtype).reshape(shape)
 
     def put(self, data, compression: Compression = Compression.NONE) -> ObjectInfo:
         """Store an object; inside :meth:`writing`, remember it if this call created it."""

@@ -70,20 +70,20 @@ class ModelSource:
         assert self.base is not None
         brec = self.base.tensors[name]
         assert brec.object is not None
-        return self.ctx.read_tensor(brec.object, brec.dtype, brec.shape, verify=self.verify)
+        return self.ctx.read_tensor(brec.object, brec.dtype, brec.shape, verify=self.verify, owned=False)
 
     def _inputs(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Read (and hash-verify) what tensor ``name`` is rebuilt from: (stored object, base tensor)."""
         rec = self.manifest.tensors[name]
         if rec.codec is Codec.DENSE:
             assert rec.object is not None
-            return self.ctx.read_tensor(rec.object, rec.dtype, rec.shape, verify=self.verify), None
+            return self.ctx.read_tensor(rec.object, rec.dtype, rec.shape, verify=self.verify, owned=False), None
         if rec.codec is Codec.SAME:
             return None, self._base_tensor(name)
         if rec.codec is Codec.SIGN1:
             assert rec.object is not None
             n, k = rec.shape
-            packed = self.ctx.read_tensor(rec.object, "int32", packed_shape(n, k), verify=self.verify)
+            packed = self.ctx.read_tensor(rec.object, "int32", packed_shape(n, k), verify=self.verify, owned=False)
             return packed, self._base_tensor(name)
         raise CorruptObjectError(f"tensor {name!r} has codec {rec.codec}", "run `deltahub verify`")
 
@@ -97,7 +97,8 @@ class ModelSource:
             return decode_sign1(base, stored, rec.scale, out_dtype)
         t = stored if stored is not None else base
         assert t is not None
-        return t if t.dtype == out_dtype else t.to(out_dtype)
+        # Inputs may be read-only views of memory-mapped objects: always hand out a new tensor.
+        return t.clone() if t.dtype == out_dtype else t.to(out_dtype)
 
     def _input_bytes(self, spec: TensorSpec) -> int:
         """Bytes read to rebuild ``spec`` (base tensor + stored object), for the prefetch budget."""

@@ -97,7 +97,7 @@ def materialize(
             target.write_bytes(source.file_bytes(rel))
             files.append(rel)
         total = sum(spec.nbytes for spec in specs)
-        tensors = source.iter_tensors(specs)
+        tensors = source.iter_tensors(specs, owned=False)
         with progress_bar(total, f"materialize {name}", unit="B", unit_scale=True) as bar:
             files += write_sharded(
                 tmp,

@@ -88,7 +88,11 @@ class ModelSource:
         raise CorruptObjectError(f"tensor {name!r} has codec {rec.codec}", "run `deltahub verify`")
 
     def _finish(
-        self, name: str, inputs: tuple[torch.Tensor | None, torch.Tensor | None], out_dtype: torch.dtype
+        self,
+        name: str,
+        inputs: tuple[torch.Tensor | None, torch.Tensor | None],
+        out_dtype: torch.dtype,
+        owned: bool = True,
     ) -> torch.Tensor:
         rec = self.manifest.tensors[name]
         stored, base = inputs
@@ -97,8 +101,10 @@ class ModelSource:
             return decode_sign1(base, stored, rec.scale, out_dtype)
         t = stored if stored is not None else base
         assert t is not None
-        # Inputs may be read-only views of memory-mapped objects: always hand out a new tensor.
-        return t.clone() if t.dtype == out_dtype else t.to(out_dtype)
+        if t.dtype != out_dtype:
+            return t.to(out_dtype)
+        # Inputs may be read-only views of memory-mapped objects: copy unless only read.
+        return t.clone() if owned else t
 
     def _input_bytes(self, spec: TensorSpec) -> int:
         """Bytes read to rebuild ``spec`` (base tensor + stored object), for the prefetch budget."""
@@ -113,12 +119,13 @@ class ModelSource:
         """Tensor ``name`` rebuilt in ``out_dtype`` (a new CPU tensor)."""
         return self._finish(name, self._inputs(name), out_dtype)
 
-    def iter_tensors(self, specs: list[TensorSpec]) -> Iterator[torch.Tensor]:
+    def iter_tensors(self, specs: list[TensorSpec], owned: bool = True) -> Iterator[torch.Tensor]:
         """Rebuild ``specs`` in order, reading and hash-verifying the next tensor's inputs in a
         background thread while the current one is decoded (file reads, sha256 and torch ops all
-        release the GIL). At most two tensors' inputs are in memory at once."""
+        release the GIL). At most two tensors' inputs are in memory at once. ``owned=False`` lets
+        unchanged tensors come back as read-only views of the store (for writers that only read)."""
         for spec, inputs in prefetched(specs, lambda spec: self._inputs(spec.name), size=self._input_bytes):
-            yield self._finish(spec.name, inputs, spec.dtype)
+            yield self._finish(spec.name, inputs, spec.dtype, owned)
 
     def config(self, dtype: torch.dtype | None) -> dict:
         """The model's config.json with the output dtype written in."""

@@ -74,9 +74,10 @@ class Checkpoint:
     def dtype(self, name: str) -> torch.dtype:
         return self.tensors[name][1].dtype
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, copy: bool = True) -> torch.Tensor:
+        """Tensor ``name``; ``copy=False`` may return a read-only memory-mapped view."""
         reader, _entry = self.tensors[name]
-        return reader.read(name)
+        return reader.read(name, copy=copy)
 
     def main_dtype(self) -> torch.dtype:
         """The dtype holding most parameters among floating tensors (the checkpoint's dtype)."""

@@ -15,8 +15,10 @@ then the data; each tensor's ``data_offsets`` are relative to the start of the d
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,11 +169,26 @@ class SafetensorsReader:
     def names(self) -> list[str]:
         return list(self.entries)
 
-    def read(self, name: str) -> torch.Tensor:
-        """Read one tensor into a new CPU tensor of its stored dtype and shape."""
+    def read(self, name: str, copy: bool = True) -> torch.Tensor:
+        """One tensor as a CPU tensor of its stored dtype and shape.
+
+        ``copy=True`` reads it into new memory. ``copy=False`` returns a read-only view of a memory
+        map of just that tensor's bytes (no copy; the map goes away with the tensor), for callers
+        that only read it.
+        """
         entry = self.entries[name]
         if entry.nbytes == 0:
             return torch.empty(entry.shape, dtype=entry.dtype)
+        if not copy:
+            aligned = entry.start - entry.start % mmap.ALLOCATIONGRANULARITY
+            with open(self.path, "rb") as fh:
+                mm = mmap.mmap(
+                    fh.fileno(), entry.start + entry.nbytes - aligned, offset=aligned, access=mmap.ACCESS_READ
+                )
+            view = memoryview(mm)[entry.start - aligned :]
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The given buffer is not writable")
+                return torch.frombuffer(view, dtype=torch.uint8).view(entry.dtype).reshape(entry.shape)
         buf = bytearray(entry.nbytes)
         with open(self.path, "rb") as fh:
             fh.seek(entry.start)

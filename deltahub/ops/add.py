@@ -49,7 +49,7 @@ def add_base(ctx: StoreContext, src: Path, name: str | None = None, force: bool 
         names = sorted(checkpoint.tensors)
         with progress_bar(checkpoint.total_bytes(), f"add {name}", unit="B", unit_scale=True) as bar:
             for tname in names:
-                tensor = checkpoint.read(tname)
+                tensor = checkpoint.read(tname, copy=False)
                 info = ctx.put(tensor_bytes(tensor), Compression.NONE)
                 objects[info.sha256] = info
                 records[tname] = TensorRecord(

@@ -190,7 +190,7 @@ def compress_finetune(
         objects.update(file_infos)
         with progress_bar(ft.total_bytes(), f"compress {name}", unit="B", unit_scale=True) as bar:
             def load(tname: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-                tensor = ft.read(tname)
+                tensor = ft.read(tname, copy=False)
                 brec = bman.tensors.get(tname)
                 if brec is None or brec.shape != tuple(tensor.shape):
                     return tensor, None

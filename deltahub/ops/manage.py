@@ -141,10 +141,9 @@ def disk_usage(ctx: StoreContext) -> dict[str, Any]:
                 select(ManifestObjectRow.object_id).where(ManifestObjectRow.manifest_id.in_(list(reachable)))
             )
         )
-        models = [
-            {"name": r["name"], "kind": r["kind"], "stored_bytes": r["stored_bytes"]}
-            for r in list_models_in(session)
-        ]
+    models = [
+        {"name": r["name"], "kind": r["kind"], "stored_bytes": r["stored_bytes"]} for r in list_models(ctx)
+    ]
     unreferenced = {oid: size for oid, size in on_disk.items() if oid not in referenced}
     return {
         "home": str(ctx.home),
@@ -156,14 +155,6 @@ def disk_usage(ctx: StoreContext) -> dict[str, Any]:
         "total_bytes": sum(on_disk.values()) + index_bytes,
         "models": models,
     }
-
-
-def list_models_in(session) -> list[dict[str, Any]]:
-    out = []
-    for name_row in session.scalars(select(NameRow).order_by(NameRow.name)):
-        m = session.get(ManifestRow, name_row.manifest_id)
-        out.append({"name": name_row.name, "kind": m.kind if m else "?", "stored_bytes": m.stored_bytes if m else 0})
-    return out
 
 
 def remove(ctx: StoreContext, name: str, force: bool = False) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from sqlalchemy.exc import SQLAlchemyError
 
 from deltahub import __version__
 from deltahub.config import debug_enabled
@@ -48,7 +49,25 @@ ERROR_EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (UnsupportedFormatError, 8),
     (StoreError, 9),
     (DeltaHubError, 1),
+    (SQLAlchemyError, 9),  # the index failed (locked for too long, disk full, damaged file)
+    (OSError, 10),  # the file system refused (disk full, permissions, a file in the way)
+    (MemoryError, 11),
 ]
+
+#: Exceptions the CLI turns into a one-line message instead of a traceback.
+HANDLED: tuple[type[BaseException], ...] = tuple(cls for cls, _code in ERROR_EXIT_CODES)
+
+
+def error_message(exc: BaseException) -> str:
+    """One line for any handled exception."""
+    if isinstance(exc, DeltaHubError):
+        return str(exc)
+    if isinstance(exc, SQLAlchemyError):
+        return f"the store's index failed: {exc.__class__.__name__}: {str(exc).splitlines()[0]}"
+    if isinstance(exc, OSError):
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror or exc}{where} (check free disk space and permissions)"
+    return "out of memory (close other programs or use a machine with more memory)"
 
 
 def exit_code_for(exc: BaseException) -> int:
@@ -105,10 +124,10 @@ class DeltaHubGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except DeltaHubError as exc:
+        except HANDLED as exc:
             if debug_enabled():
                 traceback.print_exc()
-            click.echo(f"Error: {exc}", err=True)
+            click.echo(f"Error: {error_message(exc)}", err=True)
             ctx.exit(exit_code_for(exc))
         except KeyboardInterrupt:
             click.echo("Interrupted; nothing was left half-written.", err=True)

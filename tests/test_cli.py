@@ -253,15 +253,17 @@ def test_bad_option_values_are_usage_errors(cli_home, tmp_path):
 def test_rm_then_gc_frees_objects(fresh):
     before = run_json(fresh, "du")
     rm = run_json(fresh, "rm", "ft")
-    assert rm["name"] == "ft" and rm["removed"] is True and len(rm["pruned_manifests"]) == 1
+    assert rm["name"] == "ft" and rm["removed"] is True and re.fullmatch(r"[0-9a-f]{64}", rm["manifest_id"])
     mid = run_json(fresh, "du")
     assert mid["object_bytes"] == before["object_bytes"]  # rm frees nothing by itself
     assert mid["unreferenced_objects"] > 0
     dry = run_json(fresh, "gc", "--dry-run")
     assert dry["dry_run"] is True and dry["n_objects"] == mid["unreferenced_objects"]
+    assert dry["pruned_manifests"] == [rm["manifest_id"]]
     assert run_json(fresh, "du")["object_bytes"] == before["object_bytes"]
     gc = run_json(fresh, "gc")
-    assert set(gc) >= {"dry_run", "objects", "n_objects", "bytes", "temp_files"}
+    assert set(gc) >= {"dry_run", "objects", "n_objects", "bytes", "temp_files", "pruned_manifests"}
+    assert gc["pruned_manifests"] == [rm["manifest_id"]]
     assert gc["n_objects"] == dry["n_objects"] > 0 and gc["bytes"] == mid["unreferenced_bytes"] > 0
     after = run_json(fresh, "du")
     assert after["object_bytes"] == before["object_bytes"] - gc["bytes"]
@@ -329,7 +331,8 @@ ERROR_CASES = {
         lambda h, t, m: ["compress", m["llama"]["ft"], "--base", "base", "--name", "x"],
         "llama",
     ),
-    "output-exists": (OutputExistsError, lambda h, t, m: ["materialize", "ft", h], "not empty"),
+    "output-exists": (OutputExistsError, lambda h, t, m: ["materialize", "ft", _full_dir(t)], "not empty"),
+    "output-is-store": (OutputExistsError, lambda h, t, m: ["materialize", "ft", h], "outside the store"),
     "corrupt": (
         CorruptObjectError,
         lambda h, t, m: (_corrupt_all_but_manifests(h), ["materialize", "ft", t / "out"])[1],
@@ -353,9 +356,18 @@ def test_errors_are_one_line_with_the_table_exit_code(case, fresh, tmp_path, mod
     assert not (tmp_path / "out").exists()
 
 
+def _full_dir(tmp: Path) -> Path:
+    full = tmp / "full"
+    full.mkdir(exist_ok=True)
+    (full / "keep.txt").write_text("mine")
+    return full
+
+
 def test_distinct_exit_codes_per_error_family():
     codes = dict((cls.__name__, code) for cls, code in ERROR_EXIT_CODES)
-    assert codes["DeltaHubError"] == 1 and ERROR_EXIT_CODES[-1][0].__name__ == "DeltaHubError"
+    names = [cls.__name__ for cls, _ in ERROR_EXIT_CODES]
+    # DeltaHubError catches every deltahub error not listed before it; non-deltahub errors follow.
+    assert codes["DeltaHubError"] == 1 and names.index("DeltaHubError") == names.index("StoreError") + 1
     assert len({codes["NameNotFoundError"], codes["InputError"], codes["CorruptObjectError"], 1, 2}) == 5
 
 

@@ -40,6 +40,7 @@ from typing import Any
 
 from deltahub.codec import CODEC_VERSIONS, PACKING_V1, Codec, CodecError, PackingLayout
 from deltahub.errors import CorruptObjectError, UnsupportedFormatError
+from deltahub.formats.checkpoint import AUX_FILES, CONFIG_FILE
 from deltahub.formats.paths import safe_relpath
 from deltahub.formats.safetensors_io import NAME_TO_DTYPE
 
@@ -158,6 +159,14 @@ def _object_id(value: Any, where: str) -> str:
     return value
 
 
+def _carried_file(name: str) -> str:
+    """Only config.json and the known tokenizer/generation files may come from a manifest: a
+    manifest must never plant weights (or anything else) next to the shards it describes."""
+    if name != CONFIG_FILE and name not in AUX_FILES:
+        raise _corrupt(f"file {safe_relpath(name)!r} is not one deltahub carries")
+    return name
+
+
 def parse_manifest(data: bytes | bytearray) -> Manifest:
     """Parse and validate manifest bytes; refuses unknown formats and versions."""
     try:
@@ -179,7 +188,7 @@ def parse_manifest(data: bytes | bytearray) -> Manifest:
         dtype = model["dtype"]
         if dtype not in NAME_TO_DTYPE:
             raise _corrupt(f"unknown dtype {dtype!r}")
-        files = {safe_relpath(k): _object_id(v, f"file {k}") for k, v in obj["files"].items()}
+        files = {_carried_file(k): _object_id(v, f"file {k}") for k, v in obj["files"].items()}
         tensors: dict[str, TensorRecord] = {}
         for name, spec in obj["tensors"].items():
             try:
@@ -197,7 +206,12 @@ def parse_manifest(data: bytes | bytearray) -> Manifest:
                 )
             if spec["dtype"] not in NAME_TO_DTYPE:
                 raise _corrupt(f"tensor {name!r} has unknown dtype {spec['dtype']!r}")
-            shape = tuple(int(d) for d in spec["shape"])
+            raw_shape = spec["shape"]
+            if not isinstance(raw_shape, list) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw_shape
+            ):
+                raise _corrupt(f"tensor {name!r} has an invalid shape {raw_shape!r}")
+            shape = tuple(raw_shape)
             rec = TensorRecord(name, codec, spec["dtype"], shape)
             if codec in (Codec.DENSE, Codec.SIGN1):
                 rec.object = _object_id(spec.get("object"), f"tensor {name!r}")
@@ -221,6 +235,11 @@ def parse_manifest(data: bytes | bytearray) -> Manifest:
                 hub_repo_id=hub.get("repo_id"),
                 hub_revision=hub.get("revision"),
             )
+            unanchored = sorted(
+                n for n, rec in tensors.items() if rec.codec is not Codec.DENSE and n not in base.tensors
+            )
+            if unanchored:
+                raise _corrupt(f"tensor {unanchored[0]!r} is not pinned to a base tensor hash")
             try:
                 packing = PackingLayout.from_json(obj["packing"])
             except CodecError as exc:

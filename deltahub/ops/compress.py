@@ -169,6 +169,21 @@ def compress_finetune(
     """Compress the checkpoint at ``src`` against stored base ``base_name`` and name it ``name``."""
     embeddings = EmbeddingsMode(embeddings)
     validate_name(name)
+    # The writer lock is taken before the base is resolved, so gc cannot remove the base's objects
+    # between the lookup and the reads (gc waits for writers).
+    with ctx.writing():
+        return _compress_locked(ctx, Path(src), base_name, name, embeddings, force, verify_base)
+
+
+def _compress_locked(
+    ctx: StoreContext,
+    src: Path,
+    base_name: str,
+    name: str,
+    embeddings: EmbeddingsMode,
+    force: bool,
+    verify_base: bool,
+) -> CompressResult:
     base = ctx.resolve(base_name)
     if base.manifest.kind is not ModelKind.BASE:
         raise InputError(
@@ -185,84 +200,83 @@ def compress_finetune(
     stats: list[TensorStat] = []
     used_base: dict[str, str] = {}
     result = CompressResult(name=name, manifest_id="", base_name=base_name)
-    with ctx.writing():
-        files, file_infos = store_files(ctx, ft)
-        objects.update(file_infos)
-        with progress_bar(ft.total_bytes(), f"compress {name}", unit="B", unit_scale=True) as bar:
-            def load(tname: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-                tensor = ft.read(tname, copy=False)
-                brec = bman.tensors.get(tname)
-                if brec is None or brec.shape != tuple(tensor.shape):
-                    return tensor, None
-                assert brec.object is not None
-                return tensor, ctx.read_tensor(brec.object, brec.dtype, brec.shape, verify=verify_base, owned=False)
+    files, file_infos = store_files(ctx, ft)
+    objects.update(file_infos)
+    with progress_bar(ft.total_bytes(), f"compress {name}", unit="B", unit_scale=True) as bar:
+        def load(tname: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+            tensor = ft.read(tname, copy=False)
+            brec = bman.tensors.get(tname)
+            if brec is None or brec.shape != tuple(tensor.shape):
+                return tensor, None
+            assert brec.object is not None
+            return tensor, ctx.read_tensor(brec.object, brec.dtype, brec.shape, verify=verify_base, owned=False)
 
-            def input_bytes(tname: str) -> int:
-                brec = bman.tensors.get(tname)
-                base_bytes = math.prod(brec.shape) * dtype_from_name(brec.dtype).itemsize if brec else 0
-                return ft.tensors[tname][1].nbytes + base_bytes
+        def input_bytes(tname: str) -> int:
+            brec = bman.tensors.get(tname)
+            base_bytes = math.prod(brec.shape) * dtype_from_name(brec.dtype).itemsize if brec else 0
+            return ft.tensors[tname][1].nbytes + base_bytes
 
-            for tname, (tensor, base_t) in prefetched(list(plan), load, size=input_bytes):
-                planned = plan[tname]
-                shape = tuple(tensor.shape)
-                dtype = dtype_name(tensor.dtype)
-                brec = bman.tensors.get(tname)
-                stat = TensorStat(tname, planned.value, dtype, shape, 0)
-                if base_t is not None and _bit_identical(tensor, base_t):
-                    codec = Codec.SAME
-                    records[tname] = TensorRecord(tname, codec, dtype, shape)
-                    stat.rel_delta_norm = 0.0
-                    stat.rel_recon_error = 0.0
-                elif planned is Codec.SIGN1:
-                    assert base_t is not None
-                    codec = Codec.SIGN1
-                    try:
-                        enc = encode_sign1(base_t, tensor)
-                    except CodecError as exc:
-                        raise DeltaCodecError(
-                            f"cannot compress tensor {tname!r}: {exc}",
-                            "check the fine-tune for NaN/Inf weights",
-                        ) from None
-                    info = ctx.put(tensor_bytes(enc.packed), Compression.NONE)
-                    objects[info.sha256] = info
-                    records[tname] = TensorRecord(tname, codec, dtype, shape, object=info.sha256, scale=enc.scale)
-                    stat.stored_bytes = info.stored_size
-                    stat.scale = enc.scale
-                    norm = enc.stats.rel_delta_norm
-                    stat.rel_delta_norm = norm if math.isfinite(norm) else None
-                    stat.rel_recon_error = enc.rel_recon_error
-                else:
-                    codec = Codec.DENSE
-                    info = ctx.put(tensor_bytes(tensor), Compression.AUTO)
-                    objects[info.sha256] = info
-                    records[tname] = TensorRecord(tname, codec, dtype, shape, object=info.sha256)
-                    stat.stored_bytes = info.stored_size
-                    if base_t is not None and tensor.is_floating_point() and base_t.is_floating_point():
-                        stat.rel_delta_norm = _rel_norm(tensor, base_t)
-                    stat.rel_recon_error = 0.0
-                stat.codec = codec.value
-                if codec in (Codec.SAME, Codec.SIGN1):
-                    assert brec is not None and brec.object is not None
-                    used_base[tname] = brec.object
-                stats.append(stat)
-                result.codecs[codec.value] = result.codecs.get(codec.value, 0) + 1
-                bar.update(tensor.numel() * tensor.element_size())
-                del tensor, base_t
-        manifest = Manifest(
-            kind=ModelKind.DELTA,
-            model_type=ft.model_type,
-            architectures=ft.architectures,
-            dtype=dtype_name(ft.main_dtype()),
-            files=files,
-            tensors=records,
-            base=BaseRef(
-                manifest=base.manifest_id,
-                tensors=used_base,
-            ),
-            packing=PACKING_V1,
-        )
-        manifest_info = ctx.put(manifest.to_bytes(), Compression.AUTO)
-        result.manifest_id = ctx.register(manifest, manifest_info, objects, stats, name, force)
+        for tname, (tensor, base_t) in prefetched(list(plan), load, size=input_bytes):
+            planned = plan[tname]
+            shape = tuple(tensor.shape)
+            dtype = dtype_name(tensor.dtype)
+            brec = bman.tensors.get(tname)
+            stat = TensorStat(tname, planned.value, dtype, shape, 0)
+            if base_t is not None and _bit_identical(tensor, base_t):
+                codec = Codec.SAME
+                records[tname] = TensorRecord(tname, codec, dtype, shape)
+                stat.rel_delta_norm = 0.0
+                stat.rel_recon_error = 0.0
+            elif planned is Codec.SIGN1:
+                assert base_t is not None
+                codec = Codec.SIGN1
+                try:
+                    enc = encode_sign1(base_t, tensor)
+                except CodecError as exc:
+                    raise DeltaCodecError(
+                        f"cannot compress tensor {tname!r}: {exc}",
+                        "check the fine-tune for NaN/Inf weights",
+                    ) from None
+                info = ctx.put(tensor_bytes(enc.packed), Compression.NONE)
+                objects[info.sha256] = info
+                records[tname] = TensorRecord(tname, codec, dtype, shape, object=info.sha256, scale=enc.scale)
+                stat.stored_bytes = info.stored_size
+                stat.scale = enc.scale
+                norm = enc.stats.rel_delta_norm
+                stat.rel_delta_norm = norm if math.isfinite(norm) else None
+                stat.rel_recon_error = enc.rel_recon_error
+            else:
+                codec = Codec.DENSE
+                info = ctx.put(tensor_bytes(tensor), Compression.AUTO)
+                objects[info.sha256] = info
+                records[tname] = TensorRecord(tname, codec, dtype, shape, object=info.sha256)
+                stat.stored_bytes = info.stored_size
+                if base_t is not None and tensor.is_floating_point() and base_t.is_floating_point():
+                    stat.rel_delta_norm = _rel_norm(tensor, base_t)
+                stat.rel_recon_error = 0.0
+            stat.codec = codec.value
+            if codec in (Codec.SAME, Codec.SIGN1):
+                assert brec is not None and brec.object is not None
+                used_base[tname] = brec.object
+            stats.append(stat)
+            result.codecs[codec.value] = result.codecs.get(codec.value, 0) + 1
+            bar.update(tensor.numel() * tensor.element_size())
+            del tensor, base_t
+    manifest = Manifest(
+        kind=ModelKind.DELTA,
+        model_type=ft.model_type,
+        architectures=ft.architectures,
+        dtype=dtype_name(ft.main_dtype()),
+        files=files,
+        tensors=records,
+        base=BaseRef(
+            manifest=base.manifest_id,
+            tensors=used_base,
+        ),
+        packing=PACKING_V1,
+    )
+    manifest_info = ctx.put(manifest.to_bytes(), Compression.AUTO)
+    result.manifest_id = ctx.register(manifest, manifest_info, objects, stats, name, force)
     result.stored_bytes = sum(info.stored_size for info in objects.values()) + manifest_info.stored_size
     result.fp16_bytes = fp16_bytes(manifest)
     logger.info("compressed %s against %s: %s", name, base_name, result.codecs)

@@ -150,7 +150,7 @@ class StoreContext:
     # ------------------------------------------------------------------ names
     def resolve(self, name: str) -> Resolved:
         validate_name(name)
-        with self.index.session() as session:
+        with self.index.session(write=False) as session:
             row = session.get(NameRow, name)
             if row is None:
                 raise NameNotFoundError(
@@ -163,7 +163,7 @@ class StoreContext:
         validate_name(name)
         if force:
             return
-        with self.index.session() as session:
+        with self.index.session(write=False) as session:
             if session.get(NameRow, name) is not None:
                 raise NameExistsError(
                     f"the name {name!r} is already taken",
@@ -310,14 +310,15 @@ class StoreContext:
                     )
                 row.manifest_id = manifest_id
                 row.updated_at = utcnow()
-                session.flush()
-                prune_unreachable(session)
+                # The old manifest's rows stay until gc prunes them under the exclusive gc lock.
 
 
 def prune_unreachable(session) -> list[str]:
     """Delete the index rows of manifests no name reaches (directly or as a delta's base).
 
-    Objects stay on disk until ``gc``; returns the deleted manifest ids.
+    MUST run only under the exclusive gc lock (:meth:`StoreContext.collecting`): a writer between
+    indexing its manifest and publishing its name holds that lock shared, so its rows are never
+    pruned. Objects stay on disk until ``gc``; returns the deleted manifest ids.
     """
     from sqlalchemy import delete
 

@@ -9,12 +9,13 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from deltahub.errors import DeltaHubError, InUseError
+from deltahub.errors import DeltaHubError, InUseError, NameNotFoundError
 from deltahub.formats.manifest import ModelKind
 from deltahub.formats.paths import validate_name
 from deltahub.index.models import ManifestObjectRow, ManifestRow, NameRow, ObjectRow, TensorStatRow
 from deltahub.ops.context import StoreContext, prune_unreachable, reachable_manifests
 from deltahub.progress import progress_bar
+from deltahub.store import file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def _ratio(fp16: int, stored: int) -> float | None:
 def list_models(ctx: StoreContext) -> list[dict[str, Any]]:
     """One dict per name: name, kind, base, manifest id, bytes on disk, fp16 bytes, ratio."""
     rows = []
-    with ctx.index.session() as session:
+    with ctx.index.session(write=False) as session:
         names = _names_by_manifest(session)
         for name_row in session.scalars(select(NameRow).order_by(NameRow.name)):
             m = session.get(ManifestRow, name_row.manifest_id)
@@ -60,7 +61,7 @@ def list_models(ctx: StoreContext) -> list[dict[str, Any]]:
 def show_model(ctx: StoreContext, name: str, tensors: bool = False) -> dict[str, Any]:
     """Everything known about ``name``: kind, base, codecs, bytes, ratio, statistics."""
     resolved = ctx.resolve(name)
-    with ctx.index.session() as session:
+    with ctx.index.session(write=False) as session:
         m = session.get(ManifestRow, resolved.manifest_id)
         if m is None:
             raise DeltaHubError(
@@ -134,7 +135,7 @@ def disk_usage(ctx: StoreContext) -> dict[str, Any]:
     index_bytes = sum(
         p.stat().st_size for p in ctx.home.glob("index.sqlite*") if p.is_file()
     )
-    with ctx.index.session() as session:
+    with ctx.index.session(write=False) as session:
         reachable = reachable_manifests(session)
         referenced = set(
             session.scalars(
@@ -158,38 +159,39 @@ def disk_usage(ctx: StoreContext) -> dict[str, Any]:
 
 
 def remove(ctx: StoreContext, name: str, force: bool = False) -> dict[str, Any]:
-    """Delete a name, then the index rows nothing reaches any more (objects wait for ``gc``)."""
+    """Delete a name. Index rows nothing reaches any more and their objects go at the next ``gc``.
+
+    Works even when the model's manifest is damaged (the manifest is never read).
+    """
     validate_name(name)
-    resolved = ctx.resolve(name)
     with ctx.naming(), ctx.index.session() as session:
         row = session.get(NameRow, name)
-        if row is None:  # removed meanwhile
-            return {"name": name, "removed": False, "pruned_manifests": []}
+        if row is None:
+            raise NameNotFoundError(f"no model named {name!r} in {ctx.home}", "see `deltahub ls` for the stored names")
         other_names = set(
             session.scalars(select(NameRow.name).where(NameRow.manifest_id == row.manifest_id, NameRow.name != name))
         )
-        dependants = [
-            n
-            for n in session.scalars(
+        dependants = list(
+            session.scalars(
                 select(NameRow.name)
                 .join(ManifestRow, ManifestRow.id == NameRow.manifest_id)
-                .where(ManifestRow.base_id == resolved.manifest_id)
+                .where(ManifestRow.base_id == row.manifest_id)
             )
-        ]
+        )
         if dependants and not other_names and not force:
             raise InUseError(
                 f"{name!r} is the base of {len(dependants)} stored delta(s): {', '.join(sorted(dependants)[:5])}",
                 "remove those first, or pass --force to drop the name and keep the base for them",
             )
+        manifest_id = row.manifest_id
         session.delete(row)
-        session.flush()
-        pruned = prune_unreachable(session)
-    return {"name": name, "removed": True, "pruned_manifests": pruned}
+    return {"name": name, "removed": True, "manifest_id": manifest_id}
 
 
 @dataclass
 class GcReport:
     dry_run: bool
+    pruned_manifests: list[str] = field(default_factory=list)
     objects: list[str] = field(default_factory=list)
     bytes: int = 0
     temp_files: list[str] = field(default_factory=list)
@@ -204,9 +206,18 @@ def garbage_collect(ctx: StoreContext, dry_run: bool = False) -> GcReport:
     """Delete objects that no indexed manifest references, and dead processes' temp files."""
     report = GcReport(dry_run=dry_run)
     with ctx.collecting():
-        with ctx.index.session() as session:
-            prune_unreachable(session)
-            referenced = set(session.scalars(select(ManifestObjectRow.object_id)))
+        with ctx.index.session(write=not dry_run) as session:
+            reachable = reachable_manifests(session)
+            report.pruned_manifests = sorted(
+                mid for mid in session.scalars(select(ManifestRow.id)) if mid not in reachable
+            )
+            if not dry_run:
+                prune_unreachable(session)
+            referenced = set(
+                session.scalars(
+                    select(ManifestObjectRow.object_id).where(ManifestObjectRow.manifest_id.in_(list(reachable)))
+                )
+            )
         for oid in list(ctx.objects.iter_ids()):
             if oid in referenced:
                 continue
@@ -247,6 +258,24 @@ class VerifyReport:
 def verify_store(ctx: StoreContext) -> VerifyReport:
     """Re-hash every object and check every manifest, name and base link. Repairs nothing."""
     report = VerifyReport()
+    # Shared gc lock: gc cannot delete objects under our feet. The index is read before the disk
+    # is listed, so objects a concurrent writer adds meanwhile are at worst unreferenced, never
+    # "missing".
+    with file_lock(ctx.locks_dir / "gc.lock", exclusive=False, timeout=600):
+        _verify(ctx, report)
+    if report.problems:
+        logger.warning("verify found %d problem(s)", len(report.problems))
+    return report
+
+
+def _verify(ctx: StoreContext, report: VerifyReport) -> None:
+    with ctx.index.session(write=False) as session:
+        indexed = set(session.scalars(select(ObjectRow.sha256)))
+        manifests = list(session.scalars(select(ManifestRow)))
+        links: dict[str, set[str]] = {}
+        for row in session.execute(select(ManifestObjectRow.manifest_id, ManifestObjectRow.object_id)):
+            links.setdefault(row.manifest_id, set()).add(row.object_id)
+        names = list(session.scalars(select(NameRow)))
     ids = list(ctx.objects.iter_ids())
     total = sum(ctx.objects.path_of(oid).stat().st_size for oid in ids)
     with progress_bar(total, "verify", unit="B", unit_scale=True) as bar:
@@ -260,15 +289,8 @@ def verify_store(ctx: StoreContext) -> VerifyReport:
             report.objects_checked += 1
             bar.update(ctx.objects.path_of(oid).stat().st_size)
     present = set(ids)
-    with ctx.index.session() as session:
-        indexed = set(session.scalars(select(ObjectRow.sha256)))
-        for oid in sorted(indexed - present):
-            report.add("missing-object", oid, "indexed but not in objects/")
-        manifests = list(session.scalars(select(ManifestRow)))
-        links = {}
-        for row in session.execute(select(ManifestObjectRow.manifest_id, ManifestObjectRow.object_id)):
-            links.setdefault(row.manifest_id, set()).add(row.object_id)
-        names = list(session.scalars(select(NameRow)))
+    for oid in sorted(indexed - present):
+        report.add("missing-object", oid, "indexed but not in objects/")
     manifest_ids = {m.id for m in manifests}
     for name_row in names:
         if name_row.manifest_id not in manifest_ids:
@@ -293,9 +315,6 @@ def verify_store(ctx: StoreContext) -> VerifyReport:
                 ctx.base_of(manifest)
             except DeltaHubError as exc:
                 report.add("bad-base", m.id, str(exc))
-    if report.problems:
-        logger.warning("verify found %d problem(s)", len(report.problems))
-    return report
 
 
 def count_names(ctx: StoreContext) -> int:

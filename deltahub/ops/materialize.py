@@ -7,6 +7,7 @@ at the end, so ``out_dir`` is never half-written. A non-empty ``out_dir`` is ref
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -50,6 +51,14 @@ def parse_output_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         ) from None
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_tree(root: Path) -> None:
     for path in sorted(root.rglob("*")):
         if path.is_file():
@@ -72,8 +81,15 @@ def materialize(
     verify: bool = True,
 ) -> MaterializeResult:
     """Write model ``name`` to ``out_dir`` as safetensors shards + config + tokenizer files."""
-    out_dir = Path(out_dir)
+    out_dir = Path(os.path.abspath(out_dir))
     out_dtype = parse_output_dtype(dtype)
+    home = ctx.home.resolve()
+    if out_dir == Path(out_dir.anchor) or out_dir.resolve() == home or home in out_dir.resolve().parents or (
+        out_dir.resolve() in home.parents
+    ):
+        raise OutputExistsError(
+            f"refusing to write into {out_dir}", "choose an output directory outside the store and not containing it"
+        )
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputExistsError(f"{out_dir} exists and is not a directory", "choose another output path")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
@@ -81,8 +97,7 @@ def materialize(
             f"{out_dir} is not empty", "choose an empty or new directory, or pass --force to replace it"
         )
     source = ModelSource.open(ctx, name, verify=verify)
-    out_dtype = out_dtype or source.default_dtype()
-    specs = source.specs(out_dtype)
+    specs = source.specs(out_dtype)  # None: every tensor keeps its stored dtype
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.deltahub-tmp-", dir=out_dir.parent))
     try:
@@ -108,16 +123,27 @@ def materialize(
             )
         _fsync_tree(tmp)
         os.chmod(tmp, 0o755)
-        if out_dir.exists():
+        if force and out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.deltahub-old-", dir=out_dir.parent))
             os.replace(out_dir, old / "old")
             os.replace(tmp, out_dir)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, out_dir)
+            try:
+                # Replaces only a missing or empty directory: a directory filled meanwhile by
+                # someone else makes this fail instead of being overwritten.
+                os.rename(tmp, out_dir)
+            except OSError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                    raise OutputExistsError(
+                        f"{out_dir} was filled while materializing", "choose another directory or pass --force"
+                    ) from None
+                raise
+        _fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     bytes_written = sum((out_dir / f).stat().st_size for f in files)
     logger.info("materialized %s into %s", name, out_dir)
-    return MaterializeResult(name, out_dir, dtype_name(out_dtype), sorted(files), bytes_written)
+    shown = dtype_name(out_dtype) if out_dtype is not None else source.manifest.dtype
+    return MaterializeResult(name, out_dir, shown, sorted(files), bytes_written)

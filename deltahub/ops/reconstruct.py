@@ -55,10 +55,12 @@ class ModelSource:
         return dtype_from_name(self.manifest.dtype)
 
     def output_dtype(self, rec: TensorRecord, dtype: torch.dtype | None) -> torch.dtype:
+        """``dtype`` for floating tensors when given; otherwise every tensor keeps its own dtype
+        (models that keep some tensors in fp32 on purpose stay exactly as they were)."""
         own = dtype_from_name(rec.dtype)
-        if not own.is_floating_point:
+        if not own.is_floating_point or dtype is None:
             return own
-        return dtype or self.default_dtype()
+        return dtype
 
     def specs(self, dtype: torch.dtype | None) -> list[TensorSpec]:
         return [

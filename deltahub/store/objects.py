@@ -233,7 +233,9 @@ class ObjectStore:
             return ObjectInfo(
                 obj.sha256, obj.size, final.stat().st_size, self.encoding_of(obj.sha256), created=False
             )
-        final.parent.mkdir(parents=True, exist_ok=True)
+        if not final.parent.is_dir():
+            final.parent.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(self.objects_dir)
         os.chmod(tmp_path, 0o444)
         os.replace(tmp_path, final)
         _fsync_dir(final.parent)
@@ -288,33 +290,33 @@ class ObjectStore:
         """The object's content as a fresh, writable ``bytearray`` (one object in memory)."""
         with self._open(object_id) as fh:
             encoding, size = self._header(fh, object_id)
-            out = bytearray(size)
+            wrong_length = CorruptObjectError(f"object {object_id} has the wrong length", "run `deltahub verify`")
             if encoding is Encoding.RAW:
-                got = fh.readinto(out)
-                if got != size or fh.read(1):
-                    raise CorruptObjectError(
-                        f"object {object_id} has the wrong length", "run `deltahub verify`"
-                    )
+                # Check the header's length against the file before allocating anything.
+                if os.fstat(fh.fileno()).st_size != HEADER_SIZE + size:
+                    raise wrong_length
+                out = bytearray(size)
+                if fh.readinto(out) != size:
+                    raise wrong_length
             else:
-                dctx = zstandard.ZstdDecompressor()
-                view = memoryview(out)
+                # Never trust the header's length for an allocation: grow with the real content.
+                chunks: list[bytes] = []
                 pos = 0
                 try:
-                    with dctx.stream_reader(fh, read_across_frames=True) as reader:
-                        while pos < size:
-                            n = reader.readinto(view[pos:])
-                            if n == 0:
+                    with zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True) as reader:
+                        while pos <= size:
+                            chunk = reader.read(min(CHUNK, size + 1 - pos))
+                            if not chunk:
                                 break
-                            pos += n
-                        extra = reader.read(1)
+                            chunks.append(chunk)
+                            pos += len(chunk)
                 except zstandard.ZstdError as exc:
                     raise CorruptObjectError(
                         f"object {object_id} does not decompress: {exc}", "run `deltahub verify`"
                     ) from None
-                if pos != size or extra:
-                    raise CorruptObjectError(
-                        f"object {object_id} has the wrong length", "run `deltahub verify`"
-                    )
+                if pos != size:
+                    raise wrong_length
+                out = bytearray(b"".join(chunks))
         if verify:
             self._check_digest(object_id, out)
         return out

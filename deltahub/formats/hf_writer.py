@@ -55,13 +55,14 @@ def shard_file_names(n: int) -> list[str]:
 def write_sharded(
     out_dir: Path,
     specs: list[TensorSpec],
-    produce: Callable[[TensorSpec], torch.Tensor],
+    fill: Callable[[TensorSpec, torch.Tensor], None],
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     on_tensor: Callable[[TensorSpec], None] | None = None,
 ) -> list[str]:
     """Write ``specs`` into ``out_dir`` as HF safetensors shards; returns the files written.
 
-    ``produce(spec)`` returns each tensor when its turn comes (one tensor in memory at a time).
+    ``fill(spec, out)`` writes each tensor, in order, into ``out``: a writable tensor of the
+    spec's dtype and shape mapped onto its place in the shard file (one tensor mapped at a time).
     """
     shards = plan_shards(specs, max_shard_bytes)
     names = shard_file_names(len(shards))
@@ -69,7 +70,8 @@ def write_sharded(
     for file_name, shard in zip(names, shards):
         with SafetensorsWriter(out_dir / file_name, shard, metadata={"format": "pt"}) as writer:
             for spec in shard:
-                writer.write(spec.name, produce(spec))
+                with writer.region(spec.name) as out:
+                    fill(spec, out)
                 weight_map[spec.name] = file_name
                 if on_tensor is not None:
                     on_tensor(spec)

@@ -20,6 +20,7 @@ import os
 import struct
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,9 +249,17 @@ class SafetensorsWriter:
             offset += spec.nbytes
         raw = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
         raw += b" " * (-len(raw) % 8)
-        self._fh = open(self.path, "wb")
+        self._fh = open(self.path, "w+b")
         self._fh.write(struct.pack("<Q", len(raw)))
         self._fh.write(raw)
+        self._fh.flush()
+        self._data_start = 8 + len(raw)
+        self._offsets = {}
+        pos = self._data_start
+        for spec in self.specs:
+            self._offsets[spec.name] = pos
+            pos += spec.nbytes
+        self._size = pos
         self._next = 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -260,8 +269,41 @@ class SafetensorsWriter:
                 f"expected {spec.name} {spec.dtype} {spec.shape}, got {name} {tensor.dtype} "
                 f"{tuple(tensor.shape)}"
             )
+        self._fh.seek(self._offsets[name])
         self._fh.write(tensor_bytes(tensor))
         self._next += 1
+
+    @contextmanager
+    def region(self, name: str) -> Iterator[torch.Tensor]:
+        """A writable tensor (spec dtype and shape) mapped onto tensor ``name``'s bytes in the file.
+
+        Fill it in place (e.g. ``decode_sign1(..., out=t)`` or ``t.copy_(src)``): the data goes
+        straight into the page cache, with no intermediate buffer and no ``write()`` copy. Only
+        this tensor's pages are mapped, and only until the block ends, so resident memory stays at
+        one tensor. Tensors must be filled in spec order (like :meth:`write`).
+        """
+        spec = self.specs[self._next]
+        if name != spec.name:
+            raise ValueError(f"expected {spec.name}, got {name}")
+        self._next += 1
+        if spec.nbytes == 0:
+            yield torch.empty(spec.shape, dtype=spec.dtype)
+            return
+        start = self._offsets[name]
+        end = start + spec.nbytes
+        if os.fstat(self._fh.fileno()).st_size < end:
+            os.ftruncate(self._fh.fileno(), end)
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        mm = mmap.mmap(self._fh.fileno(), end - aligned, offset=aligned, access=mmap.ACCESS_WRITE)
+        try:
+            tensor = torch.frombuffer(mm, dtype=torch.uint8, count=spec.nbytes, offset=start - aligned)
+            yield tensor.view(spec.dtype).reshape(spec.shape)
+        finally:
+            del tensor
+            try:
+                mm.close()
+            except BufferError:  # a caller kept a reference: the map goes with it
+                pass
 
     def close(self) -> None:
         if self._fh.closed:
@@ -270,6 +312,8 @@ class SafetensorsWriter:
             if self._next != len(self.specs):
                 raise ValueError(f"{len(self.specs) - self._next} tensors were not written")
             self._fh.flush()
+            if os.fstat(self._fh.fileno()).st_size != self._size:
+                os.ftruncate(self._fh.fileno(), self._size)
             os.fsync(self._fh.fileno())
         finally:
             self._fh.close()

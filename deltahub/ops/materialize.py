@@ -112,12 +112,12 @@ def materialize(
             target.write_bytes(source.file_bytes(rel))
             files.append(rel)
         total = sum(spec.nbytes for spec in specs)
-        tensors = source.iter_tensors(specs, owned=False)
+        inputs = source.iter_inputs(specs)
         with progress_bar(total, f"materialize {name}", unit="B", unit_scale=True) as bar:
             files += write_sharded(
                 tmp,
                 specs,
-                lambda spec: next(tensors),
+                lambda spec, out: source.fill(spec.name, next(inputs), out),
                 max_shard_bytes=max_shard_bytes,
                 on_tensor=lambda spec: bar.update(spec.nbytes),
             )

@@ -94,7 +94,6 @@ class ModelSource:
         name: str,
         inputs: tuple[torch.Tensor | None, torch.Tensor | None],
         out_dtype: torch.dtype,
-        owned: bool = True,
     ) -> torch.Tensor:
         rec = self.manifest.tensors[name]
         stored, base = inputs
@@ -103,10 +102,8 @@ class ModelSource:
             return decode_sign1(base, stored, rec.scale, out_dtype)
         t = stored if stored is not None else base
         assert t is not None
-        if t.dtype != out_dtype:
-            return t.to(out_dtype)
-        # Inputs may be read-only views of memory-mapped objects: copy unless only read.
-        return t.clone() if owned else t
+        # Inputs may be read-only views of memory-mapped objects: always hand out a new tensor.
+        return t.to(out_dtype) if t.dtype != out_dtype else t.clone()
 
     def _input_bytes(self, spec: TensorSpec) -> int:
         """Bytes read to rebuild ``spec`` (base tensor + stored object), for the prefetch budget."""
@@ -117,17 +114,33 @@ class ModelSource:
         brec = self.base.tensors[spec.name]
         return math.prod(brec.shape) * dtype_from_name(brec.dtype).itemsize + own // 16
 
+    def fill(self, name: str, inputs: tuple[torch.Tensor | None, torch.Tensor | None], out: torch.Tensor) -> None:
+        """Rebuild tensor ``name`` from its read ``inputs`` straight into ``out`` (its dtype)."""
+        rec = self.manifest.tensors[name]
+        stored, base = inputs
+        if rec.codec is Codec.SIGN1:
+            assert stored is not None and base is not None and rec.scale is not None
+            decode_sign1(base, stored, rec.scale, out.dtype, out=out)
+            return
+        src = stored if stored is not None else base
+        assert src is not None
+        out.copy_(src)  # the dtype conversion rounds exactly like .to()
+
+    def iter_inputs(self, specs: list[TensorSpec]) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """The read, hash-verified inputs of ``specs`` in order, read one tensor ahead."""
+        for _spec, inputs in prefetched(specs, lambda spec: self._inputs(spec.name), size=self._input_bytes):
+            yield inputs
+
     def tensor(self, name: str, out_dtype: torch.dtype) -> torch.Tensor:
         """Tensor ``name`` rebuilt in ``out_dtype`` (a new CPU tensor)."""
         return self._finish(name, self._inputs(name), out_dtype)
 
-    def iter_tensors(self, specs: list[TensorSpec], owned: bool = True) -> Iterator[torch.Tensor]:
+    def iter_tensors(self, specs: list[TensorSpec]) -> Iterator[torch.Tensor]:
         """Rebuild ``specs`` in order, reading and hash-verifying the next tensor's inputs in a
         background thread while the current one is decoded (file reads, sha256 and torch ops all
-        release the GIL). At most two tensors' inputs are in memory at once. ``owned=False`` lets
-        unchanged tensors come back as read-only views of the store (for writers that only read)."""
-        for spec, inputs in prefetched(specs, lambda spec: self._inputs(spec.name), size=self._input_bytes):
-            yield self._finish(spec.name, inputs, spec.dtype, owned)
+        release the GIL). At most two tensors' inputs are in memory at once."""
+        for spec, inputs in zip(specs, self.iter_inputs(specs)):
+            yield self._finish(spec.name, inputs, spec.dtype)
 
     def config(self, dtype: torch.dtype | None) -> dict:
         """The model's config.json with the output dtype written in."""

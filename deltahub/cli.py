@@ -225,7 +225,7 @@ def compress(ctx: click.Context, src: Path, base: str, name: str, embeddings: st
     "--dtype",
     type=click.Choice(["float16", "bfloat16", "float32"]),
     default=None,
-    help="Dtype of the floating tensors (default: the model's own).",
+    help="Dtype of the floating tensors (default: each tensor keeps its own dtype).",
 )
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it is not empty.")

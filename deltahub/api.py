@@ -22,6 +22,7 @@ from deltahub.ops import compress as _compress
 from deltahub.ops import load as _load
 from deltahub.ops import manage as _manage
 from deltahub.ops import materialize as _materialize
+from deltahub.ops import push as _push
 from deltahub.ops.context import StoreContext
 
 EmbeddingsMode = _compress.EmbeddingsMode
@@ -72,6 +73,31 @@ class Store:
         """Write ``name`` as an ordinary Hugging Face checkpoint into ``out_dir``."""
         return _materialize.materialize(
             self._ctx, name, Path(out_dir), dtype=dtype, force=force, max_shard_bytes=parse_size(max_shard_size)
+        )
+
+    def push(
+        self,
+        name: str,
+        repo_id: str,
+        revision: str | None = None,
+        private: bool = False,
+        message: str | None = None,
+        base_repo: str | None = None,
+        max_shard_size: str | int = DEFAULT_MAX_SHARD_BYTES,
+    ) -> _push.PushResult:
+        """Publish stored delta ``name`` as Hub model repo ``repo_id`` in one commit (none if unchanged).
+
+        ``base_repo`` (``"REPO_ID[@REVISION]"``) says where the base lives when the store does not know.
+        """
+        return _push.push(
+            self._ctx,
+            name,
+            repo_id,
+            revision=revision,
+            private=private,
+            message=message,
+            base_repo=base_repo,
+            max_shard_bytes=parse_size(max_shard_size),
         )
 
     def list(self) -> list[dict[str, Any]]:

@@ -23,6 +23,10 @@ from deltahub.config import debug_enabled
 from deltahub.errors import (
     CorruptObjectError,
     DeltaHubError,
+    HubAuthError,
+    HubConnectionError,
+    HubError,
+    HubNotFoundError,
     IncompatibleBaseError,
     InputError,
     InUseError,
@@ -47,6 +51,10 @@ ERROR_EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (WrongBaseError, 6),
     (CorruptObjectError, 7),
     (UnsupportedFormatError, 8),
+    (HubAuthError, 12),
+    (HubNotFoundError, 13),
+    (HubConnectionError, 14),
+    (HubError, 15),
     (StoreError, 9),
     (DeltaHubError, 1),
     (SQLAlchemyError, 9),  # the index failed (locked for too long, disk full, damaged file)
@@ -254,6 +262,59 @@ def materialize(
         "bytes_written": result.bytes_written,
     }
     _emit(data, as_json, f"wrote {name} ({result.dtype}, {_human(result.bytes_written)}) to {result.out_dir}")
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("repo_id")
+@click.option("--revision", default=None, help="Branch to push to (created if missing; default: main).")
+@click.option("--private", is_flag=True, help="Create the repo as private (an existing repo keeps its visibility).")
+@click.option("--message", default=None, help="Commit message (default: 'Push deltahub delta NAME').")
+@click.option(
+    "--base-repo",
+    default=None,
+    metavar="REPO_ID[@REVISION]",
+    help="Hub repo (and revision) of the base, when the store does not know where the base lives.",
+)
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest delta safetensors file.")
+@json_option
+@click.pass_context
+def push(
+    ctx: click.Context,
+    name: str,
+    repo_id: str,
+    revision: str | None,
+    private: bool,
+    message: str | None,
+    base_repo: str | None,
+    max_shard_size: str,
+    as_json: bool,
+) -> None:
+    """Publish stored delta NAME as Hub model repo REPO_ID, in one commit.
+
+    The repo holds deltahub.json (the manifest), delta*.safetensors (packed signs and dense
+    tensors), the fine-tune's config and tokenizer files, and a README.md model card naming the
+    base. Pushing the same delta again makes no commit. Uses your Hugging Face login (HF_TOKEN,
+    HF_ENDPOINT).
+    """
+    try:
+        from deltahub.formats.hf_writer import parse_size
+
+        shard = parse_size(max_shard_size)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--max-shard-size") from None
+    result = _store(ctx).push(
+        name, repo_id, revision=revision, private=private, message=message, base_repo=base_repo, max_shard_size=shard
+    )
+    data = {k: getattr(result, k) for k in ("repo_id", "revision", "commit", "uploaded", "files", "bytes")}
+    if result.uploaded:
+        text = (
+            f"pushed {name} to {result.repo_id}@{result.revision} (commit {result.commit[:12]}, "
+            f"{len(result.changed)} of {len(result.files)} files changed, {_human(result.bytes)})"
+        )
+    else:
+        text = f"{result.repo_id}@{result.revision} already holds {name}; nothing pushed"
+    _emit(data, as_json, text)
 
 
 @cli.command("ls")

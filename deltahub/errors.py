@@ -76,3 +76,19 @@ class InUseError(DeltaHubError):
 
 class CodecError(DeltaHubError):
     """A tensor cannot be encoded or decoded (non-finite values, shape mismatch)."""
+
+
+class HubError(DeltaHubError):
+    """Talking to the Hugging Face Hub failed, or what is on the Hub is not usable."""
+
+
+class HubAuthError(HubError):
+    """Not logged in, an invalid token, or a token without the needed access (HTTP 401/403)."""
+
+
+class HubNotFoundError(HubError):
+    """The Hub repository or revision does not exist (or is not visible with this token)."""
+
+
+class HubConnectionError(HubError):
+    """The Hub cannot be reached (network down, wrong HF_ENDPOINT, or HF_HUB_OFFLINE=1)."""

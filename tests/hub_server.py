@@ -486,6 +486,8 @@ class HubHandler(BaseHTTPRequestHandler):
                                     "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": "write"}}})
         if seg == ["repos", "create"] and method == "POST":
             return self._create_repo()
+        if seg == ["validate-yaml"] and method == "POST":
+            return self._validate_yaml()
         if seg == ["repos", "delete"] and method == "DELETE":
             return self._delete_repo()
         if len(seg) >= 3 and seg[0] in REPO_TYPES:
@@ -515,6 +517,24 @@ class HubHandler(BaseHTTPRequestHandler):
             if len(rest) >= 2 and rest[0] == "tag" and method in ("POST", "DELETE"):
                 return self._tag(method, repo_type, repo_id, "/".join(rest[1:]))
         raise HubError(404, "Not found")
+
+    # ------------------------------------------------------------------ cards
+    def _validate_yaml(self) -> None:
+        """``/api/validate-yaml``: the client checks a README.md's YAML header before committing it."""
+        import yaml
+
+        content = (self._json_body() or {}).get("content", "")
+        errors: list[dict] = []
+        if content.startswith("---"):
+            header = content.split("---", 2)[1] if content.count("---") >= 2 else None
+            try:
+                if header is None or not isinstance(yaml.safe_load(header) or {}, dict):
+                    raise ValueError("the metadata block is not a YAML mapping")
+            except (ValueError, yaml.YAMLError) as exc:
+                errors.append({"message": f"Invalid YAML in README.md: {exc}"})
+        if errors:
+            raise HubError(400, errors[0]["message"])
+        return self._send_json({"errors": [], "warnings": []})
 
     # ------------------------------------------------------------------ repos
     def _create_repo(self) -> None:

@@ -1,0 +1,351 @@
+"""The Hub repo layout of a pushed delta (format ``deltahub.hub`` v1), and the Hub error table.
+
+A pushed delta is an ordinary Hub model repo (see docs/hub.md)::
+
+    deltahub.json                      the manifest in its Hub form (below)
+    delta.safetensors                  packed signs (int32 [N, ceil(K/32)]) and dense tensors, or
+    delta-00001-of-0000N.safetensors   ... shards of it, above the shard size limit
+    config.json, tokenizer*, ...       the fine-tune's files, byte for byte
+    README.md                          the model card (deltahub.hub.card)
+
+``deltahub.json`` (keys sorted, 2-space indent, trailing newline; deterministic)::
+
+    {
+      "format": "deltahub.hub", "format_version": 1, "kind": "delta",
+      "manifest": "<id of the store manifest this was made from>",
+      "model": {"model_type", "architectures", "dtype"},
+      "files": {"config.json": {"sha256": "<sha256 of the file>"}, ...},
+      "tensors": {
+        "<name>": {"codec": "sign1", "codec_version": 1, "dtype", "shape", "scale",
+                   "file": "delta.safetensors", "key": "<name>", "stored_dtype": "int32",
+                   "stored_shape": [N, ceil(K/32)], "sha256": "<sha256 of the stored bytes>"},
+        "<name>": {"codec": "dense", ..., "file", "key", "stored_dtype", "stored_shape", "sha256"},
+        "<name>": {"codec": "same", "codec_version": 1, "dtype", "shape"}
+      },
+      "base": {"manifest": "<base manifest id>", "hub": {"repo_id", "revision"|null} | null,
+               "tensors": {"<name>": "<sha256 of the base tensor>"}},
+      "packing": {...}
+    }
+
+Each ``sha256`` is the store's object id of that tensor or file, so a pull can rebuild the store
+manifest exactly (and check it hashes to ``manifest``).
+
+This module knows nothing of the store: it plans files from a parsed manifest, renders the JSON and
+maps ``huggingface_hub`` exceptions to deltahub errors (:func:`hub_errors`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deltahub.codec import Codec, packed_shape
+from deltahub.errors import HubAuthError, HubConnectionError, HubError, HubNotFoundError
+from deltahub.formats.manifest import Manifest, ModelKind
+from deltahub.formats.safetensors_io import TensorSpec, dtype_from_name
+
+HUB_FORMAT = "deltahub.hub"
+HUB_FORMAT_VERSION = 1
+HUB_MANIFEST_FILE = "deltahub.json"
+CARD_FILE = "README.md"
+DELTA_STEM = "delta"
+#: safetensors header metadata of every delta file.
+DELTA_FILE_METADATA = {"format": HUB_FORMAT, "format_version": str(HUB_FORMAT_VERSION)}
+
+
+def delta_file_names(n: int) -> list[str]:
+    """``delta.safetensors`` or ``delta-0000i-of-0000N.safetensors`` (never an HF weight name)."""
+    if n == 1:
+        return [f"{DELTA_STEM}.safetensors"]
+    return [f"{DELTA_STEM}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def is_delta_file(path: str) -> bool:
+    """Whether ``path`` is a delta file deltahub wrote (stale ones are deleted on re-push)."""
+    if path == f"{DELTA_STEM}.safetensors":
+        return True
+    return path.startswith(f"{DELTA_STEM}-") and path.endswith(".safetensors") and "/" not in path
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor as stored in a delta file: the manifest tensor ``name``'s object, as is."""
+
+    name: str
+    object: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def spec(self) -> TensorSpec:
+        return TensorSpec(self.name, dtype_from_name(self.dtype), self.shape)
+
+
+@dataclass
+class HubLayout:
+    """Which stored tensor goes into which delta file, and the carried files."""
+
+    shards: dict[str, list[StoredTensor]] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # repo path -> object id
+
+    def file_of(self) -> dict[str, str]:
+        return {t.name: fname for fname, ts in self.shards.items() for t in ts}
+
+
+def stored_tensors(manifest: Manifest) -> list[StoredTensor]:
+    """The tensors of ``manifest`` that have bytes (dense and sign1), sorted by name."""
+    out = []
+    for name, rec in sorted(manifest.tensors.items()):
+        if rec.object is None:
+            continue
+        if rec.codec is Codec.SIGN1:
+            out.append(StoredTensor(name, rec.object, "int32", packed_shape(*rec.shape)))
+        else:
+            out.append(StoredTensor(name, rec.object, rec.dtype, tuple(rec.shape)))
+    return out
+
+
+def plan_layout(manifest: Manifest, max_shard_bytes: int) -> HubLayout:
+    """Deterministic: tensors in name order, a new shard when the next one would pass the limit."""
+    if manifest.kind is not ModelKind.DELTA:
+        raise ValueError("only deltas have a Hub layout (yet)")
+    groups: list[list[StoredTensor]] = []
+    size = 0
+    for t in stored_tensors(manifest):
+        nbytes = t.spec.nbytes
+        if not groups or (groups[-1] and size + nbytes > max_shard_bytes):
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += nbytes
+    if not groups:
+        groups = [[]]
+    return HubLayout(
+        shards=dict(zip(delta_file_names(len(groups)), groups, strict=True)),
+        files=dict(sorted(manifest.files.items())),
+    )
+
+
+def hub_manifest(
+    manifest: Manifest,
+    manifest_id: str,
+    layout: HubLayout,
+    base_repo_id: str | None,
+    base_revision: str | None,
+) -> dict[str, Any]:
+    """The ``deltahub.json`` object for ``manifest`` laid out as ``layout``."""
+    assert manifest.base is not None and manifest.packing is not None
+    where = layout.file_of()
+    stored = {t.name: t for ts in layout.shards.values() for t in ts}
+    tensors: dict[str, Any] = {}
+    for name, rec in sorted(manifest.tensors.items()):
+        spec = rec.to_json()
+        spec.pop("object", None)
+        if name in stored:
+            t = stored[name]
+            spec.update(
+                file=where[name], key=name, stored_dtype=t.dtype, stored_shape=list(t.shape), sha256=t.object
+            )
+        tensors[name] = spec
+    hub = {"repo_id": base_repo_id, "revision": base_revision} if base_repo_id else None
+    return {
+        "format": HUB_FORMAT,
+        "format_version": HUB_FORMAT_VERSION,
+        "kind": manifest.kind.value,
+        "manifest": manifest_id,
+        "model": {
+            "model_type": manifest.model_type,
+            "architectures": list(manifest.architectures),
+            "dtype": manifest.dtype,
+        },
+        "files": {name: {"sha256": oid} for name, oid in sorted(layout.files.items())},
+        "tensors": tensors,
+        "base": {"manifest": manifest.base.manifest, "hub": hub, "tensors": dict(sorted(manifest.base.tensors.items()))},
+        "packing": manifest.packing.to_json(),
+    }
+
+
+def hub_manifest_bytes(obj: dict[str, Any]) -> bytes:
+    return (json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=True, allow_nan=False) + "\n").encode("utf-8")
+
+
+def parse_base_repo(text: str) -> tuple[str, str | None]:
+    """``REPO_ID[@REVISION]`` -> (repo_id, revision or None)."""
+    repo_id, _, revision = text.partition("@")
+    repo_id = repo_id.strip()
+    if not repo_id or (_ and not revision.strip()):
+        raise ValueError(f"expected REPO_ID[@REVISION], got {text!r}")
+    return repo_id, revision.strip() or None
+
+
+# ---------------------------------------------------------------------------------------- hashes
+def file_sha256(path: Path, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def git_blob_sha1(path: Path, chunk: int = 8 << 20) -> str:
+    """The git blob id of a file (what the Hub reports as ``blob_id`` for non-LFS files)."""
+    h = hashlib.sha1(usedforsecurity=False)
+    h.update(b"blob %d\0" % os.path.getsize(path))
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------- errors
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def offline_mode() -> bool:
+    """``HF_HUB_OFFLINE`` set (in the environment now, or as huggingface_hub read it at import)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE:
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def check_online(what: str) -> None:
+    if offline_mode():
+        raise HubConnectionError(f"HF_HUB_OFFLINE is set: {what} needs the Hub", "unset HF_HUB_OFFLINE to go online")
+
+
+def _endpoint() -> str:
+    try:
+        from huggingface_hub import constants
+
+        return constants.ENDPOINT
+    except ImportError:  # pragma: no cover
+        return "the Hub"
+
+
+def _status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else exc.__class__.__name__
+
+
+def _hub_error_table() -> list[tuple[type[BaseException], Any]]:
+    """huggingface_hub exception -> function building the deltahub error. First match wins."""
+    from huggingface_hub import errors as hf
+
+    transport: list[type[BaseException]] = []
+    for module in ("httpx2", "httpx", "requests"):  # whichever HTTP client huggingface_hub uses
+        try:
+            mod = __import__(module)
+        except ImportError:
+            continue
+        cls = getattr(mod, "TransportError", None) or getattr(getattr(mod, "exceptions", None), "ConnectionError", None)
+        if isinstance(cls, type):
+            transport.append(cls)
+
+    def repo_not_found(exc, repo):
+        return HubNotFoundError(
+            f"repository {repo} not found on {_endpoint()} or not visible with your token",
+            "check the id, and log in (`hf auth login` or HF_TOKEN) with a token that can see it",
+        )
+
+    def revision_not_found(exc, repo):
+        return HubNotFoundError(f"revision not found in {repo}", "check --revision (a branch, tag or commit id)")
+
+    def http(exc, repo):
+        status = _status(exc)
+        if status == 401:
+            return HubAuthError(
+                f"the Hub refused the request to {repo}: not logged in or the token is invalid",
+                "run `hf auth login` or set HF_TOKEN to a valid token",
+            )
+        if status == 403:
+            return HubAuthError(
+                f"your token may not write to {repo}",
+                "use a token with write access to that namespace (`hf auth login`)",
+            )
+        if status == 404:
+            return repo_not_found(exc, repo)
+        return HubError(f"the Hub answered {status or 'an error'} for {repo}: {_first_line(exc)}", "retry later")
+
+    def offline(exc, repo):
+        return HubConnectionError("HF_HUB_OFFLINE is set: this needs the Hub", "unset HF_HUB_OFFLINE to go online")
+
+    def unreachable(exc, repo):
+        return HubConnectionError(
+            f"cannot reach {_endpoint()} ({exc.__class__.__name__})",
+            "check your network connection and HF_ENDPOINT",
+        )
+
+    def invalid(exc, repo):
+        return HubError(f"invalid Hub id or revision: {_first_line(exc)}", "use NAMESPACE/NAME")
+
+    return [
+        (hf.OfflineModeIsEnabled, offline),
+        (hf.RepositoryNotFoundError, repo_not_found),
+        (hf.RevisionNotFoundError, revision_not_found),
+        (hf.HfHubHTTPError, http),
+        (hf.HFValidationError, invalid),
+        *((cls, unreachable) for cls in transport),
+        (ConnectionError, unreachable),
+        (TimeoutError, unreachable),
+    ]
+
+
+def translate_hub_error(exc: BaseException, repo_id: str) -> HubError | None:
+    for cls, make in _hub_error_table():
+        if isinstance(exc, cls):
+            return make(exc, repo_id)
+    return None
+
+
+
+@contextmanager
+def hub_errors(repo_id: str) -> Iterator[None]:
+    """Re-raise huggingface_hub/transport exceptions as one-line deltahub errors."""
+    try:
+        yield
+    except HubError:
+        raise
+    except Exception as exc:
+        mapped = translate_hub_error(exc, repo_id)
+        if mapped is None:
+            raise
+        raise mapped from exc
+
+
+__all__ = [
+    "CARD_FILE",
+    "DELTA_FILE_METADATA",
+    "HUB_FORMAT",
+    "HUB_FORMAT_VERSION",
+    "HUB_MANIFEST_FILE",
+    "HubLayout",
+    "StoredTensor",
+    "check_online",
+    "delta_file_names",
+    "file_sha256",
+    "git_blob_sha1",
+    "hub_errors",
+    "hub_manifest",
+    "hub_manifest_bytes",
+    "is_delta_file",
+    "offline_mode",
+    "parse_base_repo",
+    "plan_layout",
+    "stored_tensors",
+    "translate_hub_error",
+]

@@ -22,6 +22,7 @@ from deltahub.ops import compress as _compress
 from deltahub.ops import load as _load
 from deltahub.ops import manage as _manage
 from deltahub.ops import materialize as _materialize
+from deltahub.ops import pull as _pull
 from deltahub.ops import push as _push
 from deltahub.ops.context import StoreContext
 
@@ -99,6 +100,14 @@ class Store:
             base_repo=base_repo,
             max_shard_bytes=parse_size(max_shard_size),
         )
+
+    def pull(self, repo: str, name: str | None = None, force: bool = False) -> _pull.PullResult:
+        """Fetch the delta in Hub repo ``repo`` (``"REPO_ID[@REVISION]"``), verify every byte and store it.
+
+        The revision is pinned to its commit id first. The delta's base must already be in the store.
+        ``name`` defaults to the repo's name part; ``force`` re-points a name that is taken.
+        """
+        return _pull.pull(self._ctx, repo, name=name, force=force)
 
     def list(self) -> list[dict[str, Any]]:
         return _manage.list_models(self._ctx)

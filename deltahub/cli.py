@@ -317,6 +317,35 @@ def push(
     _emit(data, as_json, text)
 
 
+@cli.command()
+@click.argument("repo", metavar="REPO_ID[@REVISION]")
+@click.option("--name", default=None, help="Local name (default: the repo's name part).")
+@click.option("--force", is_flag=True, help="Re-point NAME if it already names another model.")
+@json_option
+@click.pass_context
+def pull(ctx: click.Context, repo: str, name: str | None, force: bool, as_json: bool) -> None:
+    """Fetch the delta in Hub repo REPO_ID (at REVISION: a branch, tag or commit id) into the store.
+
+    The revision is pinned to a commit id, every file and tensor is checked against deltahub.json
+    before it is stored, and the delta's base must already be in the store (`deltahub add` it
+    first). Pulling a delta the store already holds downloads only deltahub.json. Uses your Hugging
+    Face login (HF_TOKEN, HF_ENDPOINT).
+    """
+    result = _store(ctx).pull(repo, name=name, force=force)
+    data = {
+        k: getattr(result, k)
+        for k in ("repo_id", "revision", "commit", "name", "manifest_id", "already_stored", "downloaded", "bytes")
+    }
+    if result.already_stored:
+        text = f"{result.repo_id}@{result.commit[:12]} is already stored; named it {result.name}"
+    else:
+        text = (
+            f"pulled {result.repo_id}@{result.revision} (commit {result.commit[:12]}, "
+            f"{len(result.downloaded)} files, {_human(result.bytes)}) as {result.name}"
+        )
+    _emit(data, as_json, text)
+
+
 @cli.command("ls")
 @json_option
 @click.pass_context

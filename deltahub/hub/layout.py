@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -46,8 +47,15 @@ from pathlib import Path
 from typing import Any
 
 from deltahub.codec import Codec, packed_shape
-from deltahub.errors import HubAuthError, HubConnectionError, HubError, HubNotFoundError
-from deltahub.formats.manifest import Manifest, ModelKind
+from deltahub.errors import (
+    CorruptObjectError,
+    HubAuthError,
+    HubConnectionError,
+    HubError,
+    HubNotFoundError,
+    UnsupportedFormatError,
+)
+from deltahub.formats.manifest import MANIFEST_FORMAT, MANIFEST_VERSION, Manifest, ModelKind, parse_manifest
 from deltahub.formats.safetensors_io import TensorSpec, dtype_from_name
 
 HUB_FORMAT = "deltahub.hub"
@@ -327,6 +335,129 @@ def hub_errors(repo_id: str) -> Iterator[None]:
         raise mapped from exc
 
 
+# ---------------------------------------------------------------------------------------- pulling
+@dataclass
+class PulledTensor:
+    """Where a stored tensor of a pulled delta lies in the repo, and what its bytes must hash to."""
+
+    name: str
+    file: str
+    key: str
+    stored: StoredTensor  # object = the sha256 of the stored bytes
+
+
+@dataclass
+class HubManifest:
+    """A parsed, validated ``deltahub.json``: the store manifest it rebuilds and where the bytes are."""
+
+    manifest_id: str
+    manifest: Manifest
+    files: dict[str, str]  # repo path -> sha256 (= object id)
+    tensors: list[PulledTensor]  # tensors with bytes, in name order
+    base_repo_id: str | None
+    base_revision: str | None
+
+    def shard_files(self) -> list[str]:
+        return sorted({t.file for t in self.tensors})
+
+
+def _hub_corrupt(why: str) -> CorruptObjectError:
+    return CorruptObjectError(f"invalid deltahub.json: {why}", "the repo was not written by `deltahub push` or is damaged")
+
+
+def parse_hub_manifest(data: bytes) -> HubManifest:
+    """Parse ``deltahub.json`` and rebuild the store manifest it was pushed from.
+
+    Refuses unknown formats and versions (:class:`UnsupportedFormatError`) and anything that does
+    not rebuild a manifest hashing to the ``manifest`` field (:class:`CorruptObjectError`). The
+    ``base.hub`` of ``deltahub.json`` may have been given at push time (``--base-repo``) without
+    being part of the store manifest: the rebuild tries it as given, then without it.
+    """
+    try:
+        obj = json.loads(bytes(data).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _hub_corrupt(f"not JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise _hub_corrupt("not a JSON object")
+    fmt = obj.get("format")
+    if fmt != HUB_FORMAT:
+        raise UnsupportedFormatError(
+            f"deltahub.json has format {fmt!r}, unknown to this deltahub (it reads {HUB_FORMAT!r})",
+            "upgrade deltahub (pip install -U deltahub)",
+        )
+    version = obj.get("format_version")
+    if version != HUB_FORMAT_VERSION:
+        raise UnsupportedFormatError(
+            f"deltahub.json format version {version!r} is not supported by this deltahub "
+            f"(it reads {HUB_FORMAT} version {HUB_FORMAT_VERSION})",
+            "upgrade deltahub (pip install -U deltahub)",
+        )
+    if obj.get("kind") != ModelKind.DELTA.value:
+        raise UnsupportedFormatError(
+            f"deltahub.json describes a {obj.get('kind')!r}; this deltahub pulls deltas only",
+            "upgrade deltahub (pip install -U deltahub)",
+        )
+    try:
+        expected = obj["manifest"]
+        files = {k: v["sha256"] for k, v in obj["files"].items()}
+        tensors: dict[str, Any] = {}
+        where: dict[str, tuple[str, str, str, list[int]]] = {}
+        for name, spec in obj["tensors"].items():
+            spec = dict(spec)
+            if "sha256" in spec:
+                where[name] = (spec.pop("file"), spec.pop("key"), spec.pop("stored_dtype"), spec.pop("stored_shape"))
+                spec["object"] = spec.pop("sha256")
+            tensors[name] = spec
+        base = dict(obj["base"])
+        hub = base.get("hub")
+        store_obj = {
+            "format": MANIFEST_FORMAT,
+            "format_version": MANIFEST_VERSION,
+            "kind": ModelKind.DELTA.value,
+            "model": obj["model"],
+            "files": files,
+            "tensors": tensors,
+            "base": base,
+            "packing": obj["packing"],
+        }
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise _hub_corrupt(f"missing or malformed field ({exc!r})") from None
+    canonical = json.dumps(store_obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    try:
+        manifest = parse_manifest(canonical.encode("utf-8"))
+    except CorruptObjectError as exc:
+        raise _hub_corrupt(exc.message.removeprefix("invalid manifest: ")) from None
+    if manifest.manifest_id() != expected and manifest.base is not None and manifest.base.hub_repo_id:
+        manifest.base.hub_repo_id = manifest.base.hub_revision = None
+    if manifest.manifest_id() != expected:
+        raise _hub_corrupt(f"its content does not rebuild manifest {str(expected)[:12]} (it hashes to {manifest.manifest_id()[:12]})")
+    pulled = []
+    for st in stored_tensors(manifest):
+        file, key, sdtype, sshape = where[st.name]
+        if not (isinstance(file, str) and is_delta_file(file) and isinstance(key, str)):
+            raise _hub_corrupt(f"tensor {st.name!r} lies in {file!r}, not a delta file")
+        if sdtype != st.dtype or not isinstance(sshape, list) or tuple(sshape) != st.shape:
+            raise _hub_corrupt(f"tensor {st.name!r} is stored as {sdtype}{sshape}, expected {st.dtype}{list(st.shape)}")
+        pulled.append(PulledTensor(st.name, file, key, st))
+    hub = hub if isinstance(hub, dict) else {}
+    return HubManifest(
+        manifest_id=expected,
+        manifest=manifest,
+        files=dict(sorted(manifest.files.items())),
+        tensors=pulled,
+        base_repo_id=hub.get("repo_id"),
+        base_revision=hub.get("revision"),
+    )
+
+
+def default_pull_name(repo_id: str) -> str:
+    """The local name of a pulled repo: the name part of ``repo_id``, made a valid model name."""
+    raw = repo_id.rstrip("/").rpartition("/")[2]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", raw)
+    name = re.sub(r"\.{2,}", ".", name).lstrip("._-")[:128]
+    return name or "pulled"
+
+
 __all__ = [
     "CARD_FILE",
     "DELTA_FILE_METADATA",
@@ -334,8 +465,11 @@ __all__ = [
     "HUB_FORMAT_VERSION",
     "HUB_MANIFEST_FILE",
     "HubLayout",
+    "HubManifest",
+    "PulledTensor",
     "StoredTensor",
     "check_online",
+    "default_pull_name",
     "delta_file_names",
     "file_sha256",
     "git_blob_sha1",
@@ -345,6 +479,7 @@ __all__ = [
     "is_delta_file",
     "offline_mode",
     "parse_base_repo",
+    "parse_hub_manifest",
     "plan_layout",
     "stored_tensors",
     "translate_hub_error",

@@ -1,0 +1,183 @@
+"""``pull``: fetch a delta pushed by ``deltahub push`` into the store (layout: :mod:`deltahub.hub.layout`).
+
+1. The revision is resolved to a commit id first; every file is downloaded at that commit through
+   ``huggingface_hub`` (into the user's HF cache).
+2. ``deltahub.json`` is parsed and the store manifest rebuilt from it; its id must be the recorded
+   ``manifest``. Unknown formats and versions are refused before anything else is downloaded.
+3. The base must already be in the store (found by its manifest id, checked against the recorded
+   base tensor hashes); fetching it from the Hub comes later.
+4. Every carried file and every stored tensor (read from the downloaded safetensors one at a time)
+   is hashed and compared with ``deltahub.json`` before it is stored; the sha256s are the object
+   ids. Any failure leaves the store as it was (:meth:`StoreContext.writing` rolls back).
+
+When the manifest and all its objects are already in the store, only ``deltahub.json`` is
+downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deltahub.codec import Codec
+from deltahub.errors import CorruptObjectError, InputError, MalformedSafetensorsError, NameExistsError, WrongBaseError
+from deltahub.formats.paths import validate_name
+from deltahub.formats.safetensors_io import SafetensorsReader, dtype_from_name, tensor_bytes
+from deltahub.hub.layout import (
+    HUB_MANIFEST_FILE,
+    HubManifest,
+    check_online,
+    default_pull_name,
+    hub_errors,
+    parse_base_repo,
+    parse_hub_manifest,
+)
+from deltahub.index.models import NameRow
+from deltahub.ops.context import StoreContext, TensorStat
+from deltahub.progress import progress_bar
+from deltahub.store import Compression, ObjectInfo
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PullResult:
+    repo_id: str
+    revision: str  # as asked (default main)
+    commit: str  # the commit id it was resolved to; every file was downloaded at this commit
+    name: str
+    manifest_id: str
+    downloaded: list[str] = field(default_factory=list)  # repo files fetched (deltahub.json included)
+    bytes: int = 0  # size of the fetched files
+    already_stored: bool = False  # the manifest was in the store already: nothing beyond deltahub.json
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _corrupt(what: str, where: str) -> CorruptObjectError:
+    return CorruptObjectError(
+        f"{what} in {where} does not match deltahub.json",
+        "the download or the repo is damaged; pull again, or ask the repo's owner to push again",
+    )
+
+
+def _name_target(ctx: StoreContext, name: str) -> str | None:
+    with ctx.index.session(write=False) as session:
+        row = session.get(NameRow, name)
+        return row.manifest_id if row is not None else None
+
+
+def _all_stored(ctx: StoreContext, hub: HubManifest) -> bool:
+    ids = [hub.manifest_id, *hub.manifest.object_ids()]
+    return all(ctx.objects.exists(oid) for oid in ids)
+
+
+def _check_base(ctx: StoreContext, repo_id: str, hub: HubManifest) -> None:
+    base = hub.manifest.base
+    assert base is not None
+    if not ctx.objects.exists(base.manifest):
+        where = f"{hub.base_repo_id}@{hub.base_revision or 'main'}" if hub.base_repo_id else "Hub id unknown"
+        raise WrongBaseError(
+            f"the base of {repo_id} ({where}, manifest {base.manifest[:12]}) is not in the store",
+            "download that base and `deltahub add` it first; pulling the base from the Hub comes later",
+        )
+    ctx.base_of(hub.manifest)  # the recorded base tensor hashes
+
+
+def pull(ctx: StoreContext, repo: str, name: str | None = None, force: bool = False) -> PullResult:
+    """Pull the delta in Hub repo ``repo`` (``REPO_ID[@REVISION]``) into the store as ``name``."""
+    try:
+        repo_id, revision = parse_base_repo(repo)
+    except ValueError as exc:
+        raise InputError(str(exc), "use REPO_ID[@REVISION]") from None
+    local = validate_name(name if name is not None else default_pull_name(repo_id))
+    check_online("deltahub pull")
+
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.utils import validate_repo_id
+
+    with hub_errors(repo_id):
+        validate_repo_id(repo_id)
+        info = HfApi().repo_info(repo_id, revision=revision, repo_type="model")
+    commit = info.sha
+    at = f"{repo_id}@{commit[:12]}"
+    result = PullResult(repo_id, revision or "main", commit, local, "")
+
+    def fetch(fname: str) -> Path:
+        with hub_errors(repo_id):
+            path = Path(hf_hub_download(repo_id, fname, revision=commit, repo_type="model"))
+        result.downloaded.append(fname)
+        result.bytes += path.stat().st_size
+        return path
+
+    if HUB_MANIFEST_FILE not in {s.rfilename for s in (info.siblings or [])}:
+        raise InputError(
+            f"{repo_id}@{revision or 'main'} is not a deltahub delta: it has no {HUB_MANIFEST_FILE}",
+            "pull a repo written by `deltahub push`; add a plain checkpoint with `deltahub add`",
+        )
+    hub = parse_hub_manifest(fetch(HUB_MANIFEST_FILE).read_bytes())
+    manifest = hub.manifest
+    result.manifest_id = hub.manifest_id
+
+    target = _name_target(ctx, local)
+    if target is not None and target != hub.manifest_id and not force:
+        raise NameExistsError(
+            f"the name {local!r} is already taken",
+            "choose another --name, `deltahub rm` it first, or pass --force to re-point it",
+        )
+    _check_base(ctx, repo_id, hub)
+
+    with ctx.writing():
+        objects: dict[str, ObjectInfo] = {}
+        if _all_stored(ctx, hub):
+            result.already_stored = True
+            objects = {oid: ctx.objects.info(oid) for oid in manifest.object_ids()}
+            manifest_info = ctx.objects.info(hub.manifest_id)
+        else:
+            for fname, sha in hub.files.items():
+                data = fetch(fname).read_bytes()
+                if hashlib.sha256(data).hexdigest() != sha:
+                    raise _corrupt(f"file {fname}", at)
+                file_info = ctx.put(data, Compression.AUTO)
+                objects[file_info.sha256] = file_info
+            total = sum(t.stored.spec.nbytes for t in hub.tensors)
+            with progress_bar(total, f"pull {local}", unit="B", unit_scale=True) as bar:
+                for shard in hub.shard_files():
+                    path = fetch(shard)
+                    try:
+                        reader = SafetensorsReader(path)
+                    except MalformedSafetensorsError as exc:
+                        raise CorruptObjectError(f"{shard} in {at} is damaged: {exc.message}", "pull again") from None
+                    for t in (t for t in hub.tensors if t.file == shard):
+                        entry = reader.entries.get(t.key)
+                        if entry is None or entry.dtype != dtype_from_name(t.stored.dtype) or entry.shape != t.stored.shape:
+                            raise _corrupt(f"tensor {t.name!r} (file {shard})", at)
+                        view = tensor_bytes(reader.read(t.key, copy=False))
+                        if hashlib.sha256(view).hexdigest() != t.stored.object:
+                            raise _corrupt(f"tensor {t.name!r} (file {shard})", at)
+                        codec = manifest.tensors[t.name].codec
+                        tinfo = ctx.put(view, Compression.NONE if codec is Codec.SIGN1 else Compression.AUTO)
+                        objects[tinfo.sha256] = tinfo
+                        bar.update(entry.nbytes)
+                        del view
+            manifest_info = ctx.put(manifest.to_bytes(), Compression.AUTO)
+            if manifest_info.sha256 != hub.manifest_id:  # pragma: no cover - checked by parse_hub_manifest
+                raise _corrupt("the manifest", at)
+        stats = [
+            TensorStat(
+                tname,
+                rec.codec.value,
+                rec.dtype,
+                tuple(rec.shape),
+                objects[rec.object].stored_size if rec.object is not None else 0,
+                scale=rec.scale,
+            )
+            for tname, rec in manifest.tensors.items()
+        ]
+        ctx.register(manifest, manifest_info, objects, stats, local, force)
+    logger.info("pulled %s as %s (manifest %s)", at, local, hub.manifest_id[:12])
+    return result

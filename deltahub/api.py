@@ -49,7 +49,12 @@ class Store:
         self.close()
 
     def add(self, src: str | Path, name: str | None = None, force: bool = False) -> _add.AddResult:
-        """Import a base model from a local Hugging Face checkpoint directory."""
+        """Import a base model from a local Hugging Face checkpoint directory, or from the Hub.
+
+        ``src`` that is no local path but looks like ``"REPO_ID[@REVISION]"`` is downloaded at that
+        revision (pinned to its commit, into the HF cache; reused when cached, offline too) and its
+        Hub id and commit are recorded, so pushing deltas on it needs no ``base_repo``.
+        """
         return _add.add_base(self._ctx, Path(src), name=name, force=force)
 
     def compress(
@@ -104,7 +109,8 @@ class Store:
     def pull(self, repo: str, name: str | None = None, force: bool = False) -> _pull.PullResult:
         """Fetch the delta in Hub repo ``repo`` (``"REPO_ID[@REVISION]"``), verify every byte and store it.
 
-        The revision is pinned to its commit id first. The delta's base must already be in the store.
+        The revision is pinned to its commit id first. A base the store lacks is added from the Hub
+        repo and revision ``deltahub.json`` names (``result.base_fetched``) and checked.
         ``name`` defaults to the repo's name part; ``force`` re-points a name that is taken.
         """
         return _pull.pull(self._ctx, repo, name=name, force=force)

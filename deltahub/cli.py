@@ -172,16 +172,21 @@ def cli(ctx: click.Context, home: Path | None, verbose: int) -> None:
 
 @cli.command()
 @click.argument("src", type=click.Path(path_type=Path))
-@click.option("--name", help="Name for the base (default: the folder's name).")
+@click.option("--name", help="Name for the base (default: the folder's or repo's name).")
 @click.option("--force", is_flag=True, help="Re-point NAME if it already exists.")
 @json_option
 @click.pass_context
 def add(ctx: click.Context, src: Path, name: str | None, force: bool, as_json: bool) -> None:
-    """Add a base model from a local Hugging Face checkpoint folder SRC.
+    """Add a base model from a local Hugging Face checkpoint folder SRC, or from the Hub.
 
     SRC holds config.json, safetensors weights (model.safetensors or shards with
     model.safetensors.index.json) and optionally tokenizer, generation-config and chat-template
     files. Tensors keep their dtype (fp32, fp16 or bf16). Pickle checkpoints are refused.
+
+    SRC that is no local folder but looks like REPO_ID[@REVISION] is downloaded from the Hub at
+    that revision (pinned to its commit id; only config, safetensors and tokenizer files, into
+    your HF cache, reused when already there, HF_HUB_OFFLINE=1 included). The Hub id and commit
+    are remembered, so `deltahub push` of deltas on this base needs no --base-repo.
     """
     result = _store(ctx).add(src, name=name, force=force)
     _emit(
@@ -327,9 +332,9 @@ def pull(ctx: click.Context, repo: str, name: str | None, force: bool, as_json: 
     """Fetch the delta in Hub repo REPO_ID (at REVISION: a branch, tag or commit id) into the store.
 
     The revision is pinned to a commit id, every file and tensor is checked against deltahub.json
-    before it is stored, and the delta's base must already be in the store (`deltahub add` it
-    first). Pulling a delta the store already holds downloads only deltahub.json. Uses your Hugging
-    Face login (HF_TOKEN, HF_ENDPOINT).
+    before it is stored. A base the store lacks is added from the Hub repo and revision that
+    deltahub.json names (and must match the recorded base tensors). Pulling a delta the store
+    already holds downloads only deltahub.json. Uses your Hugging Face login (HF_TOKEN, HF_ENDPOINT).
     """
     result = _store(ctx).pull(repo, name=name, force=force)
     data = {
@@ -343,6 +348,9 @@ def pull(ctx: click.Context, repo: str, name: str | None, force: bool, as_json: 
             f"pulled {result.repo_id}@{result.revision} (commit {result.commit[:12]}, "
             f"{len(result.downloaded)} files, {_human(result.bytes)}) as {result.name}"
         )
+    if result.base_fetched:
+        data["base_fetched"] = result.base_fetched
+        text += f"; its base was added from the Hub as {result.base_fetched}"
     _emit(data, as_json, text)
 
 

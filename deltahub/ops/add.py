@@ -25,6 +25,8 @@ class AddResult:
     manifest_id: str
     n_tensors: int
     stored_bytes: int
+    hub_repo_id: str | None = None  # set when added from the Hub (deltahub.ops.hub_source)
+    hub_revision: str | None = None  # the commit id it was downloaded at
 
 
 def default_name(src: Path) -> str:
@@ -36,7 +38,15 @@ def default_name(src: Path) -> str:
 
 
 def add_base(ctx: StoreContext, src: Path, name: str | None = None, force: bool = False) -> AddResult:
-    """Store every tensor of ``src`` raw (memory-mappable) and record it as a base model."""
+    """Store every tensor of ``src`` raw (memory-mappable) and record it as a base model.
+
+    ``src`` that is no local path but looks like ``REPO_ID[@REVISION]`` is fetched from the Hub
+    (:mod:`deltahub.ops.hub_source`).
+    """
+    from deltahub.ops.hub_source import add_from_hub, looks_like_hub_id
+
+    if looks_like_hub_id(src):
+        return add_from_hub(ctx, str(src), name=name, force=force)
     name = validate_name(name) if name else default_name(src)
     checkpoint = open_checkpoint(Path(src))
     ctx.check_name_free(name, force)

@@ -4,8 +4,10 @@
    ``huggingface_hub`` (into the user's HF cache).
 2. ``deltahub.json`` is parsed and the store manifest rebuilt from it; its id must be the recorded
    ``manifest``. Unknown formats and versions are refused before anything else is downloaded.
-3. The base must already be in the store (found by its manifest id, checked against the recorded
-   base tensor hashes); fetching it from the Hub comes later.
+3. The base must be in the store (found by its manifest id, checked against the recorded base
+   tensor hashes). When it is not and ``base.hub`` names a repo and revision, it is added from the
+   Hub first (:mod:`deltahub.ops.hub_source`); a fetched base that is not the recorded one is a
+   ``WrongBaseError`` and the delta is not stored (the fetched base stays under its own name).
 4. Every carried file and every stored tensor (read from the downloaded safetensors one at a time)
    is hashed and compared with ``deltahub.json`` before it is stored; the sha256s are the object
    ids. Any failure leaves the store as it was (:meth:`StoreContext.writing` rolls back).
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from deltahub.codec import Codec
-from deltahub.errors import CorruptObjectError, InputError, MalformedSafetensorsError, NameExistsError, WrongBaseError
+from deltahub.errors import CorruptObjectError, HubNotFoundError, InputError, MalformedSafetensorsError, NameExistsError, WrongBaseError
 from deltahub.formats.paths import validate_name
 from deltahub.formats.safetensors_io import SafetensorsReader, dtype_from_name, tensor_bytes
 from deltahub.hub.layout import (
@@ -53,6 +55,7 @@ class PullResult:
     downloaded: list[str] = field(default_factory=list)  # repo files fetched (deltahub.json included)
     bytes: int = 0  # size of the fetched files
     already_stored: bool = False  # the manifest was in the store already: nothing beyond deltahub.json
+    base_fetched: str | None = None  # local name of the base fetched from the Hub (base.hub), if any
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -76,16 +79,30 @@ def _all_stored(ctx: StoreContext, hub: HubManifest) -> bool:
     return all(ctx.objects.exists(oid) for oid in ids)
 
 
-def _check_base(ctx: StoreContext, repo_id: str, hub: HubManifest) -> None:
+def _check_base(ctx: StoreContext, repo_id: str, hub: HubManifest, reserved: str | None = None) -> str | None:
+    """Check the delta's base is stored; fetch it from ``base.hub`` when it is not. Returns the fetched base's name."""
     base = hub.manifest.base
     assert base is not None
+    fetched = None
+    if not ctx.objects.exists(base.manifest) and hub.base_repo_id and hub.base_revision:
+        from deltahub.ops.hub_source import fetch_base_for_pull
+
+        try:
+            fetched = fetch_base_for_pull(ctx, repo_id, base.manifest, hub.base_repo_id, hub.base_revision, reserved)
+        except HubNotFoundError as exc:
+            raise WrongBaseError(
+                f"the base of {repo_id} ({hub.base_repo_id}@{hub.base_revision}, manifest {base.manifest[:12]}) "
+                f"is not in the store and cannot be fetched: {exc.message}",
+                "download that base and `deltahub add` it first",
+            ) from None
     if not ctx.objects.exists(base.manifest):
         where = f"{hub.base_repo_id}@{hub.base_revision or 'main'}" if hub.base_repo_id else "Hub id unknown"
         raise WrongBaseError(
             f"the base of {repo_id} ({where}, manifest {base.manifest[:12]}) is not in the store",
-            "download that base and `deltahub add` it first; pulling the base from the Hub comes later",
+            "download that base and `deltahub add` it first (its Hub id and revision are unknown)",
         )
     ctx.base_of(hub.manifest)  # the recorded base tensor hashes
+    return fetched
 
 
 def pull(ctx: StoreContext, repo: str, name: str | None = None, force: bool = False) -> PullResult:
@@ -129,7 +146,7 @@ def pull(ctx: StoreContext, repo: str, name: str | None = None, force: bool = Fa
             f"the name {local!r} is already taken",
             "choose another --name, `deltahub rm` it first, or pass --force to re-point it",
         )
-    _check_base(ctx, repo_id, hub)
+    result.base_fetched = _check_base(ctx, repo_id, hub, reserved=local)
 
     with ctx.writing():
         objects: dict[str, ObjectInfo] = {}

@@ -109,6 +109,10 @@ def push(
             raise InputError(str(exc), "use --base-repo NAMESPACE/NAME[@REVISION]") from None
     else:
         base_id, base_rev = manifest.base.hub_repo_id, manifest.base.hub_revision
+        if not base_id:  # a base added from the Hub: its id and commit are in the index
+            from deltahub.ops.hub_source import hub_source_of
+
+            base_id, base_rev = hub_source_of(ctx, manifest.base.manifest) or (None, None)
         if not base_id or not base_rev:
             raise HubError(
                 f"the base of {name!r} has no Hub id and revision, so nobody could pull it",

@@ -1,0 +1,211 @@
+"""Bases from the Hugging Face Hub: ``deltahub add REPO_ID[@REVISION]`` and the base step of ``pull``.
+
+1. The revision is resolved to a commit id (``HfApi.repo_info(...).sha``).
+2. Only what :func:`deltahub.formats.checkpoint.open_checkpoint` reads is downloaded, at that commit,
+   with ``snapshot_download(allow_patterns=[...])`` into the user's HF cache: ``config.json``, the
+   safetensors weights (and their index), and the :data:`AUX_FILES` the repo has. Pickles are never
+   downloaded; a repo with only pickle weights is refused. Files already in the HF cache at that
+   commit are not downloaded again; with ``HF_HUB_OFFLINE=1`` the cached snapshot is used as is.
+3. The snapshot folder is added like a local checkpoint, and the Hub id and commit are recorded in
+   the index (``ManifestRow.info`` = ``{"hub": {"repo_id": ..., "revision": <commit>}}``; the base
+   manifest itself stays content-derived), so ``push`` of a delta on that base needs no
+   ``--base-repo``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+from deltahub.errors import HubConnectionError, InputError, PickleCheckpointError, WrongBaseError
+from deltahub.formats.checkpoint import (
+    AUX_FILES,
+    CONFIG_FILE,
+    CONVERT_HINT,
+    PICKLE_SUFFIXES,
+    SINGLE_WEIGHTS,
+    WEIGHTS_INDEX,
+    open_checkpoint,
+)
+from deltahub.hub.layout import HUB_MANIFEST_FILE, default_pull_name, hub_errors, offline_mode, parse_base_repo
+from deltahub.index.models import ManifestRow, NameRow
+from deltahub.ops.context import StoreContext
+
+logger = logging.getLogger(__name__)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[^\s@]+)?$")
+
+
+def looks_like_hub_id(src: str | Path) -> bool:
+    """``namespace/name[@revision]`` that is not an existing local path."""
+    text = str(src)
+    return not Path(text).exists() and bool(_HUB_ID.match(text))
+
+
+def _where(repo_id: str, commit: str) -> str:
+    return f"{repo_id}@{commit[:12]}"
+
+
+def _wanted_files(repo_id: str, commit: str, names: set[str]) -> list[str]:
+    """The repo files ``open_checkpoint`` needs (no pickles); refuses repos it could not open."""
+    from huggingface_hub import hf_hub_download
+
+    at = _where(repo_id, commit)
+    if CONFIG_FILE not in names:
+        hint = "pull it with `deltahub pull`" if HUB_MANIFEST_FILE in names else "add a Hugging Face checkpoint repo"
+        raise InputError(f"{at} has no {CONFIG_FILE}: not a Hugging Face checkpoint", hint)
+    top = {n for n in names if "/" not in n}
+    if WEIGHTS_INDEX in top:
+        with hub_errors(repo_id):
+            index_path = hf_hub_download(repo_id, WEIGHTS_INDEX, revision=commit, repo_type="model")
+        try:
+            weight_map = json.loads(Path(index_path).read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted({str(f) for f in weight_map.values()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise InputError(f"{WEIGHTS_INDEX} in {at} is not a valid safetensors index ({exc})") from None
+        missing = [s for s in shards if s not in top]
+        if missing:
+            raise InputError(f"{at}: shard {missing[0]} listed in {WEIGHTS_INDEX} is not in the repo")
+        weights = [WEIGHTS_INDEX, *shards]
+    elif SINGLE_WEIGHTS in top:
+        weights = [SINGLE_WEIGHTS]
+    else:
+        found = sorted(n for n in top if n.endswith(".safetensors"))
+        if len(found) > 1:
+            raise InputError(f"{at} has several .safetensors files but no {WEIGHTS_INDEX}")
+        if not found:
+            pickles = sorted(n for n in top if n.endswith(PICKLE_SUFFIXES))
+            if pickles:
+                raise PickleCheckpointError(
+                    f"{at} holds only pickle checkpoints ({', '.join(pickles[:3])}); deltahub never downloads them",
+                    CONVERT_HINT.replace("SRC", repo_id),
+                )
+            raise InputError(f"no safetensors weights in {at}", "expected model.safetensors or a sharded index")
+        weights = found
+    return [CONFIG_FILE, *weights, *(n for n in AUX_FILES if n in top)]
+
+
+def fetch_checkpoint(repo: str) -> tuple[str, str, Path]:
+    """Download (or find in the HF cache) the checkpoint ``REPO_ID[@REVISION]``.
+
+    Returns (repo_id, commit id, snapshot folder).
+    """
+    try:
+        repo_id, revision = parse_base_repo(repo)
+    except ValueError as exc:
+        raise InputError(str(exc), "use REPO_ID[@REVISION]") from None
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    with hub_errors(repo_id):
+        validate_repo_id(repo_id)
+    if offline_mode():
+        try:
+            folder = Path(
+                # config.json only: the full listing would count files deltahub never downloads;
+                # open_checkpoint below says whether the weights are all there.
+                snapshot_download(
+                    repo_id, revision=revision, repo_type="model", local_files_only=True, allow_patterns=[CONFIG_FILE]
+                )
+            )
+            open_checkpoint(folder)
+        except (LocalEntryNotFoundError, InputError) as exc:
+            detail = f": {exc.message}" if isinstance(exc, InputError) else ""
+            raise HubConnectionError(
+                f"HF_HUB_OFFLINE is set and {repo_id}@{revision or 'main'} is not in the HF cache{detail}",
+                "unset HF_HUB_OFFLINE to download it once",
+            ) from None
+        return repo_id, folder.name, folder
+    with hub_errors(repo_id):
+        info = HfApi().repo_info(repo_id, revision=revision, repo_type="model")
+    commit = info.sha
+    wanted = _wanted_files(repo_id, commit, {s.rfilename for s in (info.siblings or [])})
+    with hub_errors(repo_id):
+        folder = Path(snapshot_download(repo_id, revision=commit, repo_type="model", allow_patterns=wanted))
+    _cache_ref(folder, revision or "main", commit)
+    return repo_id, commit, folder
+
+
+def _cache_ref(folder: Path, revision: str, commit: str) -> None:
+    """Point the HF cache's ``refs/<revision>`` at ``commit`` (as a download by branch would), so an
+    offline ``add REPO_ID[@BRANCH]`` later finds the snapshot."""
+    if revision == commit or folder.parent.name != "snapshots":
+        return
+    ref = folder.parent.parent / "refs" / revision
+    try:
+        if ref.is_file() and ref.read_text().strip() == commit:
+            return
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        ref.write_text(commit)
+    except OSError as exc:  # only the offline shortcut is lost
+        logger.debug("could not write %s: %s", ref, exc)
+
+
+def record_hub_source(ctx: StoreContext, manifest_id: str, repo_id: str, commit: str) -> None:
+    """Remember in the index that base ``manifest_id`` is ``repo_id`` at ``commit``."""
+    with ctx.index.session() as session:
+        row = session.get(ManifestRow, manifest_id)
+        if row is None:  # pragma: no cover - registered just before
+            return
+        info = json.loads(row.info) if row.info else {}
+        info["hub"] = {"repo_id": repo_id, "revision": commit}
+        row.info = json.dumps(info, sort_keys=True)
+
+
+def hub_source_of(ctx: StoreContext, manifest_id: str) -> tuple[str, str] | None:
+    """(repo_id, commit) recorded for a base added from the Hub, else None."""
+    with ctx.index.session(write=False) as session:
+        row = session.get(ManifestRow, manifest_id)
+        raw = row.info if row is not None else None
+    try:
+        hub = (json.loads(raw) if raw else {}).get("hub") or {}
+    except ValueError:
+        return None
+    if isinstance(hub, dict) and hub.get("repo_id") and hub.get("revision"):
+        return str(hub["repo_id"]), str(hub["revision"])
+    return None
+
+
+def add_from_hub(ctx: StoreContext, repo: str, name: str | None = None, force: bool = False):
+    """``deltahub add REPO_ID[@REVISION]``: add a base straight from the Hub (or the HF cache)."""
+    from deltahub.ops.add import add_base
+
+    repo_id, commit, folder = fetch_checkpoint(repo)
+    result = add_base(ctx, folder, name=name or default_pull_name(repo_id), force=force)
+    record_hub_source(ctx, result.manifest_id, repo_id, commit)
+    result.hub_repo_id, result.hub_revision = repo_id, commit
+    logger.info("base %s is %s", result.name, _where(repo_id, commit))
+    return result
+
+
+def _free_name(ctx: StoreContext, name: str, reserved: str | None) -> str:
+    with ctx.index.session(write=False) as session:
+        candidate, n = name, 1
+        while candidate == reserved or session.get(NameRow, candidate) is not None:
+            n += 1
+            candidate = f"{name[:120]}-{n}"
+    return candidate
+
+
+def fetch_base_for_pull(ctx: StoreContext, delta_repo: str, base_manifest: str, base_repo_id: str,
+                        base_revision: str, reserved: str | None = None) -> str:
+    """Add the base a pulled delta names (``base.hub``); returns its local name.
+
+    A base whose manifest is not the one the delta was made from is a :class:`WrongBaseError`
+    naming both revisions; the fetched base stays in the store under its own name.
+    """
+    name = _free_name(ctx, default_pull_name(base_repo_id), reserved)
+    result = add_from_hub(ctx, f"{base_repo_id}@{base_revision}", name=name)
+    if result.manifest_id != base_manifest:
+        raise WrongBaseError(
+            f"the base of {delta_repo} does not match: the delta was made from {base_repo_id}@{base_revision} "
+            f"(base manifest {base_manifest[:12]}), but {base_repo_id}@{result.hub_revision} as fetched holds "
+            f"other tensors (manifest {result.manifest_id[:12]})",
+            f"the delta was not stored; the fetched base was kept as {result.name!r} (`deltahub rm "
+            f"{result.name}` to drop it). Add the exact base the delta was made from, then pull again",
+        )
+    logger.info("fetched base %s for %s as %s", _where(base_repo_id, result.hub_revision), delta_repo, result.name)
+    return result.name

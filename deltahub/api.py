@@ -65,7 +65,11 @@ class Store:
         embeddings: str = _compress.DEFAULT_EMBEDDINGS.value,
         force: bool = False,
     ) -> _compress.CompressResult:
-        """Store the fine-tune at ``src`` as a 1-bit delta against stored base ``base``."""
+        """Store the fine-tune at ``src`` as a 1-bit delta against stored base ``base``.
+
+        ``src`` that is no local path but looks like ``"REPO_ID[@REVISION]"`` is downloaded from the
+        Hub like :meth:`add` does (pinned to its commit, into the HF cache; reused when cached).
+        """
         return _compress.compress_finetune(self._ctx, Path(src), base, name, embeddings=embeddings, force=force)
 
     def materialize(

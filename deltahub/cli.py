@@ -218,6 +218,10 @@ def compress(ctx: click.Context, src: Path, base: str, name: str, embeddings: st
     2-D weight matrices become packed sign bits plus one fp32 scale (mean |delta|); 1-D tensors are
     stored dense; tensors identical to the base cost nothing. The fine-tune must have every tensor
     of the base with the same shapes (a resized vocabulary is stored dense).
+
+    SRC that is no local folder but looks like REPO_ID[@REVISION] is downloaded from the Hub like
+    `deltahub add` does (pinned to its commit id; config, safetensors and tokenizer files only,
+    into your HF cache, reused when already there, HF_HUB_OFFLINE=1 included).
     """
     result = _store(ctx).compress(src, base=base, name=name, embeddings=embeddings, force=force)
     data = dict(result.__dict__, ratio=result.ratio)

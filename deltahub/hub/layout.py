@@ -38,13 +38,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from deltahub.codec import Codec, packed_shape
 from deltahub.errors import (
@@ -57,6 +59,9 @@ from deltahub.errors import (
 )
 from deltahub.formats.manifest import MANIFEST_FORMAT, MANIFEST_VERSION, Manifest, ModelKind, parse_manifest
 from deltahub.formats.safetensors_io import TensorSpec, dtype_from_name
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 HUB_FORMAT = "deltahub.hub"
 HUB_FORMAT_VERSION = 1
@@ -287,7 +292,9 @@ def _hub_error_table() -> list[tuple[type[BaseException], Any]]:
             )
         if status == 404:
             return repo_not_found(exc, repo)
-        return HubError(f"the Hub answered {status or 'an error'} for {repo}: {_first_line(exc)}", "retry later")
+        err = HubError(f"the Hub answered {status or 'an error'} for {repo}: {_first_line(exc)}", "retry later")
+        err.transient = status is None or status >= 500 or status in (408, 429)
+        return err
 
     def offline(exc, repo):
         return HubConnectionError("HF_HUB_OFFLINE is set: this needs the Hub", "unset HF_HUB_OFFLINE to go online")
@@ -301,6 +308,16 @@ def _hub_error_table() -> list[tuple[type[BaseException], Any]]:
     def invalid(exc, repo):
         return HubError(f"invalid Hub id or revision: {_first_line(exc)}", "use NAMESPACE/NAME")
 
+    def incomplete(exc, repo):  # huggingface_hub's size check after a short (truncated) download
+        if "Consistency check failed" not in str(exc):
+            return None
+        err = HubConnectionError(
+            f"incomplete download from {repo}: {_first_line(exc)}",
+            "nothing was stored; run the command again",
+        )
+        err.transient = True
+        return err
+
     return [
         (hf.OfflineModeIsEnabled, offline),
         (hf.RepositoryNotFoundError, repo_not_found),
@@ -310,6 +327,7 @@ def _hub_error_table() -> list[tuple[type[BaseException], Any]]:
         *((cls, unreachable) for cls in transport),
         (ConnectionError, unreachable),
         (TimeoutError, unreachable),
+        (OSError, incomplete),
     ]
 
 
@@ -319,6 +337,27 @@ def translate_hub_error(exc: BaseException, repo_id: str) -> HubError | None:
             return make(exc, repo_id)
     return None
 
+
+
+#: Attempts and first back-off (doubling) for downloads that fail transiently (5xx, 408, 429, a
+#: truncated body): huggingface_hub itself retries a file GET only on 408/429.
+DOWNLOAD_ATTEMPTS = 4
+RETRY_DELAY_S = 1.0
+
+
+def with_retries(call: Callable[[], T], what: str) -> T:
+    """Run ``call`` (which raises deltahub Hub errors), retrying transient failures with back-off."""
+    delay = RETRY_DELAY_S
+    for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+        try:
+            return call()
+        except HubError as exc:
+            if not getattr(exc, "transient", False) or attempt == DOWNLOAD_ATTEMPTS:
+                raise
+            logger.warning("%s failed (%s); retrying in %.1f s", what, exc.message, delay)
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
 
 
 @contextmanager

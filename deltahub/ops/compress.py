@@ -64,6 +64,8 @@ class CompressResult:
     codecs: dict[str, int] = field(default_factory=dict)
     stored_bytes: int = 0
     fp16_bytes: int = 0
+    hub_repo_id: str | None = None  # set when the fine-tune was fetched from the Hub (REPO_ID[@REVISION])
+    hub_revision: str | None = None  # the commit id it was downloaded at
 
     @property
     def ratio(self) -> float:
@@ -166,13 +168,27 @@ def compress_finetune(
     force: bool = False,
     verify_base: bool = True,
 ) -> CompressResult:
-    """Compress the checkpoint at ``src`` against stored base ``base_name`` and name it ``name``."""
+    """Compress the checkpoint at ``src`` against stored base ``base_name`` and name it ``name``.
+
+    ``src`` that is no local path but looks like ``REPO_ID[@REVISION]`` is fetched from the Hub like
+    ``add`` does (:func:`deltahub.ops.hub_source.fetch_checkpoint`: pinned to its commit, no pickles,
+    into the HF cache, reused when cached, offline too) and compressed from the snapshot folder.
+    """
+    from deltahub.ops.hub_source import fetch_checkpoint, looks_like_hub_id
+
     embeddings = EmbeddingsMode(embeddings)
     validate_name(name)
+    hub: tuple[str, str] | None = None
+    if looks_like_hub_id(src):
+        repo_id, commit, folder = fetch_checkpoint(str(src))  # downloads outside the writer lock
+        src, hub = folder, (repo_id, commit)
     # The writer lock is taken before the base is resolved, so gc cannot remove the base's objects
     # between the lookup and the reads (gc waits for writers).
     with ctx.writing():
-        return _compress_locked(ctx, Path(src), base_name, name, embeddings, force, verify_base)
+        result = _compress_locked(ctx, Path(src), base_name, name, embeddings, force, verify_base)
+    if hub is not None:
+        result.hub_repo_id, result.hub_revision = hub
+    return result
 
 
 def _compress_locked(

@@ -29,7 +29,14 @@ from deltahub.formats.checkpoint import (
     WEIGHTS_INDEX,
     open_checkpoint,
 )
-from deltahub.hub.layout import HUB_MANIFEST_FILE, default_pull_name, hub_errors, offline_mode, parse_base_repo
+from deltahub.hub.layout import (
+    HUB_MANIFEST_FILE,
+    default_pull_name,
+    hub_errors,
+    offline_mode,
+    parse_base_repo,
+    with_retries,
+)
 from deltahub.index.models import ManifestRow, NameRow
 from deltahub.ops.context import StoreContext
 
@@ -123,8 +130,11 @@ def fetch_checkpoint(repo: str) -> tuple[str, str, Path]:
         info = HfApi().repo_info(repo_id, revision=revision, repo_type="model")
     commit = info.sha
     wanted = _wanted_files(repo_id, commit, {s.rfilename for s in (info.siblings or [])})
-    with hub_errors(repo_id):
-        folder = Path(snapshot_download(repo_id, revision=commit, repo_type="model", allow_patterns=wanted))
+    def download() -> Path:
+        with hub_errors(repo_id):
+            return Path(snapshot_download(repo_id, revision=commit, repo_type="model", allow_patterns=wanted))
+
+    folder = with_retries(download, f"downloading {repo_id}@{commit[:12]}")
     _cache_ref(folder, revision or "main", commit)
     return repo_id, commit, folder
 

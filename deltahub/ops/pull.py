@@ -36,6 +36,7 @@ from deltahub.hub.layout import (
     hub_errors,
     parse_base_repo,
     parse_hub_manifest,
+    with_retries,
 )
 from deltahub.index.models import NameRow
 from deltahub.ops.context import StoreContext, TensorStat
@@ -124,9 +125,12 @@ def pull(ctx: StoreContext, repo: str, name: str | None = None, force: bool = Fa
     at = f"{repo_id}@{commit[:12]}"
     result = PullResult(repo_id, revision or "main", commit, local, "")
 
-    def fetch(fname: str) -> Path:
+    def download(fname: str) -> Path:
         with hub_errors(repo_id):
-            path = Path(hf_hub_download(repo_id, fname, revision=commit, repo_type="model"))
+            return Path(hf_hub_download(repo_id, fname, revision=commit, repo_type="model"))
+
+    def fetch(fname: str) -> Path:
+        path = with_retries(lambda: download(fname), f"downloading {fname} from {repo_id}")
         result.downloaded.append(fname)
         result.bytes += path.stat().st_size
         return path

@@ -9,8 +9,9 @@
    Hub first (:mod:`deltahub.ops.hub_source`); a fetched base that is not the recorded one is a
    ``WrongBaseError`` and the delta is not stored (the fetched base stays under its own name).
 4. Every carried file and every stored tensor (read from the downloaded safetensors one at a time)
-   is hashed and compared with ``deltahub.json`` before it is stored; the sha256s are the object
-   ids. Any failure leaves the store as it was (:meth:`StoreContext.writing` rolls back).
+   is hashed while it is written to the store (once) and compared with ``deltahub.json``; the
+   sha256s are the object ids. Any failure, a mismatch included, leaves the store as it was
+   (:meth:`StoreContext.writing` rolls back what was written).
 
 When the manifest and all its objects are already in the store, only ``deltahub.json`` is
 downloaded.
@@ -18,7 +19,6 @@ downloaded.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,10 +160,11 @@ def pull(ctx: StoreContext, repo: str, name: str | None = None, force: bool = Fa
             manifest_info = ctx.objects.info(hub.manifest_id)
         else:
             for fname, sha in hub.files.items():
-                data = fetch(fname).read_bytes()
-                if hashlib.sha256(data).hexdigest() != sha:
+                file_info = ctx.put(fetch(fname).read_bytes(), Compression.AUTO)
+                # put() hashes while it writes: a mismatch raises, and the writer's rollback
+                # deletes the object it just created, so the store is left as it was.
+                if file_info.sha256 != sha:
                     raise _corrupt(f"file {fname}", at)
-                file_info = ctx.put(data, Compression.AUTO)
                 objects[file_info.sha256] = file_info
             total = sum(t.stored.spec.nbytes for t in hub.tensors)
             with progress_bar(total, f"pull {local}", unit="B", unit_scale=True) as bar:
@@ -178,10 +179,10 @@ def pull(ctx: StoreContext, repo: str, name: str | None = None, force: bool = Fa
                         if entry is None or entry.dtype != dtype_from_name(t.stored.dtype) or entry.shape != t.stored.shape:
                             raise _corrupt(f"tensor {t.name!r} (file {shard})", at)
                         view = tensor_bytes(reader.read(t.key, copy=False))
-                        if hashlib.sha256(view).hexdigest() != t.stored.object:
-                            raise _corrupt(f"tensor {t.name!r} (file {shard})", at)
                         codec = manifest.tensors[t.name].codec
                         tinfo = ctx.put(view, Compression.NONE if codec is Codec.SIGN1 else Compression.AUTO)
+                        if tinfo.sha256 != t.stored.object:  # hashed while written; rolled back
+                            raise _corrupt(f"tensor {t.name!r} (file {shard})", at)
                         objects[tinfo.sha256] = tinfo
                         bar.update(entry.nbytes)
                         del view

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -93,51 +95,58 @@ class Checkpoint:
         return sum(entry.nbytes for _r, entry in self.tensors.values())
 
 
-def _weight_files(root: Path) -> list[Path]:
-    index_path = root / WEIGHTS_INDEX
-    if index_path.is_file():
+def select_weight_files(names: set[str], where: str, load_index: Callable[[], Any]) -> list[str]:
+    """Which of a checkpoint's top-level file ``names`` hold its safetensors weights.
+
+    Shared by local folders and Hub repos (``where`` names the place in messages). With
+    ``model.safetensors.index.json`` among ``names``, ``load_index()`` returns its parsed JSON and
+    the shards it lists are returned (the index itself is not); else ``model.safetensors``; else the
+    single ``*.safetensors`` file. A checkpoint with only pickle weights raises
+    :class:`PickleCheckpointError`.
+    """
+    if WEIGHTS_INDEX in names:
         try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-            weight_map = index["weight_map"]
+            weight_map = load_index()["weight_map"]
             if not isinstance(weight_map, dict):
                 raise TypeError("weight_map is not an object")
+            shards = sorted({safe_relpath(str(f)) for f in weight_map.values()})
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise InputError(
-                f"{index_path} is not a valid safetensors index ({exc})",
+                f"{WEIGHTS_INDEX} in {where} is not a valid safetensors index ({exc})",
                 "re-save the checkpoint with save_pretrained",
             ) from None
-        names = sorted({safe_relpath(str(f)) for f in weight_map.values()})
-        files = []
-        for name in names:
-            if "/" in name:
-                raise InputError(f"{WEIGHTS_INDEX} points outside the checkpoint folder: {name!r}")
-            path = root / name
-            if not path.is_file():
+        for shard in shards:
+            if "/" in shard:
+                raise InputError(f"{WEIGHTS_INDEX} points outside the checkpoint folder: {shard!r}")
+            if shard not in names:
                 raise InputError(
-                    f"shard {name} listed in {WEIGHTS_INDEX} is missing from {root}",
+                    f"shard {shard} listed in {WEIGHTS_INDEX} is missing from {where}",
                     "download or copy the missing shard",
                 )
-            files.append(path)
-        return files
-    if (root / SINGLE_WEIGHTS).is_file():
-        return [root / SINGLE_WEIGHTS]
-    found = sorted(p for p in root.glob("*.safetensors") if p.is_file())
+        return shards
+    if SINGLE_WEIGHTS in names:
+        return [SINGLE_WEIGHTS]
+    found = sorted(n for n in names if n.endswith(".safetensors"))
     if len(found) == 1:
         return found
     if len(found) > 1:
         raise InputError(
-            f"{root} has several .safetensors files but no {WEIGHTS_INDEX}",
+            f"{where} has several .safetensors files but no {WEIGHTS_INDEX}",
             "add the index file written by save_pretrained",
         )
-    pickles = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
     if pickles:
-        raise PickleCheckpointError(
-            f"{root} holds only pickle checkpoints ({', '.join(pickles[:3])})", CONVERT_HINT
-        )
+        raise PickleCheckpointError(f"{where} holds only pickle checkpoints ({', '.join(pickles[:3])})", CONVERT_HINT)
     raise InputError(
-        f"no safetensors weights in {root}",
+        f"no safetensors weights in {where}",
         "expected model.safetensors or model.safetensors.index.json with its shards",
     )
+
+
+def _weight_files(root: Path) -> list[Path]:
+    names = {p.name for p in root.iterdir() if p.is_file()}
+    load_index = lambda: json.loads((root / WEIGHTS_INDEX).read_text(encoding="utf-8"))  # noqa: E731
+    return [root / name for name in select_weight_files(names, str(root), load_index)]
 
 
 def open_checkpoint(src: Path) -> Checkpoint:

@@ -18,16 +18,16 @@ import json
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 from deltahub.errors import HubConnectionError, InputError, PickleCheckpointError, WrongBaseError
 from deltahub.formats.checkpoint import (
     AUX_FILES,
     CONFIG_FILE,
     CONVERT_HINT,
-    PICKLE_SUFFIXES,
-    SINGLE_WEIGHTS,
     WEIGHTS_INDEX,
     open_checkpoint,
+    select_weight_files,
 )
 from deltahub.hub.layout import (
     HUB_MANIFEST_FILE,
@@ -64,33 +64,20 @@ def _wanted_files(repo_id: str, commit: str, names: set[str]) -> list[str]:
         hint = "pull it with `deltahub pull`" if HUB_MANIFEST_FILE in names else "add a Hugging Face checkpoint repo"
         raise InputError(f"{at} has no {CONFIG_FILE}: not a Hugging Face checkpoint", hint)
     top = {n for n in names if "/" not in n}
-    if WEIGHTS_INDEX in top:
+
+    def load_index() -> Any:
         with hub_errors(repo_id):
             index_path = hf_hub_download(repo_id, WEIGHTS_INDEX, revision=commit, repo_type="model")
-        try:
-            weight_map = json.loads(Path(index_path).read_text(encoding="utf-8"))["weight_map"]
-            shards = sorted({str(f) for f in weight_map.values()})
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise InputError(f"{WEIGHTS_INDEX} in {at} is not a valid safetensors index ({exc})") from None
-        missing = [s for s in shards if s not in top]
-        if missing:
-            raise InputError(f"{at}: shard {missing[0]} listed in {WEIGHTS_INDEX} is not in the repo")
-        weights = [WEIGHTS_INDEX, *shards]
-    elif SINGLE_WEIGHTS in top:
-        weights = [SINGLE_WEIGHTS]
-    else:
-        found = sorted(n for n in top if n.endswith(".safetensors"))
-        if len(found) > 1:
-            raise InputError(f"{at} has several .safetensors files but no {WEIGHTS_INDEX}")
-        if not found:
-            pickles = sorted(n for n in top if n.endswith(PICKLE_SUFFIXES))
-            if pickles:
-                raise PickleCheckpointError(
-                    f"{at} holds only pickle checkpoints ({', '.join(pickles[:3])}); deltahub never downloads them",
-                    CONVERT_HINT.replace("SRC", repo_id),
-                )
-            raise InputError(f"no safetensors weights in {at}", "expected model.safetensors or a sharded index")
-        weights = found
+        return json.loads(Path(index_path).read_text(encoding="utf-8"))
+
+    try:
+        weights = select_weight_files(top, at, load_index)
+    except PickleCheckpointError as exc:
+        raise PickleCheckpointError(
+            f"{exc.message}; deltahub never downloads them", CONVERT_HINT.replace("SRC", repo_id)
+        ) from None
+    if WEIGHTS_INDEX in top:
+        weights = [WEIGHTS_INDEX, *weights]
     return [CONFIG_FILE, *weights, *(n for n in AUX_FILES if n in top)]
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from deltahub.errors import DeltaHubError, InputError
+from deltahub.formats.checkpoint import AUX_FILES
 from deltahub.formats.paths import join_inside
 from deltahub.ops.context import StoreContext
 from deltahub.ops.materialize import parse_output_dtype
@@ -19,20 +20,8 @@ from deltahub.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
-TOKENIZER_FILES = (
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "merges.txt",
-    "sentencepiece.bpe.model",
-    "special_tokens_map.json",
-    "spiece.model",
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "vocab.json",
-    "vocab.txt",
-)
+#: The carried files a tokenizer is loaded from (everything but the generation/processor configs).
+TOKENIZER_FILES = tuple(f for f in AUX_FILES if f not in ("generation_config.json", "preprocessor_config.json"))
 
 
 def model_class(architectures: list[str]) -> Any:

@@ -25,6 +25,7 @@ from deltahub.formats.safetensors_io import dtype_name
 from deltahub.ops.context import StoreContext
 from deltahub.ops.reconstruct import ModelSource
 from deltahub.progress import progress_bar
+from deltahub.store import fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -51,24 +52,12 @@ def parse_output_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         ) from None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     for path in sorted(root.rglob("*")):
         if path.is_file():
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(root)
 
 
 def materialize(
@@ -139,7 +128,7 @@ def materialize(
                         f"{out_dir} was filled while materializing", "choose another directory or pass --force"
                     ) from None
                 raise
-        _fsync_dir(out_dir.parent)
+        fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

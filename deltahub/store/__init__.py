@@ -8,6 +8,7 @@ from deltahub.store.objects import (
     ObjectInfo,
     ObjectStore,
     check_object_id,
+    fsync_dir,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "ObjectStore",
     "check_object_id",
     "file_lock",
+    "fsync_dir",
 ]

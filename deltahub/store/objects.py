@@ -89,7 +89,8 @@ def check_object_id(object_id: str) -> str:
     return object_id
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so that renames and new entries in it are durable."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # pragma: no cover - platforms without directory fds
@@ -235,10 +236,10 @@ class ObjectStore:
             )
         if not final.parent.is_dir():
             final.parent.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(self.objects_dir)
+            fsync_dir(self.objects_dir)
         os.chmod(tmp_path, 0o444)
         os.replace(tmp_path, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         return obj
 
     # ------------------------------------------------------------------ reads

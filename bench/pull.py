@@ -49,6 +49,7 @@ from bench.common import (  # noqa: E402
     layout_from_args,
     log,
     print_table,
+    profile_top,
     scratch_dir,
     setup_torch,
     time_repeats,
@@ -169,6 +170,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--embeddings", default=None, help="Store.compress embeddings mode (default: library default)")
+    parser.add_argument("--profile", action="store_true", help="Profile one extra (untimed) pull and print the top functions")
     args = parser.parse_args()
     setup_torch(args.threads)
     layout = layout_from_args(args)
@@ -234,6 +236,10 @@ def main() -> int:
 
             log(f"(a) Store.pull({DELTA_REPO}) x{args.repeats}, fresh HF cache + store B with the base each time")
             t_delta = time_repeats(do_pull, args.repeats, before=before_pull, after=after_pull, label="Store.pull")
+            if args.profile:
+                before_pull(-1)
+                profile_top(lambda: do_pull(-1), top=30, label="Store.pull")
+                delta_info.pop()
 
             # correctness, once: materialize from B == from A
             log("checking: materialize from store B == from store A")

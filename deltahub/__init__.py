@@ -10,15 +10,15 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["DeltaHubError", "Store", "__version__", "load_model", "load_tokenizer"]
+__all__ = ["DeltaHubError", "Store", "__version__", "load_model", "load_multi_tenant", "load_tokenizer"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from deltahub.api import Store, load_model, load_tokenizer
+    from deltahub.api import Store, load_model, load_multi_tenant, load_tokenizer
     from deltahub.errors import DeltaHubError
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("Store", "load_model", "load_tokenizer"):
+    if name in ("Store", "load_model", "load_multi_tenant", "load_tokenizer"):
         from deltahub import api
 
         return getattr(api, name)

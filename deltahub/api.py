@@ -18,15 +18,20 @@ import torch
 
 from deltahub.formats.hf_writer import DEFAULT_MAX_SHARD_BYTES, parse_size
 from deltahub.ops import add as _add
+from deltahub.ops import calibrate as _calibrate
 from deltahub.ops import compress as _compress
+from deltahub.ops import evaluate as _evaluate
 from deltahub.ops import load as _load
 from deltahub.ops import manage as _manage
 from deltahub.ops import materialize as _materialize
 from deltahub.ops import pull as _pull
 from deltahub.ops import push as _push
+from deltahub.ops import serve as _serve
 from deltahub.ops.context import StoreContext
 
 EmbeddingsMode = _compress.EmbeddingsMode
+CalibrationOptions = _calibrate.CalibrationOptions
+EvalOptions = _evaluate.EvalOptions
 
 
 class Store:
@@ -48,14 +53,20 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def add(self, src: str | Path, name: str | None = None, force: bool = False) -> _add.AddResult:
+    def add(
+        self, src: str | Path, name: str | None = None, force: bool = False, copy: bool = False
+    ) -> _add.AddResult:
         """Import a base model from a local Hugging Face checkpoint directory, or from the Hub.
 
         ``src`` that is no local path but looks like ``"REPO_ID[@REVISION]"`` is downloaded at that
         revision (pinned to its commit, into the HF cache; reused when cached, offline too) and its
         Hub id and commit are recorded, so pushing deltas on it needs no ``base_repo``.
+
+        Weights that are files of the Hugging Face cache are not copied: the store keeps references
+        to their bytes there (re-hashed on every read). ``copy=True`` stores an independent copy, so
+        that deleting the HF cache entry later does not take the base with it.
         """
-        return _add.add_base(self._ctx, Path(src), name=name, force=force)
+        return _add.add_base(self._ctx, Path(src), name=name, force=force, copy=copy)
 
     def compress(
         self,
@@ -64,13 +75,49 @@ class Store:
         name: str,
         embeddings: str = _compress.DEFAULT_EMBEDDINGS.value,
         force: bool = False,
+        calibrate: bool = False,
+        calibration: _calibrate.CalibrationOptions | None = None,
     ) -> _compress.CompressResult:
         """Store the fine-tune at ``src`` as a 1-bit delta against stored base ``base``.
 
         ``src`` that is no local path but looks like ``"REPO_ID[@REVISION]"`` is downloaded from the
         Hub like :meth:`add` does (pinned to its commit, into the HF cache; reused when cached).
+        ``calibrate=True`` then calibrates the scales with ``src`` as the teacher (see
+        :meth:`calibrate`; ``result.calibration`` holds what it did).
         """
+        if calibrate:
+            result, cal = _calibrate.compress_and_calibrate(
+                self._ctx, src, base, name, embeddings=embeddings, force=force, options=calibration
+            )
+            result.calibration = cal
+            return result
         return _compress.compress_finetune(self._ctx, Path(src), base, name, embeddings=embeddings, force=force)
+
+    def calibrate(
+        self, name: str, finetune: str | Path, options: _calibrate.CalibrationOptions | None = None, **kwargs: Any
+    ) -> _calibrate.CalibrateResult:
+        """Calibrate the scales of stored delta ``name`` by distillation from its fine-tune.
+
+        ``finetune`` is the fine-tune's checkpoint folder, a Hub ``"REPO_ID[@REVISION]"`` or a stored
+        dense copy. Only the ``sign1`` scales change: ``name`` moves to a new manifest sharing every
+        other object. Settings: ``options`` or keyword arguments of :class:`CalibrationOptions`
+        (``data``, ``samples``, ``seq_len``, ``steps``, ``lr``, ``device``, ``seed``).
+        """
+        options = options or _calibrate.CalibrationOptions(**kwargs)
+        return _calibrate.calibrate(self._ctx, name, finetune, options)
+
+    def evaluate(
+        self,
+        name: str,
+        finetune: str | Path | None = None,
+        options: _evaluate.EvalOptions | None = None,
+        **kwargs: Any,
+    ) -> _evaluate.EvalResult:
+        """Perplexity of base / fine-tune / delta, KL(fine-tune || delta) and the improvement kept, on
+        held-out text; recorded in the index (``show`` prints the latest). Settings: ``options`` or
+        keyword arguments of :class:`EvalOptions` (``data``, ``samples``, ``seq_len``, ``device``)."""
+        options = options or _evaluate.EvalOptions(**kwargs)
+        return _evaluate.evaluate(self._ctx, name, finetune, options)
 
     def materialize(
         self,
@@ -94,10 +141,14 @@ class Store:
         message: str | None = None,
         base_repo: str | None = None,
         max_shard_size: str | int = DEFAULT_MAX_SHARD_BYTES,
+        with_base: bool = False,
     ) -> _push.PushResult:
-        """Publish stored delta ``name`` as Hub model repo ``repo_id`` in one commit (none if unchanged).
+        """Publish stored model ``name`` as Hub model repo ``repo_id`` in one commit (none if unchanged).
 
-        ``base_repo`` (``"REPO_ID[@REVISION]"``) says where the base lives when the store does not know.
+        A delta is pushed in the deltahub layout; a base as an ordinary checkpoint (and its Hub id
+        and commit are remembered). ``base_repo`` (``"REPO_ID[@REVISION]"``) says where a delta's
+        base lives when the store does not know; ``with_base`` pushes the base there first (default
+        repo ``REPO_ID-base``).
         """
         return _push.push(
             self._ctx,
@@ -108,6 +159,7 @@ class Store:
             message=message,
             base_repo=base_repo,
             max_shard_bytes=parse_size(max_shard_size),
+            with_base=with_base,
         )
 
     def pull(self, repo: str, name: str | None = None, force: bool = False) -> _pull.PullResult:
@@ -137,22 +189,71 @@ class Store:
     def verify(self) -> _manage.VerifyReport:
         return _manage.verify_store(self._ctx)
 
-    def load_model(self, name: str, dtype: str | torch.dtype | None = None, device: str = "cpu") -> Any:
-        return _load.load_model(self._ctx, name, dtype=dtype, device=device)
+    def load_model(
+        self,
+        name: str,
+        dtype: str | torch.dtype | None = None,
+        device: str = "cpu",
+        mode: str = "materialize",
+        trainable_scales: bool = False,
+    ) -> Any:
+        """A transformers model for ``name``. ``mode="delta"`` keeps the deltas packed and applies
+        them at inference (``DeltaLinear``); ``trainable_scales`` makes their scales trainable."""
+        return _load.load_model(
+            self._ctx, name, dtype=dtype, device=device, mode=mode, trainable_scales=trainable_scales
+        )
 
     def load_tokenizer(self, name: str) -> Any:
         return _load.load_tokenizer(self._ctx, name)
 
+    def load_multi_tenant(
+        self, names: list[str], dtype: str | torch.dtype | None = None, device: str = "cpu"
+    ) -> _serve.MultiTenantModel:
+        """One base plus the packed deltas of ``names`` (fine-tunes of that base; the base's own name
+        means base rows); every batch row picks its fine-tune. See :class:`deltahub.ops.serve.MultiTenantModel`."""
+        return _serve.load_multi_tenant(self._ctx, names, dtype=dtype, device=device)
+
+    def generate(
+        self,
+        pairs: list[tuple[str, str]],
+        mode: str | None = None,
+        max_new_tokens: int = _serve.DEFAULT_MAX_NEW_TOKENS,
+        dtype: str | torch.dtype | None = None,
+        device: str = "cpu",
+        **kwargs: Any,
+    ) -> list[_serve.Generation]:
+        """Generate for each ``(name, prompt)``: ``mode="delta"`` (default for several pairs) in one
+        multi-tenant batch, ``"materialize"`` (default for one) each model rebuilt in full. Greedy
+        unless ``do_sample=True``; other ``kwargs`` go to transformers' ``generate``."""
+        return _serve.generate(
+            self._ctx, pairs, mode=mode, max_new_tokens=max_new_tokens, dtype=dtype, device=device, **kwargs
+        )
+
 
 def load_model(
-    name: str, dtype: str | torch.dtype | None = None, device: str = "cpu", home: str | Path | None = None
+    name: str,
+    dtype: str | torch.dtype | None = None,
+    device: str = "cpu",
+    home: str | Path | None = None,
+    mode: str = "materialize",
+    trainable_scales: bool = False,
 ) -> Any:
-    """A transformers model for stored model ``name``, built without writing a checkpoint."""
+    """A transformers model for stored model ``name``, built without writing a checkpoint.
+
+    ``mode="delta"``: the base's weights plus the packed deltas, applied at inference."""
     with Store(home) as store:
-        return store.load_model(name, dtype=dtype, device=device)
+        return store.load_model(name, dtype=dtype, device=device, mode=mode, trainable_scales=trainable_scales)
 
 
 def load_tokenizer(name: str, home: str | Path | None = None) -> Any:
     """The tokenizer stored with model ``name``."""
     with Store(home) as store:
         return store.load_tokenizer(name)
+
+
+def load_multi_tenant(
+    names: list[str], dtype: str | torch.dtype | None = None, device: str = "cpu", home: str | Path | None = None
+) -> _serve.MultiTenantModel:
+    """One base model serving the stored fine-tunes ``names`` row by row (``.generate(pairs)``)."""
+    with Store(home) as store:
+        return store.load_multi_tenant(names, dtype=dtype, device=device)

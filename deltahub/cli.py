@@ -174,9 +174,15 @@ def cli(ctx: click.Context, home: Path | None, verbose: int) -> None:
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("--name", help="Name for the base (default: the folder's or repo's name).")
 @click.option("--force", is_flag=True, help="Re-point NAME if it already exists.")
+@click.option(
+    "--copy",
+    is_flag=True,
+    help="Copy weights that are in the Hugging Face cache into the store instead of referencing "
+    "them there (then deleting the HF cache entry cannot break the base).",
+)
 @json_option
 @click.pass_context
-def add(ctx: click.Context, src: Path, name: str | None, force: bool, as_json: bool) -> None:
+def add(ctx: click.Context, src: Path, name: str | None, force: bool, copy: bool, as_json: bool) -> None:
     """Add a base model from a local Hugging Face checkpoint folder SRC, or from the Hub.
 
     SRC holds config.json, safetensors weights (model.safetensors or shards with
@@ -187,13 +193,70 @@ def add(ctx: click.Context, src: Path, name: str | None, force: bool, as_json: b
     that revision (pinned to its commit id; only config, safetensors and tokenizer files, into
     your HF cache, reused when already there, HF_HUB_OFFLINE=1 included). The Hub id and commit
     are remembered, so `deltahub push` of deltas on this base needs no --base-repo.
+
+    Weights already in the HF cache (a Hub download, or a SRC folder inside the cache) are not
+    copied: the store references their bytes there and re-hashes them on every read. Use --copy
+    to keep an independent copy instead.
     """
-    result = _store(ctx).add(src, name=name, force=force)
+    result = _store(ctx).add(src, name=name, force=force, copy=copy)
+    linked = f", {_human(result.referenced_bytes)} left in the HF cache" if result.referenced_bytes else ""
     _emit(
         result.__dict__,
         as_json,
         f"added base {result.name}: {result.n_tensors} tensors, {_human(result.stored_bytes)} "
-        f"(manifest {result.manifest_id[:12]})",
+        f"stored{linked} (manifest {result.manifest_id[:12]})",
+    )
+
+
+def calibration_options(func: Any) -> Any:
+    """The ``--calib-*``, ``--device`` and ``--seed`` options of ``compress`` and ``calibrate``."""
+    from deltahub.ops.calibrate import CalibrationOptions as Defaults
+
+    options = [
+        click.option(
+            "--calib-data",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Calibration text: a UTF-8 text file, or JSONL of {\"text\": ...} or {\"messages\": [...]} "
+            "(rendered with the chat template). Default: a bundled public-domain corpus.",
+        ),
+        click.option("--calib-samples", type=int, default=Defaults.samples, show_default=True,
+                     help="Number of token sequences to calibrate on."),
+        click.option("--calib-seq-len", type=int, default=Defaults.seq_len, show_default=True,
+                     help="Tokens per calibration sequence."),
+        click.option("--calib-steps", type=int, default=Defaults.steps, show_default=True,
+                     help="Optimizer steps (batches of 4 sequences)."),
+        click.option("--calib-lr", type=float, default=Defaults.lr, show_default=True,
+                     help="Adam learning rate, relative to each scale (0.01: steps of about 1% of it)."),
+        click.option("--device", default=Defaults.device, show_default=True,
+                     help="Torch device for the teacher and the student, e.g. cuda."),
+        click.option("--seed", type=int, default=Defaults.seed, show_default=True,
+                     help="Seed of the sample choice and batch order (same seed, same scales)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _calibration(calib_data, calib_samples, calib_seq_len, calib_steps, calib_lr, device, seed):
+    from deltahub.api import CalibrationOptions
+
+    return CalibrationOptions(
+        data=calib_data, samples=calib_samples, seq_len=calib_seq_len, steps=calib_steps, lr=calib_lr,
+        device=device, seed=seed,
+    )
+
+
+def _calibration_text(cal: Any) -> str:
+    if cal.reverted:
+        return (
+            f"calibration of {cal.name} did not lower the loss ({cal.loss_before:.4g}); "
+            f"its scales were kept (manifest {cal.manifest_id[:12]})"
+        )
+    return (
+        f"calibrated {cal.name}: {cal.n_scales} scales, distillation loss {cal.loss_before:.4g} -> "
+        f"{cal.loss_after:.4g} (KL, nats/token) in {cal.steps} steps, {cal.seconds:.1f} s "
+        f"(manifest {cal.previous_manifest_id[:12]} -> {cal.manifest_id[:12]})"
     )
 
 
@@ -210,9 +273,26 @@ def add(ctx: click.Context, src: Path, name: str | None, force: bool, as_json: b
     "keeps slightly more of the fine-tune's quality).",
 )
 @click.option("--force", is_flag=True, help="Re-point NAME if it already exists.")
+@click.option(
+    "--calibrate",
+    "calibrate_",
+    is_flag=True,
+    help="Then calibrate the scales by distillation, with the fine-tune at SRC as the teacher.",
+)
+@calibration_options
 @json_option
 @click.pass_context
-def compress(ctx: click.Context, src: Path, base: str, name: str, embeddings: str, force: bool, as_json: bool) -> None:
+def compress(
+    ctx: click.Context,
+    src: Path,
+    base: str,
+    name: str,
+    embeddings: str,
+    force: bool,
+    calibrate_: bool,
+    as_json: bool,
+    **calib: Any,
+) -> None:
     """Compress the fine-tune in folder SRC into a 1-bit delta against BASE.
 
     2-D weight matrices become packed sign bits plus one fp32 scale (mean |delta|); 1-D tensors are
@@ -223,16 +303,111 @@ def compress(ctx: click.Context, src: Path, base: str, name: str, embeddings: st
     `deltahub add` does (pinned to its commit id; config, safetensors and tokenizer files only,
     into your HF cache, reused when already there, HF_HUB_OFFLINE=1 included).
     """
-    result = _store(ctx).compress(src, base=base, name=name, embeddings=embeddings, force=force)
+    options = _calibration(**calib) if calibrate_ else None
+    result = _store(ctx).compress(
+        src, base=base, name=name, embeddings=embeddings, force=force, calibrate=calibrate_, calibration=options
+    )
     data = dict(result.__dict__, ratio=result.ratio)
     codecs = ", ".join(f"{n} {c}" for c, n in sorted(result.codecs.items()))
-    _emit(
-        data,
-        as_json,
+    text = (
         f"compressed {result.name} against {result.base_name}: {codecs}; "
         f"{_human(result.stored_bytes)} on disk vs {_human(result.fp16_bytes)} in fp16 "
-        f"({result.ratio:.1f}x smaller)",
+        f"({result.ratio:.1f}x smaller)"
     )
+    if result.calibration is not None:
+        data["calibration"] = result.calibration.to_json()
+        text += "\n" + _calibration_text(result.calibration)
+    else:
+        data.pop("calibration", None)
+    _emit(data, as_json, text)
+
+
+@cli.command()
+@click.argument("name")
+@click.option(
+    "--finetune",
+    required=True,
+    metavar="PATH_OR_ID",
+    help="The fine-tune NAME was compressed from (the teacher): its checkpoint folder, a Hub "
+    "REPO_ID[@REVISION], or the name of a stored dense copy.",
+)
+@calibration_options
+@json_option
+@click.pass_context
+def calibrate(ctx: click.Context, name: str, finetune: str, as_json: bool, **calib: Any) -> None:
+    """Calibrate the scales of stored delta NAME by distillation from its fine-tune.
+
+    The fine-tune's next-token distributions on the calibration text are computed first and the
+    fine-tune freed; then only the scales of the 1-bit tensors of NAME are trained (Adam) so that
+    its distributions match (KL divergence). Signs, embeddings, norms and every other tensor stay
+    as they are. NAME then points at a new manifest that shares every object but the scales; the
+    loss before and after, the settings and the data are recorded (see `deltahub show NAME`).
+    """
+    result = _store(ctx).calibrate(name, finetune, _calibration(**calib))
+    _emit(result.to_json(), as_json, _calibration_text(result))
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x: float | None, fmt: str = ".4g") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _eval_lines(e: dict[str, Any]) -> list[str]:
+    lines = [
+        f"perplexity:  base {_num(e['ppl_base'])}, fine-tune {_num(e['ppl_finetune'])}, "
+        f"delta {_num(e['ppl_delta'])}  ({e['samples']} x {e['seq_len']} tokens of {e['data']})",
+    ]
+    if e["finetune"] is not None:
+        lines.append(f"KL(ft||delta): {_num(e['kl_mean'])} nats/token  (fine-tune: {e['finetune']})")
+        lines.append(
+            f"kept:        {_pct(e['kept_logppl'])} of the fine-tune's improvement (log-perplexity), "
+            f"{_pct(e['kept_ppl'])} (perplexity)"
+        )
+    return lines
+
+
+@cli.command("eval")
+@click.argument("name")
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Held-out text (text file or JSONL, as for calibration). Default: the part of the bundled "
+    "corpus that calibration does not use.",
+)
+@click.option(
+    "--finetune",
+    default=None,
+    metavar="PATH_OR_ID",
+    help="The fine-tune to compare with: checkpoint folder, Hub REPO_ID[@REVISION] or stored dense copy. "
+    "Without it only the base's and the delta's perplexities are measured.",
+)
+@click.option("--samples", type=int, default=64, show_default=True, help="Number of token sequences.")
+@click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per sequence.")
+@click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cuda.")
+@json_option
+@click.pass_context
+def eval_(
+    ctx: click.Context, name: str, data: Path | None, finetune: str | None, samples: int, seq_len: int,
+    device: str, as_json: bool,
+) -> None:
+    """Measure how faithful stored delta NAME is, on held-out text, and record it.
+
+    Perplexity of the base, of the fine-tune (with --finetune) and of the delta, the mean KL
+    divergence of the delta's next-token distributions from the fine-tune's, and the share of the
+    fine-tune's improvement over the base that the delta keeps. Models are loaded one at a time.
+    The figures are stored in the index; `deltahub show NAME` prints the latest.
+    """
+    from deltahub.api import EvalOptions
+
+    result = _store(ctx).evaluate(
+        name, finetune, EvalOptions(data=data, samples=samples, seq_len=seq_len, device=device)
+    )
+    data_out = result.to_json()
+    _emit(data_out, as_json, "\n".join([f"evaluated {name} ({result.n_tokens} tokens scored)"] + _eval_lines(data_out)))
 
 
 @cli.command()
@@ -283,9 +458,15 @@ def materialize(
     "--base-repo",
     default=None,
     metavar="REPO_ID[@REVISION]",
-    help="Hub repo (and revision) of the base, when the store does not know where the base lives.",
+    help="Hub repo (and revision) of the base, when the store does not know where the base lives; "
+    "with --with-base, the repo (and branch) to push the base to.",
 )
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest delta safetensors file.")
+@click.option(
+    "--with-base",
+    is_flag=True,
+    help="Push the delta's base too, as an ordinary checkpoint, to --base-repo (default REPO_ID-base).",
+)
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors file.")
 @json_option
 @click.pass_context
 def push(
@@ -296,14 +477,16 @@ def push(
     private: bool,
     message: str | None,
     base_repo: str | None,
+    with_base: bool,
     max_shard_size: str,
     as_json: bool,
 ) -> None:
-    """Publish stored delta NAME as Hub model repo REPO_ID, in one commit.
+    """Publish stored model NAME as Hub model repo REPO_ID, in one commit.
 
-    The repo holds deltahub.json (the manifest), delta*.safetensors (packed signs and dense
+    A delta's repo holds deltahub.json (the manifest), delta*.safetensors (packed signs and dense
     tensors), the fine-tune's config and tokenizer files, and a README.md model card naming the
-    base. Pushing the same delta again makes no commit. Uses your Hugging Face login (HF_TOKEN,
+    base. A base is pushed as an ordinary checkpoint (its Hub id and commit are then remembered).
+    Pushing the same content again makes no commit. Uses your Hugging Face login (HF_TOKEN,
     HF_ENDPOINT).
     """
     try:
@@ -313,9 +496,24 @@ def push(
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--max-shard-size") from None
     result = _store(ctx).push(
-        name, repo_id, revision=revision, private=private, message=message, base_repo=base_repo, max_shard_size=shard
+        name,
+        repo_id,
+        revision=revision,
+        private=private,
+        message=message,
+        base_repo=base_repo,
+        max_shard_size=shard,
+        with_base=with_base,
     )
     data = {k: getattr(result, k) for k in ("repo_id", "revision", "commit", "uploaded", "files", "bytes")}
+    if result.base is not None:
+        b = result.base
+        data["base"] = {k: getattr(b, k) for k in ("repo_id", "revision", "commit", "uploaded", "files", "bytes")}
+        data["base"]["commit"] = b.base_commit
+    base_line = ""
+    if result.base is not None:
+        state = "pushed" if result.base.uploaded else "already there"
+        base_line = f"base {state}: {result.base.repo_id}@{result.base.revision} (commit {result.base.base_commit[:12]})\n"
     if result.uploaded:
         text = (
             f"pushed {name} to {result.repo_id}@{result.revision} (commit {result.commit[:12]}, "
@@ -323,7 +521,7 @@ def push(
         )
     else:
         text = f"{result.repo_id}@{result.revision} already holds {name}; nothing pushed"
-    _emit(data, as_json, text)
+    _emit(data, as_json, base_line + text)
 
 
 @cli.command()
@@ -408,13 +606,30 @@ def show(ctx: click.Context, name: str, tensors: bool, as_json: bool) -> None:
             f"recon error: mean {s['mean_rel_recon_error']:.4g}, max {s['max_rel_recon_error']:.4g} "
             "(|dW - s*sign(dW)|/|dW|)"
         )
+    cal = info.get("calibration")
+    if cal is not None:
+        lines.append(
+            f"calibration: loss {cal['loss_before']:.4g} -> {cal['loss_after']:.4g} (KL, nats/token), "
+            f"{cal['n_scales']} scales, {cal['steps']} steps, lr {cal['lr']:g}, {cal['samples']} x "
+            f"{cal['seq_len']} tokens of {cal['data']}, seed {cal['seed']}, {cal['created_at'][:19]} "
+            f"(from manifest {cal['previous_manifest_id'][:12]})"
+        )
+    elif info["kind"] == "delta":
+        lines.append("calibration: none (scales are mean |dW|; see `deltahub calibrate`)")
+    ev = info.get("evaluation")
+    if ev is not None:
+        lines.append(f"evaluation:  {ev['created_at'][:19]}")
+        lines.extend("  " + line for line in _eval_lines(ev))
     if tensors:
-        lines.append(f"{'TENSOR':<52} {'CODEC':<6} {'SCALE':>10} {'|dW|/|W|':>9} {'ERR':>7}")
+        lines.append(
+            f"{'TENSOR':<52} {'CODEC':<6} {'SCALE':>10} {'INITIAL':>10} {'|dW|/|W|':>9} {'ERR':>7}"
+        )
         for t in info["tensors"]:
             scale = f"{t['scale']:.3e}" if t["scale"] is not None else "-"
+            initial = f"{t['initial_scale']:.3e}" if t.get("initial_scale") is not None else "-"
             norm = f"{t['rel_delta_norm']:.3g}" if t["rel_delta_norm"] is not None else "-"
             err = f"{t['rel_recon_error']:.3f}" if t["rel_recon_error"] is not None else "-"
-            lines.append(f"{t['name']:<52} {t['codec']:<6} {scale:>10} {norm:>9} {err:>7}")
+            lines.append(f"{t['name']:<52} {t['codec']:<6} {scale:>10} {initial:>10} {norm:>9} {err:>7}")
     _emit(info, as_json, "\n".join(lines))
 
 
@@ -431,6 +646,11 @@ def du(ctx: click.Context, as_json: bool) -> None:
         f"index:        {_human(info['index_bytes'])}",
         f"total:        {_human(info['total_bytes'])}",
     ]
+    if info["hf_cache_references"]:
+        lines.append(
+            f"in HF cache:  {_human(info['hf_cache_referenced_bytes'])} referenced by "
+            f"{info['hf_cache_references']} objects (not counted above)"
+        )
     for m in info["models"]:
         lines.append(f"  {m['name']:<28} {m['kind']:<6} {_human(m['stored_bytes']):>10}")
     _emit(info, as_json, "\n".join(lines))
@@ -478,6 +698,63 @@ def verify(ctx: click.Context, as_json: bool) -> None:
     _emit(report.to_json(), as_json, "\n".join(lines))
     if not report.ok:
         ctx.exit(1)
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.argument("prompt", required=False)
+@click.option(
+    "--tenant",
+    "tenants",
+    nargs=2,
+    multiple=True,
+    metavar="NAME PROMPT",
+    help="A (fine-tune, prompt) pair; repeat it to serve several fine-tunes of one base in one batch.",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["materialize", "delta"]),
+    default=None,
+    help="materialize: rebuild each model in full; delta: keep the deltas packed and apply them at "
+    "inference (default: materialize for one pair, delta for several).",
+)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True, help="Tokens to generate.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float16", "bfloat16", "float32"]),
+    default=None,
+    help="Dtype to run the model in (default: the model's own).",
+)
+@click.option("--device", default="cpu", show_default=True, help="Torch device to run on, e.g. cuda.")
+@json_option
+@click.pass_context
+def generate(
+    ctx: click.Context,
+    name: str | None,
+    prompt: str | None,
+    tenants: tuple[tuple[str, str], ...],
+    mode: str | None,
+    max_new_tokens: int,
+    dtype: str | None,
+    device: str,
+    as_json: bool,
+) -> None:
+    """Generate text with stored models: NAME PROMPT, and/or --tenant NAME PROMPT pairs.
+
+    Decoding is greedy. With several pairs in delta mode, one base model is loaded and every pair is
+    a row of one batch using its own fine-tune (a base's name gives a base row).
+    """
+    if name is not None and prompt is None:
+        raise click.UsageError("give a PROMPT after NAME (or use --tenant NAME PROMPT)")
+    pairs = ([(name, prompt)] if name is not None and prompt is not None else []) + list(tenants)
+    if not pairs:
+        raise click.UsageError("give NAME PROMPT or at least one --tenant NAME PROMPT")
+    results = _store(ctx).generate(pairs, mode=mode, max_new_tokens=max_new_tokens, dtype=dtype, device=device)
+    if len(results) == 1:
+        text = results[0].text
+    else:
+        text = "\n".join(f"{r.name}: {r.text}" for r in results)
+    _emit({"results": [r.to_json() for r in results]}, as_json, text)
 
 
 def main() -> None:

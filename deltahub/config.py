@@ -27,6 +27,24 @@ def default_home() -> Path:
     return base / "deltahub"
 
 
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache folder, as ``huggingface_hub`` itself resolves it
+    (``HF_HUB_CACHE``, else ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        env = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+        if env:
+            return Path(env).expanduser()
+        home = os.environ.get("HF_HOME")
+        return (Path(home).expanduser() if home else Path.home() / ".cache" / "huggingface") / "hub"
+    return Path(constants.HF_HUB_CACHE).expanduser()
+
+
+#: The key under which reference objects name the Hugging Face hub cache.
+HF_CACHE_ROOT = "hf_hub_cache"
+
+
 def debug_enabled() -> bool:
     return _truthy(os.environ.get("DELTAHUB_DEBUG"))
 

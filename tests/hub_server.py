@@ -85,6 +85,8 @@ class Repo:
     repo_id: str
     private: bool
     created_at: str
+    gated: bool = False  # file downloads need an account the owner granted (see `granted`)
+    granted: set[str] = field(default_factory=set)
     branches: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     commits: dict[str, Commit] = field(default_factory=dict)
@@ -595,7 +597,7 @@ class HubHandler(BaseHTTPRequestHandler):
             "lastModified": commit.date,
             "createdAt": repo.created_at,
             "private": repo.private,
-            "gated": False,
+            "gated": "auto" if repo.gated else False,
             "disabled": False,
             "downloads": 0,
             "likes": 0,
@@ -863,6 +865,14 @@ class HubHandler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------------ download
     def _resolve(self, method: str, repo_type: str, repo_id: str, revision: str, filename: str) -> None:
         repo = self._repo_for_read(repo_type, repo_id)
+        if repo.gated:
+            # Like the Hub: metadata is public, file downloads of a gated repo need an account that
+            # was granted access -- 401 anonymous, 403 otherwise, both X-Error-Code: GatedRepo.
+            user = self._user()
+            if user is None or not (self._can_write(user, repo.namespace) or user in repo.granted):
+                raise HubError(401 if user is None else 403,
+                               f"Access to model {repo_id} is restricted. You must have access to it "
+                               "and be authenticated to access it. Please log in.", "GatedRepo")
         commit = self.state.resolve(repo, revision)
         entry = commit.tree.get(filename)
         if entry is None:

@@ -112,6 +112,7 @@ def test_gc_waits_for_a_running_compress(tmp_path, template, model_dirs, monkeyp
     real_register = StoreContext.register
 
     def slow_register(self, *args, **kwargs):
+        self.objects.flush()  # the batch's objects are published, not yet indexed
         in_register.set()
         assert release.wait(60), "the test never released the writer"
         return real_register(self, *args, **kwargs)

@@ -159,3 +159,27 @@ def test_pickle_only_repo_is_refused_without_downloading_pickles(tmp_path, model
             s.add(repo)
         assert snapshot_store(tmp_path / "s") == before
     assert hub_server.count("GET", r"\.bin$") == 0
+
+
+def test_base_without_revision_is_fetched_from_main_and_checked(tmp_path, model_dirs, hub_server, monkeypatch):
+    """``push --base-repo REPO_ID`` (no revision): pull tries the base's main branch, and a main that
+    moved on to other weights is refused naming both, with no delta stored."""
+    dirs = model_dirs["llama"]
+    _upload_base(dirs["base"])
+    with deltahub.Store(tmp_path / "a") as a:
+        a.add(dirs["base"], name="base")
+        a.compress(dirs["ft"], base="base", name="ft")
+        a.push("ft", DELTA, base_repo=BASE)  # no @REVISION
+        hub = json.loads(Path(huggingface_hub.hf_hub_download(DELTA, "deltahub.json")).read_bytes())
+        assert hub["base"]["hub"] == {"repo_id": BASE, "revision": None}
+    _fresh_hf_cache(monkeypatch, tmp_path / "hf_b")
+    with deltahub.Store(tmp_path / "b") as b:
+        assert b.pull(DELTA).base_fetched == "tiny-base"
+    # main now holds other weights: refused, naming both revisions
+    _upload_base(dirs["ft"])
+    _fresh_hf_cache(monkeypatch, tmp_path / "hf_c")
+    with deltahub.Store(tmp_path / "c") as c:
+        with pytest.raises(WrongBaseError, match=f"{BASE}@main") as err:
+            c.pull(DELTA)
+        assert "does not match" in err.value.message
+        assert "tiny-delta" not in [r["name"] for r in c.list()]

@@ -35,7 +35,9 @@ from deltahub.index import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-INDEX_TABLES = {"objects", "manifests", "manifest_objects", "tensor_stats", "names"}
+INDEX_TABLES = {
+    "objects", "manifests", "manifest_objects", "tensor_stats", "names", "calibrations", "evaluations",
+}
 
 
 @pytest.fixture
@@ -96,6 +98,7 @@ def test_migrations_are_found_and_head_matches_code() -> None:
     folder = migrations_dir()
     assert (folder / "env.py").is_file()
     assert (folder / "versions" / "0001_initial.py").is_file()
+    assert (folder / "versions" / "0002_calibration.py").is_file()
     script = ScriptDirectory.from_config(alembic_config())
     assert script.get_heads() == [SCHEMA_HEAD]
 
@@ -113,6 +116,8 @@ def test_upgrade_head_creates_all_tables(engine: Engine) -> None:
         "ix_manifest_objects_object_id",
         "ix_names_manifest_id",
         "ix_manifests_base_id",
+        "ix_calibrations_manifest_id",
+        "ix_evaluations_manifest_id",
     } <= indexes
 
 
@@ -383,3 +388,111 @@ def test_utc_datetime_round_trip(index: Index) -> None:
     with pytest.raises(Exception, match="naive datetime"):
         with index.session() as s:
             _add_manifest(s, "e" * 64, created_at=datetime(2024, 1, 1))
+
+
+# ------------------------------------------------------------------ 0001 -> 0002 with data
+
+
+def _fill_0001(engine: Engine) -> None:
+    """A store's index as deltahub 0001 wrote it: a base, a delta on it, stats and names."""
+    now = "2024-06-01 12:00:00.000000"
+    with engine.begin() as conn:
+        for oid in ("1" * 64, "2" * 64, "3" * 64):
+            conn.execute(
+                text("INSERT INTO objects VALUES (:s, 10, 10, 'raw', :t)"), {"s": oid, "t": now}
+            )
+        conn.execute(
+            text(
+                "INSERT INTO manifests (id, kind, format_version, base_id, model_type, dtype, n_tensors, "
+                "stored_bytes, fp16_bytes, created_at, info) VALUES "
+                "(:id, :kind, 1, :base, 'llama', 'float32', 2, 20, 40, :t, NULL)"
+            ),
+            [
+                {"id": "b" * 64, "kind": "base", "base": None, "t": now},
+                {"id": "d" * 64, "kind": "delta", "base": "b" * 64, "t": now},
+            ],
+        )
+        conn.execute(
+            text("INSERT INTO manifest_objects VALUES (:m, :o, 'tensor')"),
+            [{"m": "b" * 64, "o": "1" * 64}, {"m": "d" * 64, "o": "2" * 64}, {"m": "d" * 64, "o": "3" * 64}],
+        )
+        conn.execute(
+            text(
+                "INSERT INTO tensor_stats (manifest_id, name, codec, dtype, shape, numel, stored_bytes, scale, "
+                "rel_delta_norm, rel_recon_error) VALUES (:m, :n, :c, 'float32', '[4,4]', 16, 8, :s, 0.1, :e)"
+            ),
+            [
+                {"m": "d" * 64, "n": "w.weight", "c": "sign1", "s": 0.125, "e": 0.6},
+                {"m": "d" * 64, "n": "norm.weight", "c": "dense", "s": None, "e": 0.0},
+            ],
+        )
+        conn.execute(
+            text("INSERT INTO names VALUES (:n, :m, :t, :t)"),
+            [{"n": "base", "m": "b" * 64, "t": now}, {"n": "ft", "m": "d" * 64, "t": now}],
+        )
+
+
+def test_upgrade_a_0001_store_with_data(tmp_path: Path) -> None:
+    """Opening a store written at 0001 upgrades it in place: every row kept, initial scales filled."""
+    db, lock = tmp_path / "index.db", tmp_path / "index.lock"
+    raw = create_engine(f"sqlite:///{db}")
+    _upgrade(raw, "0001_initial")
+    _fill_0001(raw)
+    with raw.connect() as conn:
+        before = {
+            t: sorted(map(tuple, conn.execute(text(f"SELECT * FROM {t}"))), key=repr)
+            for t in ("objects", "manifests", "manifest_objects", "names")
+        }
+    raw.dispose()
+
+    with Index(db, lock) as ix:
+        assert ix.current_revision() == SCHEMA_HEAD == "0002_calibration"
+        assert _drift(ix.engine) == []
+        with ix.engine.connect() as conn:
+            for table, rows in before.items():
+                assert sorted(map(tuple, conn.execute(text(f"SELECT * FROM {table}"))), key=repr) == rows
+        from deltahub.index.models import CalibrationRow, EvaluationRow
+
+        with ix.session(write=False) as s:
+            stats = {st.name: st for st in s.scalars(select(TensorStatRow))}
+            assert stats["w.weight"].scale == 0.125 and stats["w.weight"].initial_scale == 0.125
+            assert stats["w.weight"].rel_recon_error == 0.6
+            assert stats["norm.weight"].initial_scale is None
+            assert s.scalar(select(func.count()).select_from(CalibrationRow)) == 0
+        # The new tables work, and go with their manifest (cascade in the database).
+        with ix.session() as s:
+            s.add(
+                CalibrationRow(
+                    manifest_id="d" * 64, previous_manifest_id="c" * 64, teacher="ft/", data="x", samples=1,
+                    seq_len=8, steps=2, lr=0.01, seed=0, device="cpu", top_k=None, n_scales=1,
+                    loss_before=0.5, loss_after=0.25, seconds=1.0,
+                )
+            )
+            s.add(
+                EvaluationRow(
+                    manifest_id="d" * 64, data="x", samples=1, seq_len=8, n_tokens=7, finetune=None,
+                    ppl_base=3.0, ppl_finetune=None, ppl_delta=2.0, kl_mean=None, kept_logppl=None,
+                    kept_ppl=None, top_k=None, device="cpu", seconds=1.0,
+                )
+            )
+        with ix.session() as s:
+            s.execute(text("DELETE FROM names WHERE name = 'ft'"))
+            s.execute(text("DELETE FROM manifests WHERE id = :id"), {"id": "d" * 64})
+        with ix.session(write=False) as s:
+            assert s.scalar(select(func.count()).select_from(CalibrationRow)) == 0
+            assert s.scalar(select(func.count()).select_from(EvaluationRow)) == 0
+
+
+def test_downgrade_0002_to_0001_keeps_the_data(tmp_path: Path) -> None:
+    raw = create_engine(f"sqlite:///{tmp_path / 'index.db'}")
+    _upgrade(raw, "0001_initial")
+    _fill_0001(raw)
+    _upgrade(raw)
+    _downgrade(raw, "0001_initial")
+    with raw.connect() as conn:
+        cols = {c["name"] for c in inspect(raw).get_columns("tensor_stats")}
+        assert "initial_scale" not in cols
+        assert conn.execute(text("SELECT scale FROM tensor_stats WHERE name = 'w.weight'")).scalar() == 0.125
+        assert conn.execute(text("SELECT count(*) FROM names")).scalar() == 2
+    assert "calibrations" not in inspect(raw).get_table_names()
+    raw.dispose()

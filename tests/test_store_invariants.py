@@ -423,12 +423,49 @@ import os, sys
 import deltahub
 from deltahub.ops.context import StoreContext
 
-def crash(*args, **kwargs):
-    os._exit(3)  # a hard crash: no exception handlers, no clean-up
+def crash(self, *args, **kwargs):
+    self.objects.flush()  # the batch's objects are durable and in place...
+    os._exit(3)  # ...then a hard crash: no exception handlers, no clean-up
 
 StoreContext.register = crash
 deltahub.Store(sys.argv[1]).compress(sys.argv[2], base=sys.argv[3], name=sys.argv[4])
 """
+
+CRASH_IN_BATCH_SCRIPT = """
+import os, sys
+import deltahub
+from deltahub.store.objects import ObjectStore
+
+def crash(self):
+    if self._pending:
+        os._exit(3)  # killed with a batch written to tmp/ but not yet published
+
+ObjectStore.flush = crash
+deltahub.Store(sys.argv[1]).compress(sys.argv[2], base=sys.argv[3], name=sys.argv[4])
+"""
+
+
+def test_crash_inside_a_batch_publishes_nothing_and_gc_removes_its_temp_files(tmp_path, model_dirs):
+    import subprocess
+    import sys
+
+    home = tmp_path / "store"
+    with deltahub.Store(home) as s:
+        s.add(model_dirs["llama"]["base"], name=BASE)
+    before = snapshot_store(home)
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASH_IN_BATCH_SCRIPT, str(home), str(model_dirs["llama"]["ft"]), BASE, DELTA],
+        capture_output=True,
+        timeout=120,
+    )
+    assert proc.returncode == 3, proc.stderr.decode()
+    assert snapshot_store(home) == before  # no object, no row
+    assert list((home / "tmp").iterdir())  # only temporary files
+    with deltahub.Store(home) as store:
+        assert store.verify().ok
+        store.gc()
+        assert not list((home / "tmp").iterdir())
+        assert snapshot_store(home) == before
 
 
 def test_crash_before_register_leaves_only_garbage(tmp_path, model_dirs):

@@ -275,8 +275,16 @@ def _hub_error_table() -> list[tuple[type[BaseException], Any]]:
             "check the id, and log in (`hf auth login` or HF_TOKEN) with a token that can see it",
         )
 
+    def gated(exc, repo):
+        return HubAuthError(
+            f"{repo} is a gated repository: your account has no access to its files",
+            f"request access on {_endpoint()}/{repo}, then log in (`hf auth login` or HF_TOKEN)",
+        )
+
     def revision_not_found(exc, repo):
-        return HubNotFoundError(f"revision not found in {repo}", "check --revision (a branch, tag or commit id)")
+        return HubNotFoundError(
+            f"revision not found in {repo}", "check the revision after @ in REPO_ID@REVISION (a branch, tag or commit id)"
+        )
 
     def http(exc, repo):
         status = _status(exc)
@@ -320,6 +328,7 @@ def _hub_error_table() -> list[tuple[type[BaseException], Any]]:
 
     return [
         (hf.OfflineModeIsEnabled, offline),
+        (hf.GatedRepoError, gated),  # a subclass of RepositoryNotFoundError: first
         (hf.RepositoryNotFoundError, repo_not_found),
         (hf.RevisionNotFoundError, revision_not_found),
         (hf.HfHubHTTPError, http),

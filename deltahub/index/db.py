@@ -39,7 +39,7 @@ __all__ = ["SCHEMA_HEAD", "Index", "alembic_config", "migrations_dir"]
 logger = logging.getLogger(__name__)
 
 #: The Alembic revision this deltahub writes and expects (the single head of the migrations).
-SCHEMA_HEAD = "0001_initial"
+SCHEMA_HEAD = "0002_calibration"
 
 #: Pragmas run on every new DBAPI connection. ``busy_timeout`` comes first so that switching
 #: a new database to WAL waits for a concurrent opener instead of failing.

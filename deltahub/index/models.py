@@ -31,6 +31,8 @@ from sqlalchemy.types import TypeDecorator
 __all__ = [
     "NAMING_CONVENTION",
     "Base",
+    "CalibrationRow",
+    "EvaluationRow",
     "ManifestObjectRow",
     "ManifestRow",
     "NameRow",
@@ -181,6 +183,13 @@ class ManifestObjectRow(Base):
         )
 
 
+def _default_initial_scale(context: Any) -> float | None:
+    """``initial_scale`` of a new ``tensor_stats`` row that does not give one: its own ``scale``
+    for ``sign1`` tensors (a freshly compressed delta's scales are its initial scales)."""
+    params = context.get_current_parameters()
+    return params.get("scale") if params.get("codec") == "sign1" else None
+
+
 class TensorStatRow(Base):
     """Per-tensor statistics of a manifest (codec, sizes, delta scale and errors)."""
 
@@ -196,8 +205,13 @@ class TensorStatRow(Base):
     shape: Mapped[str] = mapped_column(Text)
     numel: Mapped[int] = mapped_column(Integer)
     stored_bytes: Mapped[int] = mapped_column(Integer)
+    #: The scale this manifest stores (``sign1`` only): calibrated when the manifest was calibrated.
     scale: Mapped[float | None] = mapped_column(Float)
+    #: The scale ``mean(|delta|)`` written at compress time, kept through every calibration.
+    #: (Rows written without it, i.e. at compress time, default to their ``scale`` when ``sign1``.)
+    initial_scale: Mapped[float | None] = mapped_column(Float, default=_default_initial_scale)
     rel_delta_norm: Mapped[float | None] = mapped_column(Float)
+    #: ``|delta - scale*sign(delta)| / |delta|`` for this manifest's ``scale``.
     rel_recon_error: Mapped[float | None] = mapped_column(Float)
 
     manifest: Mapped[ManifestRow] = relationship(back_populates="tensor_stats")
@@ -225,3 +239,80 @@ class NameRow(Base):
 
     def __repr__(self) -> str:
         return f"NameRow(name={self.name!r}, manifest_id={self.manifest_id!r})"
+
+
+class CalibrationRow(Base):
+    """One scale calibration: it produced manifest ``manifest_id`` from ``previous_manifest_id``.
+
+    The previous manifest is not a foreign key: once no name reaches it, gc prunes its rows while
+    this record stays.
+    """
+
+    __tablename__ = "calibrations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    manifest_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("manifests.id", ondelete="CASCADE"), index=True
+    )
+    previous_manifest_id: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    #: The fine-tune used as teacher (a path, a Hub id or a stored name).
+    teacher: Mapped[str] = mapped_column(Text)
+    #: Where the calibration text came from.
+    data: Mapped[str] = mapped_column(Text)
+    samples: Mapped[int] = mapped_column(Integer)
+    seq_len: Mapped[int] = mapped_column(Integer)
+    steps: Mapped[int] = mapped_column(Integer)
+    lr: Mapped[float] = mapped_column(Float)
+    seed: Mapped[int] = mapped_column(Integer)
+    device: Mapped[str] = mapped_column(String(32))
+    #: Teacher distribution kept per position: its top-k (``None``: the full distribution).
+    top_k: Mapped[int | None] = mapped_column(Integer)
+    #: How many sign1 scales were trained.
+    n_scales: Mapped[int] = mapped_column(Integer)
+    #: Mean distillation loss (KL, nats per position) on the calibration data, before and after.
+    loss_before: Mapped[float] = mapped_column(Float)
+    loss_after: Mapped[float] = mapped_column(Float)
+    seconds: Mapped[float] = mapped_column(Float)
+
+    def __repr__(self) -> str:
+        return (
+            f"CalibrationRow(manifest_id={self.manifest_id!r}, loss_before={self.loss_before!r}, "
+            f"loss_after={self.loss_after!r})"
+        )
+
+
+class EvaluationRow(Base):
+    """Fidelity of a stored delta on held-out text (``deltahub eval``)."""
+
+    __tablename__ = "evaluations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    manifest_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("manifests.id", ondelete="CASCADE"), index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    data: Mapped[str] = mapped_column(Text)
+    samples: Mapped[int] = mapped_column(Integer)
+    seq_len: Mapped[int] = mapped_column(Integer)
+    #: Tokens scored for perplexity.
+    n_tokens: Mapped[int] = mapped_column(Integer)
+    #: The fine-tune compared against (``None``: none was given).
+    finetune: Mapped[str | None] = mapped_column(Text)
+    ppl_base: Mapped[float] = mapped_column(Float)
+    ppl_finetune: Mapped[float | None] = mapped_column(Float)
+    ppl_delta: Mapped[float] = mapped_column(Float)
+    #: Mean KL(fine-tune || delta) of the next-token distributions, nats per position.
+    kl_mean: Mapped[float | None] = mapped_column(Float)
+    #: Share of the fine-tune's improvement kept, on log-perplexity (mean NLL) and on perplexity.
+    kept_logppl: Mapped[float | None] = mapped_column(Float)
+    kept_ppl: Mapped[float | None] = mapped_column(Float)
+    top_k: Mapped[int | None] = mapped_column(Integer)
+    device: Mapped[str] = mapped_column(String(32))
+    seconds: Mapped[float] = mapped_column(Float)
+
+    def __repr__(self) -> str:
+        return (
+            f"EvaluationRow(manifest_id={self.manifest_id!r}, ppl_delta={self.ppl_delta!r}, "
+            f"kl_mean={self.kl_mean!r})"
+        )

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deltahub.codec import Codec
+from deltahub.config import hf_hub_cache
 from deltahub.formats.checkpoint import open_checkpoint
 from deltahub.formats.manifest import Manifest, ModelKind, TensorRecord
 from deltahub.formats.paths import validate_name
@@ -15,6 +16,7 @@ from deltahub.ops.context import StoreContext, TensorStat
 from deltahub.ops.files import store_files
 from deltahub.progress import progress_bar
 from deltahub.store import Compression, ObjectInfo
+from deltahub.store.objects import Encoding
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +29,8 @@ class AddResult:
     stored_bytes: int
     hub_repo_id: str | None = None  # set when added from the Hub (deltahub.ops.hub_source)
     hub_revision: str | None = None  # the commit id it was downloaded at
+    #: bytes of weights left in the Hugging Face cache and stored as references (not copied)
+    referenced_bytes: int = 0
 
 
 def default_name(src: Path) -> str:
@@ -37,16 +41,32 @@ def default_name(src: Path) -> str:
     return validate_name(name.replace("..", ".")[:128])
 
 
-def add_base(ctx: StoreContext, src: Path, name: str | None = None, force: bool = False) -> AddResult:
+def hf_cache_blob(path: Path) -> str | None:
+    """``path``'s blob relative to the Hugging Face hub cache, when it is one (a snapshot file of
+    the cache is a symlink to ``models--*/blobs/<hash>``); else None."""
+    try:
+        cache = hf_hub_cache().resolve()
+        real = Path(path).resolve()
+    except OSError:
+        return None
+    if not real.is_file() or not real.is_relative_to(cache) or real.parent.name != "blobs":
+        return None
+    return real.relative_to(cache).as_posix()
+
+
+def add_base(
+    ctx: StoreContext, src: Path, name: str | None = None, force: bool = False, copy: bool = False
+) -> AddResult:
     """Store every tensor of ``src`` raw (memory-mappable) and record it as a base model.
 
     ``src`` that is no local path but looks like ``REPO_ID[@REVISION]`` is fetched from the Hub
-    (:mod:`deltahub.ops.hub_source`).
+    (:mod:`deltahub.ops.hub_source`). Weights that are blobs of the Hugging Face cache are stored as
+    *references* to their bytes there (no second copy; every read re-hashes them) unless ``copy``.
     """
     from deltahub.ops.hub_source import add_from_hub, looks_like_hub_id
 
     if looks_like_hub_id(src):
-        return add_from_hub(ctx, str(src), name=name, force=force)
+        return add_from_hub(ctx, str(src), name=name, force=force, copy=copy)
     name = validate_name(name) if name else default_name(src)
     checkpoint = open_checkpoint(Path(src))
     ctx.check_name_free(name, force)
@@ -58,18 +78,23 @@ def add_base(ctx: StoreContext, src: Path, name: str | None = None, force: bool 
         objects.update(file_infos)
         names = sorted(checkpoint.tensors)
         with progress_bar(checkpoint.total_bytes(), f"add {name}", unit="B", unit_scale=True) as bar:
+            blobs: dict[Path, str | None] = {}
             for tname in names:
-                tensor = checkpoint.read(tname, copy=False)
-                info = ctx.put(tensor_bytes(tensor), Compression.NONE)
+                reader, entry = checkpoint.tensors[tname]
+                if reader.path not in blobs:
+                    blobs[reader.path] = None if copy else hf_cache_blob(reader.path)
+                blob = blobs[reader.path]
+                if blob is not None and entry.nbytes:
+                    info = ctx.put_ref(blob, entry.start, entry.nbytes)
+                else:
+                    tensor = checkpoint.read(tname, copy=False)
+                    info = ctx.put(tensor_bytes(tensor), Compression.NONE)
+                    del tensor
+                dtype, shape = dtype_name(entry.dtype), tuple(entry.shape)
                 objects[info.sha256] = info
-                records[tname] = TensorRecord(
-                    tname, Codec.DENSE, dtype_name(tensor.dtype), tuple(tensor.shape), object=info.sha256
-                )
-                stats.append(
-                    TensorStat(tname, Codec.DENSE.value, dtype_name(tensor.dtype), tuple(tensor.shape), info.stored_size)
-                )
+                records[tname] = TensorRecord(tname, Codec.DENSE, dtype, shape, object=info.sha256)
+                stats.append(TensorStat(tname, Codec.DENSE.value, dtype, shape, info.stored_size))
                 bar.update(info.size)
-                del tensor
         manifest = Manifest(
             kind=ModelKind.BASE,
             model_type=checkpoint.model_type,
@@ -82,4 +107,7 @@ def add_base(ctx: StoreContext, src: Path, name: str | None = None, force: bool 
         manifest_id = ctx.register(manifest, manifest_info, objects, stats, name, force)
     logger.info("added base %s (%s)", name, manifest_id[:12])
     unique = {oid: info for oid, info in objects.items()}
-    return AddResult(name, manifest_id, len(records), sum(i.stored_size for i in unique.values()))
+    referenced = sum(i.size for i in unique.values() if i.encoding is Encoding.REF)
+    return AddResult(
+        name, manifest_id, len(records), sum(i.stored_size for i in unique.values()), referenced_bytes=referenced
+    )

@@ -20,6 +20,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -66,6 +67,7 @@ class CompressResult:
     fp16_bytes: int = 0
     hub_repo_id: str | None = None  # set when the fine-tune was fetched from the Hub (REPO_ID[@REVISION])
     hub_revision: str | None = None  # the commit id it was downloaded at
+    calibration: Any = None  # with --calibrate: the deltahub.ops.calibrate.CalibrateResult
 
     @property
     def ratio(self) -> float:

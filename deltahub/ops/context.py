@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from sqlalchemy import select
 
-from deltahub.config import default_home
+from deltahub.config import HF_CACHE_ROOT, default_home, hf_hub_cache
 from deltahub.errors import (
     CorruptObjectError,
     NameExistsError,
@@ -88,7 +88,7 @@ class StoreContext:
             self.home.mkdir(parents=True, exist_ok=True)
             self.locks_dir = self.home / "locks"
             self.locks_dir.mkdir(exist_ok=True)
-            self.objects = ObjectStore(self.home)
+            self.objects = ObjectStore(self.home, external_roots=lambda: {HF_CACHE_ROOT: hf_hub_cache()})
         except OSError as exc:
             raise StoreError(
                 f"cannot use {self.home} as a deltahub store: {exc.strerror}",
@@ -111,7 +111,7 @@ class StoreContext:
         created: list[str] = []
         self._created.append(created)
         try:
-            with file_lock(self.locks_dir / "gc.lock", exclusive=False):
+            with file_lock(self.locks_dir / "gc.lock", exclusive=False), self.objects.batch():
                 yield
         except BaseException:
             self._created.pop()
@@ -228,6 +228,14 @@ class StoreContext:
             self._created[-1].append(info.sha256)
         return info
 
+    def put_ref(self, relpath: str, offset: int, length: int) -> ObjectInfo:
+        """Store a reference to bytes of a file in the Hugging Face cache (no copy); inside
+        :meth:`writing`, remember it if this call created it."""
+        info = self.objects.put_ref(HF_CACHE_ROOT, relpath, offset, length)
+        if info.created and self._created:
+            self._created[-1].append(info.sha256)
+        return info
+
     # ------------------------------------------------------------------ index
     def register(
         self,
@@ -239,6 +247,7 @@ class StoreContext:
         force: bool,
     ) -> str:
         """Index rows, then the name (invariant 2). Returns the manifest id."""
+        self.objects.flush()  # every object of a batch is durable and in place before any index row
         manifest_id = manifest_info.sha256
         now = utcnow()
         all_objects = dict(objects)
@@ -254,6 +263,7 @@ class StoreContext:
                             sha256=oid,
                             size=info.size,
                             stored_size=info.stored_size,
+                            # the object's header is authoritative; a reference is indexed as "raw" content
                             encoding="zstd" if info.encoding.name == "ZSTD" else "raw",
                             created_at=now,
                         )

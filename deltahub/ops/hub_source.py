@@ -166,12 +166,15 @@ def hub_source_of(ctx: StoreContext, manifest_id: str) -> tuple[str, str] | None
     return None
 
 
-def add_from_hub(ctx: StoreContext, repo: str, name: str | None = None, force: bool = False):
-    """``deltahub add REPO_ID[@REVISION]``: add a base straight from the Hub (or the HF cache)."""
+def add_from_hub(ctx: StoreContext, repo: str, name: str | None = None, force: bool = False, copy: bool = False):
+    """``deltahub add REPO_ID[@REVISION]``: add a base straight from the Hub (or the HF cache).
+
+    The weights stay in the HF cache and the store keeps references to them, unless ``copy``.
+    """
     from deltahub.ops.add import add_base
 
     repo_id, commit, folder = fetch_checkpoint(repo)
-    result = add_base(ctx, folder, name=name or default_pull_name(repo_id), force=force)
+    result = add_base(ctx, folder, name=name or default_pull_name(repo_id), force=force, copy=copy)
     record_hub_source(ctx, result.manifest_id, repo_id, commit)
     result.hub_repo_id, result.hub_revision = repo_id, commit
     logger.info("base %s is %s", result.name, _where(repo_id, commit))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import tempfile
@@ -10,6 +11,7 @@ from typing import Any
 
 import torch
 
+from deltahub.codec import Codec
 from deltahub.errors import DeltaHubError, InputError
 from deltahub.formats.checkpoint import AUX_FILES
 from deltahub.formats.paths import join_inside
@@ -17,6 +19,8 @@ from deltahub.ops.context import StoreContext
 from deltahub.ops.materialize import parse_output_dtype
 from deltahub.ops.reconstruct import ModelSource
 from deltahub.progress import progress_bar
+from deltahub.runtime import DeltaEmbedding, DeltaLinear, choose_backend
+from deltahub.runtime.patch import SignDelta, install_sign_deltas
 
 logger = logging.getLogger(__name__)
 
@@ -35,32 +39,75 @@ def model_class(architectures: list[str]) -> Any:
     return transformers.AutoModelForCausalLM
 
 
+class LoadMode(str, enum.Enum):
+    """How :func:`load_model` builds a stored fine-tune."""
+
+    MATERIALIZE = "materialize"
+    """Every tensor rebuilt in full (``W_base + scale·S``): an ordinary transformers model."""
+
+    DELTA = "delta"
+    """The base's tensors plus the packed deltas, applied at inference (``DeltaLinear``)."""
+
+
+def parse_mode(mode: str | LoadMode) -> LoadMode:
+    try:
+        return LoadMode(mode)
+    except ValueError:
+        raise InputError(
+            f"unknown load mode {mode!r}", f"use one of {', '.join(m.value for m in LoadMode)}"
+        ) from None
+
+
 def load_model(
     ctx: StoreContext,
     name: str,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
     verify: bool = True,
+    mode: str | LoadMode = LoadMode.MATERIALIZE,
+    trainable_scales: bool = False,
 ) -> Any:
     """Build the transformers model for ``name`` straight from the store.
 
-    Tensors are rebuilt one at a time into the state dict handed to ``from_pretrained``; no
-    checkpoint is written. ``dtype`` defaults to the model's stored dtype.
-    """
-    from transformers import AutoConfig
+    ``mode="materialize"``: tensors are rebuilt one at a time into the state dict handed to
+    ``from_pretrained``; no checkpoint is written.
 
+    ``mode="delta"``: the model is built with the *base's* tensors; every ``Linear`` (and GPT-2
+    ``Conv1D``) weight stored as ``sign1`` becomes a :class:`~deltahub.runtime.DeltaLinear` and every
+    ``sign1`` embedding a :class:`~deltahub.runtime.DeltaEmbedding` (tied LM heads share the
+    embedding's base weight, signs and scale); dense tensors of the delta are installed as they are.
+    The model then holds about the base plus the packed bits: no fp16 delta is built. A ``sign1``
+    tensor of any other kind of module is materialized (that tensor only). ``trainable_scales`` gives
+    the delta modules' scales ``requires_grad=True`` (for calibration); every other parameter of a
+delta-mode model is frozen. A base model loads normally.
+
+    ``dtype`` defaults to the model's stored dtype.
+    """
+    mode = parse_mode(mode)
     out_dtype = parse_output_dtype(dtype)
     source = ModelSource.open(ctx, name, verify=verify)
     out_dtype = out_dtype or source.default_dtype()
+    if mode is LoadMode.DELTA and source.base is not None:
+        model = _load_delta_mode(source, name, out_dtype, trainable_scales)
+        choose_backend(torch.device(device))
+    else:
+        specs = source.specs(out_dtype)
+        state_dict: dict[str, torch.Tensor] = {}
+        with progress_bar(len(specs), f"load {name}", unit="tensor") as bar:
+            for spec, tensor in zip(specs, source.iter_tensors(specs)):
+                state_dict[spec.name] = tensor
+                bar.update(1)
+        model = build_model(source, name, out_dtype, state_dict)
+    return model.to(device)
+
+
+def build_model(source: ModelSource, name: str, out_dtype: torch.dtype, state_dict: dict[str, torch.Tensor]) -> Any:
+    """The transformers model of ``source``'s config with ``state_dict`` (in eval mode, on the CPU)."""
+    from transformers import AutoConfig
+
     with tempfile.TemporaryDirectory(prefix="deltahub-config-") as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(source.config(out_dtype)))
         config = AutoConfig.from_pretrained(tmp)
-    state_dict: dict[str, torch.Tensor] = {}
-    specs = source.specs(out_dtype)
-    with progress_bar(len(specs), f"load {name}", unit="tensor") as bar:
-        for spec, tensor in zip(specs, source.iter_tensors(specs)):
-            state_dict[spec.name] = tensor
-            bar.update(1)
     cls = model_class(source.manifest.architectures)
     model, info = cls.from_pretrained(
         None, config=config, state_dict=state_dict, dtype=out_dtype, output_loading_info=True
@@ -76,14 +123,62 @@ def load_model(
     if unexpected:
         logger.warning("loading %s: %d unused tensor(s): %s", name, len(unexpected), ", ".join(unexpected[:3]))
     model.eval()
-    return model.to(device)
+    return model
+
+
+def _owned(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A new tensor of ``dtype`` (inputs may be read-only views of memory-mapped objects)."""
+    return t.to(dtype) if t.dtype != dtype else t.clone()
+
+
+def _load_delta_mode(source: ModelSource, name: str, out_dtype: torch.dtype, trainable_scales: bool) -> Any:
+    """A delta loaded in delta mode (see :func:`load_model`)."""
+    manifest = source.manifest
+    specs = source.specs(out_dtype)
+    state_dict: dict[str, torch.Tensor] = {}
+    deltas: dict[str, SignDelta] = {}
+    with progress_bar(len(specs), f"load {name} (delta mode)", unit="tensor") as bar:
+        for spec, (stored, base) in zip(specs, source.iter_inputs(specs)):
+            rec = manifest.tensors[spec.name]
+            if rec.codec is Codec.SIGN1:
+                assert stored is not None and base is not None and rec.scale is not None
+                deltas[spec.name] = SignDelta(stored.clone(), rec.scale)
+                state_dict[spec.name] = _owned(base, spec.dtype)
+            else:  # dense: the fine-tune's tensor; same: the base's
+                src = stored if stored is not None else base
+                assert src is not None
+                state_dict[spec.name] = _owned(src, spec.dtype)
+            bar.update(1)
+    model = build_model(source, name, out_dtype, state_dict)
+    del state_dict
+    leftover = install_sign_deltas(model, deltas, trainable_scales=trainable_scales)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for tname in leftover:
+        target = params.get(tname)
+        if target is None:
+            raise DeltaHubError(
+                f"cannot find tensor {tname!r} of {name!r} in the {type(model).__name__} model",
+                "load it with mode='materialize'",
+            )
+        logger.info("delta mode: %s is not a Linear/Embedding weight; materializing that tensor", tname)
+        with torch.no_grad():
+            target.copy_(source.tensor(tname, target.dtype))
+    for pname, p in model.named_parameters():
+        p.requires_grad_(trainable_scales and pname.endswith(".scale"))
+    n_modules = sum(isinstance(m, DeltaLinear | DeltaEmbedding) for m in model.modules())
+    logger.info("loaded %s in delta mode: %d delta module(s), %d tensor(s) materialized", name, n_modules, len(leftover))
+    return model
 
 
 def load_tokenizer(ctx: StoreContext, name: str) -> Any:
     """The tokenizer stored with ``name`` (files written to a temporary folder, then loaded)."""
+    return tokenizer_of(ModelSource.open(ctx, name), name)
+
+
+def tokenizer_of(source: ModelSource, name: str) -> Any:
+    """The tokenizer stored in ``source``'s manifest."""
     from transformers import AutoTokenizer
 
-    source = ModelSource.open(ctx, name)
     present = [f for f in TOKENIZER_FILES if f in source.manifest.files]
     if not present:
         raise InputError(f"{name!r} was stored without tokenizer files", "add a checkpoint that has them")

@@ -16,6 +16,7 @@ from deltahub.index.models import ManifestObjectRow, ManifestRow, NameRow, Objec
 from deltahub.ops.context import StoreContext, prune_unreachable, reachable_manifests
 from deltahub.progress import progress_bar
 from deltahub.store import file_lock
+from deltahub.store.objects import Encoding
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,11 @@ def list_models(ctx: StoreContext) -> list[dict[str, Any]]:
 
 
 def show_model(ctx: StoreContext, name: str, tensors: bool = False) -> dict[str, Any]:
-    """Everything known about ``name``: kind, base, codecs, bytes, ratio, statistics."""
+    """Everything known about ``name``: kind, base, codecs, bytes, ratio, statistics, and for a delta
+    its latest calibration and evaluation (``None`` when there is none)."""
+    from deltahub.ops.calibrate import latest_calibration
+    from deltahub.ops.evaluate import latest_evaluation
+
     resolved = ctx.resolve(name)
     with ctx.index.session(write=False) as session:
         m = session.get(ManifestRow, resolved.manifest_id)
@@ -102,6 +107,8 @@ def show_model(ctx: StoreContext, name: str, tensors: bool = False) -> dict[str,
             base_names = names.get(m.base_id or "", [])
             summary["base"] = {"manifest_id": m.base_id, "names": base_names}
             summary["packing"] = resolved.manifest.packing.to_json() if resolved.manifest.packing else None
+            summary["calibration"] = latest_calibration(session, m.id)
+            summary["evaluation"] = latest_evaluation(session, m.id)
             if sign1:
                 weights = [st.numel for st in sign1]
                 total = sum(weights)
@@ -121,6 +128,7 @@ def show_model(ctx: StoreContext, name: str, tensors: bool = False) -> dict[str,
                     "shape": json.loads(st.shape),
                     "stored_bytes": st.stored_bytes,
                     "scale": st.scale,
+                    "initial_scale": st.initial_scale,
                     "rel_delta_norm": st.rel_delta_norm,
                     "rel_recon_error": st.rel_recon_error,
                 }
@@ -146,6 +154,17 @@ def disk_usage(ctx: StoreContext) -> dict[str, Any]:
         {"name": r["name"], "kind": r["kind"], "stored_bytes": r["stored_bytes"]} for r in list_models(ctx)
     ]
     unreferenced = {oid: size for oid, size in on_disk.items() if oid not in referenced}
+    hf_refs = 0
+    hf_ref_bytes = 0
+    for oid, size in on_disk.items():
+        if size <= 4096:  # only a small object file can be a reference into the HF cache
+            try:
+                info = ctx.objects.info(oid)
+            except DeltaHubError:
+                continue  # `verify` reports damaged objects
+            if info.encoding is Encoding.REF:
+                hf_refs += 1
+                hf_ref_bytes += info.size
     return {
         "home": str(ctx.home),
         "objects": len(on_disk),
@@ -154,6 +173,9 @@ def disk_usage(ctx: StoreContext) -> dict[str, Any]:
         "unreferenced_bytes": sum(unreferenced.values()),
         "index_bytes": index_bytes,
         "total_bytes": sum(on_disk.values()) + index_bytes,
+        # bytes the store uses but does not hold: base weights referenced in the HF cache
+        "hf_cache_references": hf_refs,
+        "hf_cache_referenced_bytes": hf_ref_bytes,
         "models": models,
     }
 

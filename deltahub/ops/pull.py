@@ -85,14 +85,20 @@ def _check_base(ctx: StoreContext, repo_id: str, hub: HubManifest, reserved: str
     base = hub.manifest.base
     assert base is not None
     fetched = None
-    if not ctx.objects.exists(base.manifest) and hub.base_repo_id and hub.base_revision:
+    if not ctx.objects.exists(base.manifest) and hub.base_repo_id:
         from deltahub.ops.hub_source import fetch_base_for_pull
 
+        if not hub.base_revision:
+            # Pushed with `--base-repo REPO_ID` and no revision: the base's main branch is tried, and
+            # like any fetched base it must hash to the recorded manifest (else an error naming both).
+            logger.warning("%s names base %s without a revision; trying its main branch", repo_id, hub.base_repo_id)
         try:
-            fetched = fetch_base_for_pull(ctx, repo_id, base.manifest, hub.base_repo_id, hub.base_revision, reserved)
+            fetched = fetch_base_for_pull(
+                ctx, repo_id, base.manifest, hub.base_repo_id, hub.base_revision or "main", reserved
+            )
         except HubNotFoundError as exc:
             raise WrongBaseError(
-                f"the base of {repo_id} ({hub.base_repo_id}@{hub.base_revision}, manifest {base.manifest[:12]}) "
+                f"the base of {repo_id} ({hub.base_repo_id}@{hub.base_revision or 'main'}, manifest {base.manifest[:12]}) "
                 f"is not in the store and cannot be fetched: {exc.message}",
                 "download that base and `deltahub add` it first",
             ) from None

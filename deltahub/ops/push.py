@@ -53,9 +53,15 @@ class PushResult:
     bytes: int = 0  # total size of the repo files deltahub wrote
     changed: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
+    #: for a base: the commit the branch holds it at (new or already there)
+    base_commit: str | None = None
+    #: with --with-base: the push of the base
+    base: PushResult | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        out = {k: v for k, v in self.__dict__.items() if k != "base"}
+        out["base"] = self.base.to_json() if self.base is not None else None
+        return out
 
 
 def _build(ctx: StoreContext, name: str, manifest_id, manifest, repo_id, base_repo, base_rev, out: Path, max_shard_bytes):
@@ -75,6 +81,130 @@ def _build(ctx: StoreContext, name: str, manifest_id, manifest, repo_id, base_re
     return sorted([*layout.shards, *layout.files, HUB_MANIFEST_FILE, CARD_FILE])
 
 
+def _build_base(ctx: StoreContext, name: str, manifest, out: Path, max_shard_bytes: int) -> list[str]:
+    """Write stored base ``name`` as an ordinary HF checkpoint: its carried files byte for byte
+    (so that adding the pushed repo gives the same manifest id) and its tensors in safetensors shards."""
+    from deltahub.formats.hf_writer import write_sharded
+    from deltahub.ops.reconstruct import ModelSource
+
+    source = ModelSource.open(ctx, name)
+    files = []
+    for rel in sorted(manifest.files):
+        target = join_inside(out, rel)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(source.file_bytes(rel))
+        files.append(rel)
+    specs = source.specs(None)
+    inputs = source.iter_inputs(specs)
+    with progress_bar(sum(s.nbytes for s in specs), f"packing base {name}", unit="B", unit_scale=True) as bar:
+        files += write_sharded(
+            out,
+            specs,
+            lambda spec, dst: source.fill(spec.name, next(inputs), dst),
+            max_shard_bytes=max_shard_bytes,
+            on_tensor=lambda spec: bar.update(spec.nbytes),
+        )
+    if CARD_FILE not in files:
+        (out / CARD_FILE).write_text(render_base_card(out, manifest), encoding="utf-8")
+        files.append(CARD_FILE)
+    return sorted(files)
+
+
+def render_base_card(out: Path, manifest) -> str:
+    arch = ", ".join(manifest.architectures) or "unknown architecture"
+    return (
+        "---\nlibrary_name: transformers\ntags:\n- deltahub-base\n---\n\n"
+        f"# Base model ({arch}, {manifest.dtype})\n\n"
+        "An ordinary Hugging Face checkpoint, pushed by deltahub as the base of 1-bit deltas "
+        "(`deltahub pull` fetches it when a delta needs it).\n"
+    )
+
+
+def _upload(
+    ctx: StoreContext, repo_id: str, branch: str, private: bool, message: str, build, stale_of
+) -> tuple[PushResult, str]:
+    """Build the repo files in a temporary folder, upload what changed in one commit.
+
+    ``build(tmp) -> files``; ``stale_of(remote_files, files) -> files to delete``. Returns the
+    result and the commit id the branch ends at.
+    """
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+    from huggingface_hub.utils import validate_repo_id
+
+    with hub_errors(repo_id):
+        validate_repo_id(repo_id)
+    tmp = Path(tempfile.mkdtemp(prefix=f"push_{os.getpid()}_", dir=ctx.objects.tmp_dir))
+    try:
+        files = build(tmp)
+        total = sum((tmp / f).stat().st_size for f in files)
+        api = HfApi()
+        with hub_errors(repo_id):
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            if branch != "main":
+                api.create_branch(repo_id, branch=branch, exist_ok=True, repo_type="model")
+            remote_files = api.list_repo_files(repo_id, revision=branch, repo_type="model")
+            present = [f for f in files if f in remote_files]
+            remote = {e.path: e for e in api.get_paths_info(repo_id, present, revision=branch, repo_type="model")} if present else {}
+            changed = [f for f in files if f not in remote or not _remote_matches(remote[f], tmp / f)]
+            stale = stale_of(remote_files, files)
+            result = PushResult(repo_id, branch, None, False, files, total, changed, stale)
+            if not changed and not stale:
+                logger.info("%s@%s already holds these files; nothing to push", repo_id, branch)
+                return result, api.repo_info(repo_id, revision=branch, repo_type="model").sha
+            ops = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(tmp / f)) for f in changed]
+            ops += [CommitOperationDelete(path_in_repo=f) for f in stale]
+            info = api.create_commit(
+                repo_id, operations=ops, commit_message=message, revision=branch, repo_type="model"
+            )
+        result.commit = info.oid
+        result.uploaded = True
+        return result, info.oid
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def push_base(
+    ctx: StoreContext,
+    name: str,
+    repo_id: str,
+    revision: str | None = None,
+    private: bool = False,
+    message: str | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> PushResult:
+    """Push stored base ``name`` to ``repo_id`` as an ordinary checkpoint and record it there
+    (so deltas on it push without ``--base-repo``)."""
+    from deltahub.ops.hub_source import record_hub_source
+
+    resolved = ctx.resolve(name)
+    if resolved.manifest.kind is not ModelKind.BASE:
+        raise InputError(f"{name!r} is not a base model", "push deltas with `deltahub push NAME REPO_ID`")
+    if max_shard_bytes <= 0:
+        raise InputError("the shard size must be positive", "use e.g. --max-shard-size 5GB")
+    check_online("deltahub push")
+    weights = ("model.safetensors", "model.safetensors.index.json")
+
+    def stale_of(remote_files: list[str], files: list[str]) -> list[str]:
+        return sorted(
+            f for f in remote_files
+            if f not in files and (f in weights or (f.startswith("model-") and f.endswith(".safetensors")))
+        )
+
+    result, commit = _upload(
+        ctx,
+        repo_id,
+        revision or "main",
+        private,
+        message or f"Push deltahub base {name}",
+        lambda tmp: _build_base(ctx, name, resolved.manifest, tmp, max_shard_bytes),
+        stale_of,
+    )
+    record_hub_source(ctx, resolved.manifest_id, repo_id, commit)
+    result.commit = result.commit or None
+    result.base_commit = commit
+    return result
+
+
 def _remote_matches(entry: Any, path: Path) -> bool:
     lfs = getattr(entry, "lfs", None)
     if lfs is not None:
@@ -92,17 +222,33 @@ def push(
     message: str | None = None,
     base_repo: str | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    with_base: bool = False,
 ) -> PushResult:
-    """Push stored delta ``name`` to Hub model repo ``repo_id`` (branch ``revision``, default main)."""
+    """Push stored model ``name`` to Hub model repo ``repo_id`` (branch ``revision``, default main).
+
+    A delta is pushed in the deltahub layout; a base as an ordinary checkpoint (:func:`push_base`).
+    ``with_base`` pushes the delta's base too, to ``base_repo`` (default ``REPO_ID-base``), first.
+    """
     resolved = ctx.resolve(name)
     manifest = resolved.manifest
-    if manifest.kind is not ModelKind.DELTA:
-        raise InputError(
-            f"{name!r} is a base model; deltahub pushes deltas only for now",
-            "push the delta; `--with-base` comes later (upload the base with `hf upload`)",
-        )
+    if manifest.kind is ModelKind.BASE:
+        if with_base or base_repo:
+            raise InputError(f"{name!r} is a base model", "--with-base and --base-repo are for deltas")
+        return push_base(ctx, name, repo_id, revision, private, message, max_shard_bytes)
     assert manifest.base is not None
-    if base_repo is not None:
+    base_result: PushResult | None = None
+    if with_base:
+        base_target = base_repo or f"{repo_id}-base"
+        try:
+            base_id, base_rev = parse_base_repo(base_target)
+        except ValueError as exc:
+            raise InputError(str(exc), "use --base-repo NAMESPACE/NAME (a branch with @BRANCH)") from None
+        if max_shard_bytes <= 0:
+            raise InputError("the shard size must be positive", "use e.g. --max-shard-size 5GB")
+        base_name = _base_name(ctx, manifest.base.manifest)
+        base_result = push_base(ctx, base_name, base_id, base_rev, private, None, max_shard_bytes)
+        base_rev = base_result.base_commit
+    elif base_repo is not None:
         try:
             base_id, base_rev = parse_base_repo(base_repo)
         except ValueError as exc:
@@ -116,47 +262,35 @@ def push(
         if not base_id or not base_rev:
             raise HubError(
                 f"the base of {name!r} has no Hub id and revision, so nobody could pull it",
-                "say where the base lives with --base-repo REPO_ID[@REVISION]",
+                "say where the base lives with --base-repo REPO_ID[@REVISION], or push it too with --with-base",
             )
     if max_shard_bytes <= 0:
         raise InputError("the shard size must be positive", "use e.g. --max-shard-size 5GB")
     check_online("deltahub push")
+    result, _commit = _upload(
+        ctx,
+        repo_id,
+        revision or "main",
+        private,
+        message or f"Push deltahub delta {name}",
+        lambda tmp: _build(ctx, name, resolved.manifest_id, manifest, repo_id, base_id, base_rev, tmp, max_shard_bytes),
+        lambda remote_files, files: sorted(f for f in remote_files if is_delta_file(f) and f not in files),
+    )
+    result.base = base_result
+    return result
 
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
-    from huggingface_hub.utils import validate_repo_id
 
-    with hub_errors(repo_id):
-        validate_repo_id(repo_id)
-    branch = revision or "main"
-    tmp = Path(tempfile.mkdtemp(prefix=f"push_{os.getpid()}_", dir=ctx.objects.tmp_dir))
-    try:
-        files = _build(ctx, name, resolved.manifest_id, manifest, repo_id, base_id, base_rev, tmp, max_shard_bytes)
-        total = sum((tmp / f).stat().st_size for f in files)
-        api = HfApi()
-        with hub_errors(repo_id):
-            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-            if branch != "main":
-                api.create_branch(repo_id, branch=branch, exist_ok=True, repo_type="model")
-            remote_files = api.list_repo_files(repo_id, revision=branch, repo_type="model")
-            present = [f for f in files if f in remote_files]
-            remote = {e.path: e for e in api.get_paths_info(repo_id, present, revision=branch, repo_type="model")} if present else {}
-            changed = [f for f in files if f not in remote or not _remote_matches(remote[f], tmp / f)]
-            stale = sorted(f for f in remote_files if is_delta_file(f) and f not in files)
-            result = PushResult(repo_id, branch, None, False, files, total, changed, stale)
-            if not changed and not stale:
-                logger.info("%s@%s already holds %s; nothing to push", repo_id, branch, name)
-                return result
-            ops = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(tmp / f)) for f in changed]
-            ops += [CommitOperationDelete(path_in_repo=f) for f in stale]
-            info = api.create_commit(
-                repo_id,
-                operations=ops,
-                commit_message=message or f"Push deltahub delta {name}",
-                revision=branch,
-                repo_type="model",
-            )
-        result.commit = info.oid
-        result.uploaded = True
-        return result
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def _base_name(ctx: StoreContext, base_manifest: str) -> str:
+    """A name pointing at ``base_manifest`` (the base must be in the store to be pushed)."""
+    from sqlalchemy import select
+
+    from deltahub.index.models import NameRow
+
+    with ctx.index.session(write=False) as session:
+        names = sorted(session.scalars(select(NameRow.name).where(NameRow.manifest_id == base_manifest)))
+    if not names:
+        raise InputError(
+            f"the base {base_manifest[:12]} has no name in this store, so it cannot be pushed",
+            "name it (`deltahub add` the base folder again) or use --base-repo",
+        )
+    return names[0]

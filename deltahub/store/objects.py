@@ -5,9 +5,18 @@ object lives at ``objects/<id[:2]>/<id>`` and is a 16-byte header followed by th
 
     offset 0   6 bytes  magic  b"DHOBJ\\0"
     offset 6   1 byte   object file format version (1)
-    offset 7   1 byte   encoding: 0 = raw, 1 = zstd (one zstd frame of the content)
+    offset 7   1 byte   encoding: 0 = raw, 1 = zstd (one zstd frame of the content),
+                        2 = reference (the content lives outside the store, see below)
     offset 8   8 bytes  uncompressed content length, little-endian uint64
     offset 16           payload
+
+A *reference* object (encoding 2) keeps no copy of the bytes: its payload is a small JSON object
+``{"root": KEY, "path": REL, "offset": O, "length": L}`` naming a byte range of a file under one of
+the read-only roots the store was opened with (``external_roots``; deltahub uses it for blobs of the
+Hugging Face cache, ``KEY = "hf_hub_cache"``). ``REL`` is resolved with the same rules as every other
+path (relative, no ``..``, no symlink out of the root). The content is the ``L`` bytes at ``O`` and
+MUST still hash to the object id: every verified read re-hashes it, so a changed or deleted target is
+a :class:`CorruptObjectError`, never a silently wrong tensor.
 
 Raw payloads start at a 16-byte aligned offset, so base tensors stay memory-mappable. The encoding
 is read from the header, never inferred from the file name.
@@ -15,12 +24,21 @@ is read from the header, never inferred from the file name.
 Writes (invariant 1): a per-process temporary file under ``tmp/`` in the store, hashed while being
 written, fsynced, then renamed into place (the directory is fsynced too). Readers never see a partial
 object. Writing an object that already exists is a no-op (the temporary file is dropped).
+
+Inside :meth:`ObjectStore.batch` the same steps run for many objects at once: every temporary file
+is written, then ONE ``syncfs`` makes them all durable, then they are renamed into place, then one
+more ``syncfs`` makes the renames durable (:meth:`ObjectStore.flush`). An object is still never
+visible before its bytes are durable; what changes is one flush per batch instead of two fsyncs per
+object (which dominated pulls and adds of many small objects). A failed batch removes its
+temporary files and publishes nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
+import json
 import logging
 import mmap
 import os
@@ -28,7 +46,8 @@ import re
 import struct
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +74,7 @@ class Encoding(enum.IntEnum):
 
     RAW = 0
     ZSTD = 1
+    REF = 2
 
 
 class Compression(str, enum.Enum):
@@ -101,6 +121,28 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_SYNCFS = None
+
+
+def syncfs(path: Path) -> None:
+    """Flush every dirty page and inode of the filesystem holding ``path`` (Linux ``syncfs``;
+    elsewhere ``os.sync``)."""
+    global _SYNCFS
+    if _SYNCFS is None:
+        try:
+            import ctypes
+
+            _SYNCFS = ctypes.CDLL(None, use_errno=True).syncfs
+        except (OSError, AttributeError):  # pragma: no cover - not Linux
+            _SYNCFS = False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if not _SYNCFS or _SYNCFS(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
+
+
 def _as_byte_views(data: bytes | bytearray | memoryview | Iterable) -> Iterator[memoryview]:
     if isinstance(data, (bytes, bytearray, memoryview)):
         view = memoryview(data).cast("B")
@@ -134,16 +176,96 @@ def _worth_compressing(view: memoryview) -> bool:
     return packed <= (1 - ZSTD_MIN_SAVING) * raw
 
 
-class ObjectStore:
-    """The ``objects/`` and ``tmp/`` folders of a store. Knows nothing of manifests or the index."""
+#: Reference payloads are tiny; anything larger is damage.
+MAX_REF_PAYLOAD = 4096
 
-    def __init__(self, root: Path) -> None:
+
+@dataclass(frozen=True)
+class ExternalRef:
+    """Where a reference object's content is: ``length`` bytes at ``offset`` of ``path``."""
+
+    root: str
+    relpath: str
+    path: Path
+    offset: int
+    length: int
+
+
+class ObjectStore:
+    """The ``objects/`` and ``tmp/`` folders of a store. Knows nothing of manifests or the index.
+
+    ``external_roots`` returns, when called, the folders reference objects may point into (key ->
+    folder); it is called at use time so that it follows settings such as ``HF_HUB_CACHE``.
+    """
+
+    def __init__(self, root: Path, external_roots: Callable[[], Mapping[str, Path]] | None = None) -> None:
         self.root = Path(root)
+        self._external_roots = external_roots or (lambda: {})
         self.objects_dir = self.root / "objects"
         self.tmp_dir = self.root / "tmp"
         self.objects_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        self._lock = threading.RLock()
+        #: objects written in the current batch and not yet published: id -> (temp file, info)
+        self._pending: dict[str, tuple[Path, ObjectInfo]] | None = None
+
+    # ------------------------------------------------------------------ batches
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Defer publishing the objects written in this block to :meth:`flush` (called at the end,
+        and by readers of a pending object). Nested blocks join the outer one."""
+        with self._lock:
+            if self._pending is not None:
+                outer = True
+            else:
+                outer = False
+                self._pending = {}
+        if outer:
+            yield
+            return
+        try:
+            yield
+            self.flush()
+        finally:
+            with self._lock:
+                left, self._pending = self._pending or {}, None
+            for tmp_path, _obj in left.values():  # only after a failure
+                tmp_path.unlink(missing_ok=True)
+
+    def flush(self) -> None:
+        """Make the batch's objects durable and visible: one syncfs, the renames, one syncfs."""
+        with self._lock:
+            if not self._pending:
+                return
+            syncfs(self.tmp_dir)
+            while self._pending:  # popped first: _publish reads headers, which must not flush again
+                _object_id, (tmp_path, obj) = self._pending.popitem()
+                try:
+                    self._publish(tmp_path, obj, sync=False)
+                except BaseException:
+                    tmp_path.unlink(missing_ok=True)
+                    raise
+            syncfs(self.objects_dir)
+
+    def _finish(self, tmp_path: Path, obj: ObjectInfo) -> ObjectInfo:
+        """Publish a written temporary file now, or add it to the current batch."""
+        with self._lock:
+            if self._pending is None:
+                return self._publish(tmp_path, obj)
+            if obj.sha256 in self._pending:
+                tmp_path.unlink(missing_ok=True)
+                return dataclasses.replace(self._pending[obj.sha256][1], created=False)
+            final = self.path_of(obj.sha256)
+            if final.exists() and not (obj.encoding is not Encoding.REF and self.encoding_of(obj.sha256) is Encoding.REF):
+                tmp_path.unlink(missing_ok=True)
+                return ObjectInfo(obj.sha256, obj.size, final.stat().st_size, self.encoding_of(obj.sha256), created=False)
+            self._pending[obj.sha256] = (tmp_path, obj)
+            return obj if not final.exists() else dataclasses.replace(obj, created=False)
+
+    def _flush_pending(self, object_id: str) -> None:
+        if self._pending and object_id in self._pending:
+            self.flush()
 
     # ------------------------------------------------------------------ paths
     def path_of(self, object_id: str) -> Path:
@@ -151,7 +273,7 @@ class ObjectStore:
         return self.objects_dir / object_id[:2] / object_id
 
     def exists(self, object_id: str) -> bool:
-        return self.path_of(object_id).is_file()
+        return self.path_of(object_id).is_file() or bool(self._pending and object_id in self._pending)
 
     def iter_ids(self) -> Iterator[str]:
         """Every object id present on disk (files with a valid id as name)."""
@@ -192,7 +314,7 @@ class ObjectStore:
             info = self._write(data, Compression.NONE)
         assert info is not None
         tmp_path, obj = info
-        return self._publish(tmp_path, obj)
+        return self._finish(tmp_path, obj)
 
     def _write(
         self, data: bytes | bytearray | memoryview | Iterable, compression: Compression
@@ -221,26 +343,125 @@ class ObjectStore:
                 stored = fh.tell()
                 fh.seek(0)
                 fh.write(HEADER.pack(MAGIC, OBJECT_FORMAT_VERSION, int(encoding), size))
-                os.fsync(fh.fileno())
+                if self._pending is None:  # a batch syncs all its files at once in flush()
+                    os.fsync(fh.fileno())
         except BaseException:
             tmp_path.unlink(missing_ok=True)
             raise
         return tmp_path, ObjectInfo(digest.hexdigest(), size, stored, encoding)
 
-    def _publish(self, tmp_path: Path, obj: ObjectInfo) -> ObjectInfo:
+    def _publish(self, tmp_path: Path, obj: ObjectInfo, sync: bool = True) -> ObjectInfo:
         final = self.path_of(obj.sha256)
         if final.exists():
+            existing = self.encoding_of(obj.sha256)
+            if existing is Encoding.REF and obj.encoding is not Encoding.REF:
+                # A copy of content that was only referenced replaces the reference (same content,
+                # atomic rename). Not "created": a rollback must not delete what others use.
+                os.chmod(tmp_path, 0o444)
+                os.replace(tmp_path, final)
+                if sync:
+                    fsync_dir(final.parent)
+                return dataclasses.replace(obj, created=False)
             tmp_path.unlink(missing_ok=True)
-            return ObjectInfo(
-                obj.sha256, obj.size, final.stat().st_size, self.encoding_of(obj.sha256), created=False
-            )
+            return ObjectInfo(obj.sha256, obj.size, final.stat().st_size, existing, created=False)
         if not final.parent.is_dir():
             final.parent.mkdir(parents=True, exist_ok=True)
-            fsync_dir(self.objects_dir)
+            if sync:
+                fsync_dir(self.objects_dir)
         os.chmod(tmp_path, 0o444)
         os.replace(tmp_path, final)
-        fsync_dir(final.parent)
+        if sync:
+            fsync_dir(final.parent)
         return obj
+
+    def put_ref(self, root: str, relpath: str, offset: int, length: int) -> ObjectInfo:
+        """Store a reference to ``length`` bytes at ``offset`` of ``relpath`` under external root
+        ``root`` (no copy of the bytes). The range is hashed here, so the id is its sha256.
+
+        When the object already exists (as a copy or a reference) nothing is written.
+        """
+        target = self._external_path(root, relpath, "<new>")
+        with open(target, "rb") as fh:
+            if offset < 0 or length < 0 or os.fstat(fh.fileno()).st_size < offset + length:
+                raise StoreError(f"{relpath} is shorter than the referenced range {offset}+{length}")
+            if length == 0:
+                object_id = hashlib.sha256(b"").hexdigest()
+            else:  # hashed through a memory map: no copy of the bytes into fresh pages
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+                try:
+                    with memoryview(mm) as view:
+                        object_id = hashlib.sha256(view[offset : offset + length]).hexdigest()
+                finally:
+                    mm.close()
+        final = self.path_of(object_id)
+        if final.exists() or (self._pending and object_id in self._pending):
+            self._flush_pending(object_id)
+            return ObjectInfo(object_id, length, final.stat().st_size, self.encoding_of(object_id), created=False)
+        payload = json.dumps(
+            {"root": root, "path": relpath, "offset": offset, "length": length}, sort_keys=True
+        ).encode()
+        fd, tmp_name = tempfile.mkstemp(prefix=f"obj-{os.getpid()}-", suffix=".tmp", dir=self.tmp_dir)
+        tmp_path = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb", buffering=0) as fh:
+                fh.write(HEADER.pack(MAGIC, OBJECT_FORMAT_VERSION, int(Encoding.REF), length) + payload)
+                if self._pending is None:
+                    os.fsync(fh.fileno())
+        except BaseException:
+            tmp_path.unlink(missing_ok=True)
+            raise
+        return self._finish(tmp_path, ObjectInfo(object_id, length, HEADER_SIZE + len(payload), Encoding.REF))
+
+    def _external_path(self, root: str, relpath: str, object_id: str) -> Path:
+        """The file a reference names, checked to stay inside its root (no ``..``, no symlink out)."""
+        roots = self._external_roots()
+        if root not in roots:
+            raise CorruptObjectError(
+                f"object {object_id} refers to unknown root {root!r}", "run `deltahub verify`"
+            )
+        base = Path(roots[root]).resolve()
+        rel = Path(relpath)
+        if rel.is_absolute() or not rel.parts or ".." in rel.parts:
+            raise CorruptObjectError(f"object {object_id} has an unsafe reference {relpath!r}", "run `deltahub verify`")
+        target = (base / rel).resolve()
+        if not target.is_relative_to(base) or not target.is_file():
+            raise CorruptObjectError(
+                f"object {object_id} refers to {relpath} in {root} ({base}), which is missing",
+                "the Hugging Face cache entry was deleted or HF_HUB_CACHE changed; run `deltahub add "
+                "REPO_ID@REVISION` again for that base (or add it with --copy)",
+            )
+        return target
+
+    def external_ref(self, object_id: str) -> ExternalRef | None:
+        """Where a reference object's content lives, or None for objects stored in the store."""
+        with self._open(object_id) as fh:
+            encoding, size = self._header(fh, object_id)
+            if encoding is not Encoding.REF:
+                return None
+            return self._ref(fh, object_id, size)
+
+    def _ref(self, fh, object_id: str, size: int) -> ExternalRef:
+        raw = fh.read(MAX_REF_PAYLOAD + 1)
+        try:
+            doc = json.loads(raw) if len(raw) <= MAX_REF_PAYLOAD else None
+        except ValueError:
+            doc = None
+        ok = (
+            isinstance(doc, dict)
+            and isinstance(doc.get("root"), str)
+            and isinstance(doc.get("path"), str)
+            and all(type(doc.get(k)) is int and doc[k] >= 0 for k in ("offset", "length"))
+            and doc["length"] == size
+        )
+        if not ok:
+            raise CorruptObjectError(f"object {object_id} has a damaged reference", "run `deltahub verify`")
+        path = self._external_path(doc["root"], doc["path"], object_id)
+        if path.stat().st_size < doc["offset"] + size:
+            raise CorruptObjectError(
+                f"object {object_id} refers to {doc['path']}, which is now shorter than the referenced range",
+                "the referenced file changed; run `deltahub add REPO_ID@REVISION` again (or add it with --copy)",
+            )
+        return ExternalRef(doc["root"], doc["path"], path, doc["offset"], size)
 
     # ------------------------------------------------------------------ reads
     def _header(self, fh, object_id: str) -> tuple[Encoding, int]:
@@ -269,6 +490,7 @@ class ObjectStore:
 
     def _open(self, object_id: str):
         path = self.path_of(object_id)
+        self._flush_pending(object_id)
         try:
             return open(path, "rb")
         except FileNotFoundError:
@@ -292,7 +514,14 @@ class ObjectStore:
         with self._open(object_id) as fh:
             encoding, size = self._header(fh, object_id)
             wrong_length = CorruptObjectError(f"object {object_id} has the wrong length", "run `deltahub verify`")
-            if encoding is Encoding.RAW:
+            if encoding is Encoding.REF:
+                ref = self._ref(fh, object_id, size)
+                out = bytearray(size)
+                with open(ref.path, "rb") as target:
+                    target.seek(ref.offset)
+                    if target.readinto(out) != size:
+                        raise wrong_length
+            elif encoding is Encoding.RAW:
                 # Check the header's length against the file before allocating anything.
                 if os.fstat(fh.fileno()).st_size != HEADER_SIZE + size:
                     raise wrong_length
@@ -330,6 +559,14 @@ class ObjectStore:
         """
         with self._open(object_id) as fh:
             encoding, size = self._header(fh, object_id)
+            if encoding is Encoding.REF and size:
+                ref = self._ref(fh, object_id, size)
+                with open(ref.path, "rb") as target:
+                    mm = mmap.mmap(target.fileno(), 0, access=mmap.ACCESS_READ)
+                view = memoryview(mm)[ref.offset : ref.offset + size]
+                if verify:
+                    self._check_digest(object_id, view)
+                return view
             if encoding is not Encoding.RAW or size == 0:
                 return self.read(object_id, verify=verify)
             if os.fstat(fh.fileno()).st_size != HEADER_SIZE + size:
@@ -344,6 +581,10 @@ class ObjectStore:
         """Map a raw object read-only; return ``(map, payload_offset)``. Not verified."""
         with self._open(object_id) as fh:
             encoding, size = self._header(fh, object_id)
+            if encoding is Encoding.REF and size:
+                ref = self._ref(fh, object_id, size)
+                with open(ref.path, "rb") as target:
+                    return mmap.mmap(target.fileno(), 0, access=mmap.ACCESS_READ), ref.offset
             if encoding is not Encoding.RAW:
                 raise StoreError(f"object {object_id} is compressed and cannot be memory-mapped")
             if size == 0:
@@ -355,8 +596,16 @@ class ObjectStore:
         """Re-hash an object's content, streaming; returns the hex digest."""
         digest = hashlib.sha256()
         with self._open(object_id) as fh:
-            encoding, _size = self._header(fh, object_id)
-            if encoding is Encoding.RAW:
+            encoding, size = self._header(fh, object_id)
+            if encoding is Encoding.REF:
+                ref = self._ref(fh, object_id, size)
+                with open(ref.path, "rb") as target:
+                    target.seek(ref.offset)
+                    left = size
+                    while left and (chunk := target.read(min(CHUNK, left))):
+                        digest.update(chunk)
+                        left -= len(chunk)
+            elif encoding is Encoding.RAW:
                 while chunk := fh.read(CHUNK):
                     digest.update(chunk)
             else:

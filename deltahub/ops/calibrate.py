@@ -1,0 +1,593 @@
+"""``calibrate`` and ``compress --calibrate``: train a stored delta's scales against its fine-tune.
+
+Order of work (nothing is written before the last step):
+
+1. the delta, its base, its tokenizer and the calibration text are checked and tokenized;
+2. the fine-tune (the teacher: a folder, a Hub id or a stored dense model) is checked against the
+   delta: same architecture and shapes, and the signs of ``W_ft − W_base`` must agree with the
+   stored signs (:func:`check_finetune_matches`);
+3. the teacher runs over the samples; its next-token distributions are kept and the teacher freed;
+4. the student (the delta loaded in delta mode) trains its ``sign1`` scales only
+   (:mod:`deltahub.calibrate.distill`), then is freed;
+5. a new manifest that differs from the old one only in those scales is written (every other object
+   is shared, bit-identical), then its index rows (manifest, links, per-tensor statistics with the
+   initial scale kept, the calibration record) in one transaction, then the name is moved to it —
+   only if it still points at the manifest that was calibrated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from sqlalchemy import select
+
+from deltahub.calibrate.data import load_samples
+from deltahub.calibrate.distill import DistillConfig, calibrate_scales, delta_scales
+from deltahub.calibrate.targets import DEFAULT_TOP_K, TeacherTargets, choose_top_k, run_pass
+from deltahub.codec import Codec, packed_shape, unpack_signs
+from deltahub.errors import (
+    DeltaHubError,
+    IncompatibleBaseError,
+    InputError,
+    InvalidNameError,
+    NameExistsError,
+)
+from deltahub.formats.checkpoint import open_checkpoint
+from deltahub.formats.manifest import Manifest, ModelKind
+from deltahub.formats.paths import validate_name
+from deltahub.index.models import (
+    CalibrationRow,
+    ManifestObjectRow,
+    ManifestRow,
+    NameRow,
+    ObjectRow,
+    TensorStatRow,
+    utcnow,
+)
+from deltahub.ops.context import Resolved, StoreContext, fp16_bytes
+from deltahub.store import Compression
+
+logger = logging.getLogger(__name__)
+
+#: Below this share of agreeing signs the fine-tune is not the one the delta was made from
+#: (another fine-tune agrees on ~50 %; the right one on 100 %, or nearly when re-saved in bf16).
+MIN_SIGN_AGREEMENT = 0.9
+
+
+@dataclass
+class CalibrationOptions:
+    """Settings of a calibration (CLI: ``--calib-*``, ``--device``, ``--seed``).
+
+    ``lr`` is relative to each scale (Adam steps of about ``lr·|s₀|``). ``data=None`` uses the bundled
+    corpus. Models run in ``dtype`` (fp32 by default, the CPU's fast and exact choice).
+    """
+
+    data: Path | None = None
+    samples: int = 64
+    seq_len: int = 128
+    steps: int = 100
+    lr: float = 0.01
+    device: str = "cpu"
+    seed: int = 0
+    batch_size: int = 4
+    top_k: int = DEFAULT_TOP_K
+    dtype: torch.dtype = torch.float32
+
+    def check(self) -> None:
+        for what, value, low in (("samples", self.samples, 1), ("seq_len", self.seq_len, 2), ("steps", self.steps, 1),
+                                 ("batch_size", self.batch_size, 1), ("top_k", self.top_k, 1)):
+            if value < low:
+                raise InputError(f"calibration {what} must be at least {low}, got {value}", f"raise {what}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise InputError(f"calibration learning rate must be positive, got {self.lr}", "use e.g. 0.01")
+        check_device(self.device)
+
+
+def check_device(device: str) -> None:
+    """Refuse a device torch cannot use here (``cuda`` without a GPU), before any work."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InputError(f"unknown device {device!r}", "use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but no CUDA device is available", "use --device cpu")
+
+
+@dataclass
+class CalibrateResult:
+    """What :func:`calibrate` did (``manifest_id`` is the calibrated manifest the name now points at)."""
+
+    name: str
+    manifest_id: str
+    previous_manifest_id: str
+    teacher: str
+    data: str
+    samples: int
+    seq_len: int
+    steps: int
+    lr: float
+    seed: int
+    device: str
+    top_k: int | None
+    n_scales: int
+    loss_before: float
+    loss_after: float
+    seconds: float
+    reverted: bool = False
+    scales: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------- the fine-tune
+@dataclass
+class FinetuneRef:
+    """Where a fine-tune (teacher / reference) comes from.
+
+    ``kind``: ``"path"`` (a local checkpoint folder, also a downloaded Hub snapshot) or ``"stored"``
+    (a model of the store, loaded dense). ``description`` is what the index records.
+    """
+
+    kind: str
+    description: str
+    path: Path | None = None
+    name: str | None = None
+
+
+def resolve_finetune(ctx: StoreContext, spec: str | Path) -> FinetuneRef:
+    """A local folder, else a stored model's name, else a Hub ``REPO_ID[@REVISION]`` (downloaded)."""
+    from deltahub.ops.hub_source import fetch_checkpoint, looks_like_hub_id
+
+    text = str(spec)
+    path = Path(text).expanduser()
+    if path.exists():
+        open_checkpoint(path)  # config.json, safetensors, no pickles: refused with the fix otherwise
+        return FinetuneRef("path", str(path), path=path)
+    try:
+        validate_name(text)
+        is_name = True
+    except InvalidNameError:
+        is_name = False
+    if is_name:
+        with ctx.index.session(write=False) as session:
+            row = session.get(NameRow, text)
+            kind = session.get(ManifestRow, row.manifest_id).kind if row is not None else None  # type: ignore[union-attr]
+        if kind is not None:
+            if kind != ModelKind.BASE.value:
+                raise InputError(
+                    f"{text!r} is a stored delta, not a fine-tune",
+                    "give the fine-tune's checkpoint folder or Hub id, or a stored dense copy of it",
+                )
+            return FinetuneRef("stored", f"stored:{text}", name=text)
+    if looks_like_hub_id(text):
+        repo_id, commit, folder = fetch_checkpoint(text)
+        return FinetuneRef("path", f"hub:{repo_id}@{commit}", path=folder)
+    raise InputError(
+        f"fine-tune {text!r} is neither a checkpoint folder, a stored model nor a Hub repo id",
+        "give the folder of the fine-tune (config.json + safetensors) or REPO_ID[@REVISION]",
+    )
+
+
+def _finetune_tensors(ctx: StoreContext, ref: FinetuneRef) -> tuple[str | None, list[str], dict[str, tuple[int, ...]], Any]:
+    """(model_type, architectures, shapes, reader) of the fine-tune; ``reader(name)`` gives a tensor."""
+    if ref.kind == "path":
+        assert ref.path is not None
+        ckpt = open_checkpoint(ref.path)
+        shapes = {n: ckpt.shape(n) for n in ckpt.tensors}
+        return ckpt.model_type, ckpt.architectures, shapes, lambda n: ckpt.read(n, copy=False)
+    assert ref.name is not None
+    man = ctx.resolve(ref.name).manifest
+    shapes = {n: rec.shape for n, rec in man.tensors.items()}
+
+    def read(n: str) -> torch.Tensor:
+        rec = man.tensors[n]
+        assert rec.object is not None
+        return ctx.read_tensor(rec.object, rec.dtype, rec.shape, owned=False)
+
+    return man.model_type, man.architectures, shapes, read
+
+
+def check_finetune_matches(
+    ctx: StoreContext, delta: Resolved, base: Manifest, ref: FinetuneRef, n_checked: int = 2
+) -> None:
+    """Refuse a fine-tune that is not the one ``delta`` was compressed from.
+
+    Same architecture, every tensor of the delta present with its shape, and on the ``n_checked``
+    smallest ``sign1`` tensors the signs of ``W_ft − W_base`` agree with the stored signs on at least
+    :data:`MIN_SIGN_AGREEMENT` of the entries.
+
+    Raises:
+        IncompatibleBaseError: with the first mismatch found.
+    """
+    man = delta.manifest
+    model_type, archs, shapes, read = _finetune_tensors(ctx, ref)
+    hint = f"give the fine-tune that {delta.name!r} was compressed from"
+    if (model_type and man.model_type and model_type != man.model_type) or (
+        archs and man.architectures and archs != man.architectures
+    ):
+        raise IncompatibleBaseError(
+            f"the fine-tune {ref.description} is a {model_type} model ({', '.join(archs)}) but "
+            f"{delta.name!r} is {man.model_type} ({', '.join(man.architectures)})",
+            hint,
+        )
+    for tname, rec in sorted(man.tensors.items()):
+        if tname not in shapes:
+            raise IncompatibleBaseError(f"the fine-tune {ref.description} has no tensor {tname!r}", hint)
+        if tuple(shapes[tname]) != tuple(rec.shape):
+            raise IncompatibleBaseError(
+                f"tensor {tname!r} is {list(shapes[tname])} in the fine-tune {ref.description} but "
+                f"{list(rec.shape)} in {delta.name!r}",
+                hint,
+            )
+    sign1 = sorted((rec.numel, n) for n, rec in man.tensors.items() if rec.codec is Codec.SIGN1)
+    for _numel, tname in sign1[:n_checked]:
+        rec = man.tensors[tname]
+        brec = base.tensors[tname]
+        assert rec.object is not None and brec.object is not None
+        n, k = rec.shape
+        packed = ctx.read_tensor(rec.object, "int32", packed_shape(n, k), owned=False)
+        stored = unpack_signs(packed, k, torch.int8) > 0
+        w_base = ctx.read_tensor(brec.object, brec.dtype, brec.shape, owned=False)
+        mine = (read(tname).to(torch.float32) - w_base.to(torch.float32)) >= 0
+        agree = float((stored == mine).float().mean())
+        if agree < MIN_SIGN_AGREEMENT:
+            raise IncompatibleBaseError(
+                f"the fine-tune {ref.description} is not the one {delta.name!r} was compressed from: the "
+                f"signs of its change to {tname!r} agree with the stored ones on {agree:.0%} of the entries",
+                hint,
+            )
+
+
+def load_finetune_model(ctx: StoreContext, ref: FinetuneRef, dtype: torch.dtype, device: str) -> Any:
+    """The fine-tune as a transformers model (safetensors only, never remote code), in eval mode."""
+    from deltahub.ops.load import load_model, model_class
+
+    if ref.kind == "stored":
+        assert ref.name is not None
+        return load_model(ctx, ref.name, dtype=dtype, device=device)
+    assert ref.path is not None
+    ckpt = open_checkpoint(ref.path)
+    cls = model_class(ckpt.architectures)
+    model = cls.from_pretrained(str(ref.path), dtype=dtype, use_safetensors=True, local_files_only=True)
+    model.eval()
+    return model.to(device)
+
+
+# ------------------------------------------------------------------------------- calibration
+def _delta_of(ctx: StoreContext, name: str) -> tuple[Resolved, Manifest]:
+    resolved = ctx.resolve(name)
+    if resolved.manifest.kind is not ModelKind.DELTA:
+        raise InputError(f"{name!r} is a base model: only deltas have scales to calibrate", "give a delta's name")
+    if not any(rec.codec is Codec.SIGN1 for rec in resolved.manifest.tensors.values()):
+        raise InputError(f"{name!r} has no sign1 tensor: nothing to calibrate", "compress it with sign1 tensors")
+    _base_id, base = ctx.base_of(resolved.manifest)
+    return resolved, base
+
+
+def teacher_targets(
+    ctx: StoreContext, ref: FinetuneRef, tokens: torch.Tensor, options: CalibrationOptions
+) -> TeacherTargets:
+    """The fine-tune's next-token distributions on ``tokens`` (the model is freed on return)."""
+    model = load_finetune_model(ctx, ref, options.dtype, options.device)
+    top_k = choose_top_k(int(tokens.shape[0]), int(tokens.shape[1]), int(model.config.vocab_size), options.top_k)
+    stats = run_pass(model, tokens, options.batch_size, options.device, keep_targets=True, top_k=top_k, desc="teacher")
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    assert stats.targets is not None
+    return stats.targets
+
+
+def calibrate(
+    ctx: StoreContext,
+    name: str,
+    finetune: str | Path,
+    options: CalibrationOptions | None = None,
+    teacher_label: str | None = None,
+) -> CalibrateResult:
+    """Calibrate the scales of stored delta ``name`` against the fine-tune ``finetune``.
+
+    ``finetune``: the fine-tune's checkpoint folder, a Hub ``REPO_ID[@REVISION]`` or a stored dense
+    model. The name ends on a new manifest that differs only in the ``sign1`` scales; bad input
+    raises before anything is written.
+    """
+    from deltahub.ops.load import load_model, load_tokenizer
+
+    options = options or CalibrationOptions()
+    options.check()
+    t0 = time.perf_counter()
+    resolved, base = _delta_of(ctx, name)
+    tokenizer = load_tokenizer(ctx, name)
+    samples = load_samples(options.data, tokenizer, options.samples, options.seq_len, "calibration", options.seed)
+    ref = resolve_finetune(ctx, finetune)
+    check_finetune_matches(ctx, resolved, base, ref)
+    targets = teacher_targets(ctx, ref, samples.tokens, options)
+
+    student = load_model(ctx, name, dtype=options.dtype, device=options.device, mode="delta", trainable_scales=True)
+    sign1 = {n for n, rec in resolved.manifest.tensors.items() if rec.codec is Codec.SIGN1}
+    scales = delta_scales(student, sign1)
+    if not scales:
+        raise InputError(
+            f"none of the sign1 tensors of {name!r} sits in a Linear or Embedding layer: nothing to calibrate",
+            "this architecture is not supported by calibration",
+        )
+    skipped = sorted(sign1 - set(scales))
+    if skipped:
+        logger.warning("%d sign1 tensor(s) keep their scale (not in a Linear/Embedding): %s", len(skipped), ", ".join(skipped[:3]))
+    config = DistillConfig(
+        steps=options.steps, lr=options.lr, batch_size=options.batch_size, seed=options.seed, device=options.device
+    )
+    run = calibrate_scales(student, scales, samples.tokens, targets, config)
+    del student, scales
+    gc.collect()
+
+    result = CalibrateResult(
+        name=name,
+        manifest_id="",
+        previous_manifest_id=resolved.manifest_id,
+        teacher=teacher_label or ref.description,
+        data=samples.description,
+        samples=samples.n_samples,
+        seq_len=samples.seq_len,
+        steps=options.steps,
+        lr=options.lr,
+        seed=options.seed,
+        device=options.device,
+        top_k=targets.top_k,
+        n_scales=len(run.final),
+        loss_before=run.loss_before,
+        loss_after=run.loss_after,
+        seconds=0.0,
+        reverted=run.reverted,
+        scales={n: {"initial": run.initial[n], "calibrated": run.final[n]} for n in run.final},
+    )
+    result.seconds = time.perf_counter() - t0
+    result.manifest_id = _publish(ctx, resolved, run.final, result)
+    return result
+
+
+def with_scales(manifest: Manifest, scales: dict[str, float]) -> Manifest:
+    """A copy of ``manifest`` whose ``sign1`` tensors named in ``scales`` carry those scales."""
+    tensors = dict(manifest.tensors)
+    for tname, value in scales.items():
+        rec = tensors[tname]
+        if rec.codec is not Codec.SIGN1:
+            raise DeltaHubError(f"tensor {tname!r} is {rec.codec.value}, not sign1")
+        fp32 = float(torch.tensor(value, dtype=torch.float32))
+        if not math.isfinite(fp32):
+            raise DeltaHubError(f"calibration gave tensor {tname!r} a non-finite scale", "lower --calib-lr")
+        tensors[tname] = dataclasses.replace(rec, scale=fp32)
+    return dataclasses.replace(manifest, tensors=tensors)
+
+
+def recon_error_at(new: float, initial: float, known: float, known_error: float | None) -> float | None:
+    """``|Δ − new·S| / |Δ|`` from the error ``known_error`` at scale ``known``.
+
+    With ``S = sign(Δ)`` and ``initial = mean|Δ|``: ``|Δ − s·S|² = |Δ|² − 2s·N·initial + s²·N``, so
+    ``e(s)² = 1 − (2s·initial − s²)·c`` where ``c = N/|Δ|²`` follows from any known ``(s, e(s))``.
+    Exact up to the fp32 rounding of the stored mean.
+    """
+    if known_error is None or not initial > 0:
+        return None
+    denom = known * (2 * initial - known)
+    if not denom > 0:
+        return None
+    c = (1.0 - known_error**2) / denom
+    return math.sqrt(max(0.0, 1.0 - (2 * new * initial - new * new) * c))
+
+
+def _publish(ctx: StoreContext, resolved: Resolved, scales: dict[str, float], result: CalibrateResult) -> str:
+    """Objects → manifest → index rows (+ the calibration record) → name. Returns the new manifest id."""
+    new = with_scales(resolved.manifest, scales)
+    with ctx.writing():
+        info = ctx.put(new.to_bytes(), Compression.AUTO)
+        new_id = info.sha256
+        now = utcnow()
+        with ctx.index.session() as session:
+            old_row = session.get(ManifestRow, resolved.manifest_id)
+            if old_row is None:
+                raise DeltaHubError(
+                    f"manifest {resolved.manifest_id[:12]} of {resolved.name!r} is not indexed", "run `deltahub verify`"
+                )
+            if session.get(ObjectRow, new_id) is None:
+                session.add(
+                    ObjectRow(
+                        sha256=new_id,
+                        size=info.size,
+                        stored_size=info.stored_size,
+                        encoding="zstd" if info.encoding.name == "ZSTD" else "raw",
+                        created_at=now,
+                    )
+                )
+            if session.get(ManifestRow, new_id) is None:
+                _index_manifest(session, new, new_id, info.stored_size, old_row, scales, now)
+            session.add(
+                CalibrationRow(
+                    manifest_id=new_id,
+                    previous_manifest_id=resolved.manifest_id,
+                    created_at=now,
+                    teacher=result.teacher,
+                    data=result.data,
+                    samples=result.samples,
+                    seq_len=result.seq_len,
+                    steps=result.steps,
+                    lr=result.lr,
+                    seed=result.seed,
+                    device=result.device,
+                    top_k=result.top_k,
+                    n_scales=result.n_scales,
+                    loss_before=result.loss_before,
+                    loss_after=result.loss_after,
+                    seconds=result.seconds,
+                )
+            )
+        with ctx.naming(), ctx.index.session() as session:
+            row = session.get(NameRow, resolved.name)
+            if row is None or row.manifest_id != resolved.manifest_id:
+                raise NameExistsError(
+                    f"{resolved.name!r} was changed by another process during the calibration",
+                    "run the calibration again",
+                )
+            if row.manifest_id != new_id:
+                row.manifest_id = new_id
+                row.updated_at = utcnow()
+    logger.info("calibrated %s: manifest %s -> %s", resolved.name, resolved.manifest_id[:12], new_id[:12])
+    return new_id
+
+
+def _index_manifest(session, new: Manifest, new_id: str, manifest_stored: int, old_row: ManifestRow,
+                    scales: dict[str, float], now) -> None:
+    """The manifest row, its object links and per-tensor statistics (the old ones, new scales)."""
+    roles = new.object_ids()
+    sizes = {
+        oid: size
+        for oid, size in session.execute(
+            select(ObjectRow.sha256, ObjectRow.stored_size).where(ObjectRow.sha256.in_(list(roles)))
+        )
+    }
+    missing = sorted(set(roles) - set(sizes))
+    if missing:
+        raise DeltaHubError(f"object {missing[0][:12]} of the delta is not indexed", "run `deltahub verify`")
+    session.add(
+        ManifestRow(
+            id=new_id,
+            kind=new.kind.value,
+            format_version=new.format_version,
+            base_id=new.base.manifest if new.base else None,
+            model_type=new.model_type,
+            dtype=new.dtype,
+            n_tensors=len(new.tensors),
+            stored_bytes=sum(sizes.values()) + manifest_stored,
+            fp16_bytes=fp16_bytes(new),
+            created_at=now,
+            info=old_row.info,
+        )
+    )
+    session.flush()
+    roles[new_id] = "manifest"
+    for oid, role in roles.items():
+        session.add(ManifestObjectRow(manifest_id=new_id, object_id=oid, role=role))
+    for st in session.scalars(select(TensorStatRow).where(TensorStatRow.manifest_id == old_row.id)):
+        initial = st.initial_scale if st.initial_scale is not None else st.scale
+        scale, error = st.scale, st.rel_recon_error
+        if st.name in scales and st.codec == Codec.SIGN1.value and initial is not None and st.scale is not None:
+            scale = new.tensors[st.name].scale
+            error = recon_error_at(scale, initial, st.scale, st.rel_recon_error)  # type: ignore[arg-type]
+        session.add(
+            TensorStatRow(
+                manifest_id=new_id,
+                name=st.name,
+                codec=st.codec,
+                dtype=st.dtype,
+                shape=st.shape,
+                numel=st.numel,
+                stored_bytes=st.stored_bytes,
+                scale=scale,
+                initial_scale=initial if st.codec == Codec.SIGN1.value else None,
+                rel_delta_norm=st.rel_delta_norm,
+                rel_recon_error=error,
+            )
+        )
+
+
+# ------------------------------------------------------------------------------- compress + calibrate
+def compress_and_calibrate(
+    ctx: StoreContext,
+    src: Path | str,
+    base_name: str,
+    name: str,
+    embeddings: str,
+    force: bool,
+    options: CalibrationOptions | None = None,
+) -> tuple[Any, CalibrateResult]:
+    """``compress --calibrate``: compress ``src`` against ``base_name``, then calibrate with ``src``
+    as the teacher. The calibration input is checked (tokenized with the fine-tune's tokenizer) before
+    anything is compressed; should the calibration itself fail later, the uncalibrated delta stays
+    stored under ``name`` and the error says how to calibrate it."""
+    from transformers import AutoTokenizer
+
+    from deltahub.ops.compress import compress_finetune
+    from deltahub.ops.hub_source import fetch_checkpoint, looks_like_hub_id
+
+    options = options or CalibrationOptions()
+    options.check()
+    label = str(src)
+    hub: tuple[str, str] | None = None
+    if looks_like_hub_id(src):
+        repo_id, commit, folder = fetch_checkpoint(str(src))
+        src, hub, label = folder, (repo_id, commit), f"hub:{repo_id}@{commit}"
+    src = Path(src)
+    open_checkpoint(src)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(src))
+    except Exception as exc:
+        raise InputError(f"cannot load the tokenizer of {src}: {exc}", "calibration needs the fine-tune's tokenizer files") from None
+    load_samples(options.data, tokenizer, options.samples, options.seq_len, "calibration", options.seed)
+    compressed = compress_finetune(ctx, src, base_name, name, embeddings=embeddings, force=force)
+    if hub is not None:
+        compressed.hub_repo_id, compressed.hub_revision = hub
+    try:
+        calibrated = calibrate(ctx, name, src, options, teacher_label=label)
+    except DeltaHubError as exc:
+        raise type(exc)(
+            f"{name!r} was compressed but not calibrated: {exc.message}",
+            f"{exc.hint + '; ' if exc.hint else ''}then run `deltahub calibrate {name} --finetune {label}`",
+        ) from exc
+    compressed.manifest_id = calibrated.manifest_id
+    return compressed, calibrated
+
+
+def latest_calibration(session, manifest_id: str) -> dict[str, Any] | None:
+    """The newest calibration record of ``manifest_id`` as a dict (``None`` if never calibrated)."""
+    row = session.scalars(
+        select(CalibrationRow)
+        .where(CalibrationRow.manifest_id == manifest_id)
+        .order_by(CalibrationRow.created_at.desc(), CalibrationRow.id.desc())
+        .limit(1)
+    ).first()
+    if row is None:
+        return None
+    return {
+        "previous_manifest_id": row.previous_manifest_id,
+        "created_at": row.created_at.isoformat(),
+        "teacher": row.teacher,
+        "data": row.data,
+        "samples": row.samples,
+        "seq_len": row.seq_len,
+        "steps": row.steps,
+        "lr": row.lr,
+        "seed": row.seed,
+        "device": row.device,
+        "top_k": row.top_k,
+        "n_scales": row.n_scales,
+        "loss_before": row.loss_before,
+        "loss_after": row.loss_after,
+        "seconds": row.seconds,
+    }
+
+
+__all__ = [
+    "CalibrateResult",
+    "CalibrationOptions",
+    "FinetuneRef",
+    "calibrate",
+    "check_device",
+    "check_finetune_matches",
+    "compress_and_calibrate",
+    "latest_calibration",
+    "load_finetune_model",
+    "recon_error_at",
+    "resolve_finetune",
+    "with_scales",
+]
+

@@ -1,0 +1,321 @@
+"""Serving stored fine-tunes: a multi-tenant model (one base, many deltas) and text generation.
+
+* :func:`load_multi_tenant` — one base model in memory plus the packed deltas of any number of
+  stored fine-tunes of that base; every row of a batch picks its fine-tune (or the base).
+* :func:`generate` — ``(name, prompt)`` pairs to generated texts, in delta mode (one multi-tenant
+  batch) or materialize mode (each fine-tune rebuilt in full and run on its own).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from sqlalchemy import select
+
+from deltahub.codec import Codec, packed_shape
+from deltahub.errors import IncompatibleBaseError, InputError, NameNotFoundError, WrongBaseError
+from deltahub.formats.manifest import ModelKind
+from deltahub.formats.safetensors_io import dtype_from_name
+from deltahub.index.models import NameRow
+from deltahub.ops.context import Resolved, StoreContext
+from deltahub.ops.load import TOKENIZER_FILES, LoadMode, build_model, load_model, parse_mode, tokenizer_of
+from deltahub.ops.materialize import parse_output_dtype
+from deltahub.ops.reconstruct import ModelSource
+from deltahub.progress import progress_bar
+from deltahub.runtime import choose_backend
+from deltahub.runtime.multi_tenant import BASE, TenantError, TenantModel, TensorChange, install_tenants
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_NEW_TOKENS = 32
+
+
+@dataclass
+class Generation:
+    """One generated continuation."""
+
+    name: str
+    prompt: str
+    text: str
+    tokens: list[int]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class MultiTenantModel:
+    """One base model serving several stored fine-tunes of it, row by row.
+
+    ``names`` are the fine-tunes in tenant order (tenant ``t`` is ``names[t]``); the base is tenant
+    ``-1`` and can also be named by any of its store names (``base_names``).
+
+    >>> mt = deltahub.load_multi_tenant(["chat", "code"])
+    >>> mt.generate([("chat", "Hello"), ("code", "def f("), ("llama-base", "Once")])
+    """
+
+    def __init__(
+        self, tenants: TenantModel, tokenizer: Any | None, base_id: str, base_names: Sequence[str]
+    ) -> None:
+        self.tenants = tenants
+        self.tokenizer = tokenizer
+        self.base_id = base_id
+        self.base_names = list(base_names)
+
+    @property
+    def model(self) -> Any:
+        """The underlying transformers model (set tenant ids with :meth:`use` around calls)."""
+        return self.tenants.model
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.tenants.names)
+
+    def tenant_id(self, name: str | int | None) -> int:
+        """``name`` → tenant id (``-1``/``None``/a base name: the base)."""
+        if name is None:
+            return BASE
+        if isinstance(name, int):
+            if not BASE <= name < len(self.tenants.names):
+                raise InputError(f"tenant id {name} is out of range", f"use -1 .. {len(self.tenants.names) - 1}")
+            return name
+        if name in self.tenants.names:
+            return self.tenants.names.index(name)
+        if name in self.base_names:
+            return BASE
+        raise NameNotFoundError(
+            f"{name!r} is not served by this multi-tenant model",
+            f"load it with load_multi_tenant (served: {', '.join(self.tenants.names + self.base_names)})",
+        )
+
+    def use(self, tenants: Sequence[str | int | None]):
+        """Context manager: batch row ``b`` uses ``tenants[b]`` in the enclosed model calls."""
+        return self.tenants.use([self.tenant_id(t) for t in tenants])
+
+    def __call__(self, input_ids: torch.Tensor, tenants: Sequence[str | int | None], **kwargs: Any) -> Any:
+        """Forward pass (e.g. ``.logits``) with row ``b`` of ``input_ids`` using ``tenants[b]``."""
+        with torch.no_grad(), self.use(tenants):
+            return self.model(input_ids, **kwargs)
+
+    def generate_ids(
+        self,
+        pairs: Sequence[tuple[str | int | None, str]],
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        do_sample: bool = False,
+        **kwargs: Any,
+    ) -> list[list[int]]:
+        """New token ids for each ``(name, prompt)`` (greedy unless ``do_sample``), in one batch."""
+        ids = [self.tenant_id(name) for name, _ in pairs]
+        prompts = [prompt for _, prompt in pairs]
+        if self.tokenizer is None:
+            raise InputError(
+                "the served models were stored without tokenizer files", "call the model on token ids instead"
+            )
+        return _generate(
+            lambda input_ids, **kw: self.tenants.generate(input_ids, ids, **kw),
+            self.tokenizer,
+            prompts,
+            max_new_tokens,
+            do_sample,
+            self.model.device,
+            **kwargs,
+        )
+
+    def generate(
+        self,
+        pairs: Sequence[tuple[str | int | None, str]],
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        do_sample: bool = False,
+        **kwargs: Any,
+    ) -> list[str]:
+        """The generated text for each ``(name, prompt)`` pair, all rows in one batch.
+
+        Prompts are left-padded; ``kwargs`` go to transformers' ``generate`` (``temperature``,
+        ``top_p``, ``min_new_tokens``, …)."""
+        tokens = self.generate_ids(pairs, max_new_tokens, do_sample, **kwargs)
+        return [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def _generate(
+    run: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    do_sample: bool,
+    device: torch.device,
+    **kwargs: Any,
+) -> list[list[int]]:
+    """Left-pad ``prompts``, call ``run(input_ids, attention_mask=…, …)`` (a ``generate``), and return
+    each row's new tokens up to (not including) the first end-of-sequence token."""
+    if max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}", "pass a positive number")
+    if not prompts:
+        return []
+    pad = _pad_id(tokenizer)
+    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    if any(len(e) == 0 for e in encoded):
+        raise InputError("an empty prompt gives no tokens to start from", "give every prompt some text")
+    width = max(len(e) for e in encoded)
+    input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, e in enumerate(encoded):
+        input_ids[i, width - len(e) :] = torch.tensor(e, dtype=torch.long)
+        mask[i, width - len(e) :] = 1
+    eos = tokenizer.eos_token_id
+    with torch.no_grad():
+        out = run(
+            input_ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            pad_token_id=pad,
+            **kwargs,
+        )
+    results = []
+    for row in out[:, width:].tolist():
+        if eos is not None and eos in row:
+            row = row[: row.index(eos)]
+        results.append(row)
+    return results
+
+
+def _names_of(ctx: StoreContext, manifest_id: str) -> list[str]:
+    with ctx.index.session(write=False) as session:
+        return sorted(session.scalars(select(NameRow.name).where(NameRow.manifest_id == manifest_id)))
+
+
+def load_multi_tenant(
+    ctx: StoreContext,
+    names: Sequence[str],
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    verify: bool = True,
+) -> MultiTenantModel:
+    """One base model plus the deltas of ``names`` (all of the same base; a name of the base itself
+    is accepted and means the base rows). Sign deltas stay packed; per-tenant dense tensors (norms,
+    biases, dense embeddings) are applied per row."""
+    if not names:
+        raise InputError("no models to serve", "name at least one stored fine-tune")
+    out_dtype = parse_output_dtype(dtype)
+    resolved: list[Resolved] = []
+    base: tuple[str, Any] | None = None
+    base_from: str | None = None
+    for name in dict.fromkeys(names):  # keep order, drop repeats
+        r = ctx.resolve(name)
+        if r.manifest.kind is ModelKind.DELTA:
+            base_id, base_manifest = ctx.base_of(r.manifest)
+        else:
+            base_id, base_manifest = r.manifest_id, r.manifest
+        if base is None:
+            base, base_from = (base_id, base_manifest), name
+        elif base[0] != base_id:
+            raise WrongBaseError(
+                f"{name!r} is {'a delta of ' if r.manifest.kind is ModelKind.DELTA else ''}another base "
+                f"({base_id[:12]}) than {base_from!r} ({base[0][:12]})",
+                "serve together only fine-tunes of the same base",
+            )
+        if r.manifest.kind is ModelKind.DELTA:
+            resolved.append(r)
+    assert base is not None
+    base_id, base_manifest = base
+    base_names = _names_of(ctx, base_id)
+    label = base_names[0] if base_names else base_id[:12]
+    base_source = ModelSource(ctx, Resolved(label, base_id, base_manifest), None, verify)
+    out_dtype = out_dtype or base_source.default_dtype()
+    specs = base_source.specs(out_dtype)
+    state_dict: dict[str, torch.Tensor] = {}
+    with progress_bar(len(specs), f"load base {label}", unit="tensor") as bar:
+        for spec, tensor in zip(specs, base_source.iter_tensors(specs)):
+            state_dict[spec.name] = tensor
+            bar.update(1)
+    model = build_model(base_source, label, out_dtype, state_dict)
+    del state_dict
+    changes = [_changes(ctx, r, base_manifest, verify) for r in resolved]
+    try:
+        state = install_tenants(model, changes)
+    except TenantError as exc:
+        raise IncompatibleBaseError(str(exc), "serve fine-tunes with the base's tensor shapes only") from None
+    model.to(device)
+    choose_backend(torch.device(device))
+    source_tok = base_source
+    if not any(f in base_manifest.files for f in TOKENIZER_FILES) and resolved:
+        source_tok = ModelSource(ctx, resolved[0], None, verify)
+    tokenizer = None
+    if any(f in source_tok.manifest.files for f in TOKENIZER_FILES):
+        tokenizer = tokenizer_of(source_tok, label)
+        tokenizer.padding_side = "left"
+    return MultiTenantModel(TenantModel(model, state, [r.name for r in resolved]), tokenizer, base_id, base_names)
+
+
+def _changes(ctx: StoreContext, r: Resolved, base_manifest: Any, verify: bool) -> dict[str, TensorChange]:
+    """The tensors of delta ``r`` that differ from its base (packed signs stay packed)."""
+    out: dict[str, TensorChange] = {}
+    for name, rec in sorted(r.manifest.tensors.items()):
+        if rec.codec is Codec.SAME:
+            continue
+        assert rec.object is not None
+        if rec.codec is Codec.SIGN1:
+            n, k = rec.shape
+            packed = ctx.read_tensor(rec.object, "int32", packed_shape(n, k), verify=verify)
+            out[name] = TensorChange(packed=packed.clone(), scale=rec.scale)
+        elif rec.codec is Codec.DENSE:
+            brec = base_manifest.tensors.get(name)
+            if brec is None or tuple(brec.shape) != tuple(rec.shape):
+                raise IncompatibleBaseError(
+                    f"{r.name!r}: tensor {name!r} has shape {list(rec.shape)}, the base "
+                    f"{list(brec.shape) if brec else 'lacks it'}",
+                    "a fine-tune with a resized vocabulary or new tensors cannot share the base's "
+                    "batch; use `deltahub generate --mode materialize` or load_model(mode='delta')",
+                )
+            t = ctx.read_tensor(rec.object, rec.dtype, rec.shape, verify=verify)
+            own = dtype_from_name(rec.dtype)
+            out[name] = TensorChange(tensor=t.clone() if own.is_floating_point else t.clone())
+        else:
+            raise InputError(f"{r.name!r}: codec {rec.codec} cannot be served", "upgrade deltahub")
+    return out
+
+
+def generate(
+    ctx: StoreContext,
+    pairs: Sequence[tuple[str, str]],
+    mode: str | LoadMode | None = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    do_sample: bool = False,
+    **kwargs: Any,
+) -> list[Generation]:
+    """Generate a continuation for each ``(name, prompt)``.
+
+    ``mode`` ``"delta"`` (the default for several pairs) serves all pairs in one multi-tenant batch;
+    ``"materialize"`` (the default for one pair) rebuilds each fine-tune in full and runs it on its
+    own. For a single pair, ``"delta"`` loads that fine-tune with ``load_model(mode="delta")``.
+    """
+    if not pairs:
+        raise InputError("nothing to generate", "give a model name and a prompt")
+    chosen = parse_mode(mode) if mode is not None else (LoadMode.MATERIALIZE if len(pairs) == 1 else LoadMode.DELTA)
+    if chosen is LoadMode.DELTA and len(pairs) > 1:
+        mt = load_multi_tenant(ctx, [n for n, _ in pairs], dtype=dtype, device=device)
+        tokens = mt.generate_ids(pairs, max_new_tokens, do_sample, **kwargs)
+        tok = mt.tokenizer
+        return [
+            Generation(n, p, tok.decode(t, skip_special_tokens=True), t) for (n, p), t in zip(pairs, tokens)
+        ]
+    results = []
+    for name, prompt in pairs:
+        model = load_model(ctx, name, dtype=dtype, device=device, mode=chosen)
+        tok = tokenizer_of(ModelSource.open(ctx, name), name)
+        [t] = _generate(model.generate, tok, [prompt], max_new_tokens, do_sample, model.device, **kwargs)
+        results.append(Generation(name, prompt, tok.decode(t, skip_special_tokens=True), t))
+        del model
+    return results

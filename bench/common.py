@@ -122,14 +122,16 @@ def scratch_dir(name: str, parent: Path | None, keep: bool) -> Iterator[Path]:
             log(f"removed workdir {path}")
 
 
-def tree_bytes(root: Path) -> int:
-    """Sum of the sizes of the regular files under ``root`` (symlinks not followed)."""
+def tree_bytes(root: Path, blocks: bool = False) -> int:
+    """Sum of the sizes of the regular files under ``root`` (symlinks not followed); with
+    ``blocks``, the disk blocks they use (``st_blocks``: a tiny file counts its whole block)."""
     total = 0
     for dirpath, _dirs, files in os.walk(root):
         for f in files:
             p = os.path.join(dirpath, f)
             if not os.path.islink(p):
-                total += os.stat(p).st_size
+                st = os.stat(p)
+                total += st.st_blocks * 512 if blocks else st.st_size
     return total
 
 

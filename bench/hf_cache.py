@@ -37,6 +37,7 @@ from bench.common import (  # noqa: E402
     setup_torch,
     time_repeats,
     write_checkpoint_pair,
+    tree_bytes,
     write_results,
 )
 
@@ -46,17 +47,6 @@ _pull = importlib.util.module_from_spec(_pull_spec)
 _pull_spec.loader.exec_module(_pull)
 
 REPO = "testuser/bench-base"
-
-
-def disk_blocks(root: Path) -> int:
-    """Bytes of disk blocks used by the regular files under ``root`` (symlinks not followed)."""
-    total = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for f in files:
-            p = os.path.join(dirpath, f)
-            if not os.path.islink(p):
-                total += os.stat(p).st_blocks * 512
-    return total
 
 
 def main() -> int:
@@ -88,7 +78,7 @@ def main() -> int:
             with Store(work / "warm") as warm:  # download once: both modes then start from the HF cache
                 warm.add(REPO, name="warm")
             shutil.rmtree(work / "warm")
-            hf_bytes = disk_blocks(hf_home / "hub")
+            hf_bytes = tree_bytes(hf_home / "hub", blocks=True)
             for mode, copy in (("reference (default)", False), ("--copy", True)):
                 home = work / ("store_copy" if copy else "store_ref")
 
@@ -110,8 +100,8 @@ def main() -> int:
                 t_read = time_repeats(do_read, args.repeats, label=f"materialize base, {mode}")
                 shutil.rmtree(work / "out", ignore_errors=True)
                 results[mode] = {
-                    "store_bytes": disk_blocks(home / "objects"),
-                    "hf_cache_bytes": disk_blocks(hf_home / "hub"),
+                    "store_bytes": tree_bytes(home / "objects", blocks=True),
+                    "hf_cache_bytes": tree_bytes(hf_home / "hub", blocks=True),
                     "add_s": t_add.median,
                     "materialize_s": t_read.median,
                 }

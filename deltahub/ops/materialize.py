@@ -60,6 +60,35 @@ def _fsync_tree(root: Path) -> None:
     fsync_dir(root)
 
 
+def write_checkpoint(
+    source: ModelSource,
+    out: Path,
+    specs: list,
+    desc: str,
+    max_shard_bytes: int,
+    config: bytes | None = None,
+) -> list[str]:
+    """Write ``source`` into folder ``out`` as an HF checkpoint: its carried files (``config.json``
+    replaced by ``config`` when given, else byte for byte) and ``specs`` in safetensors shards, one
+    tensor at a time. Returns the files written."""
+    files = []
+    for rel in sorted(source.manifest.files):
+        target = join_inside(out, rel)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(config if rel == "config.json" and config is not None else source.file_bytes(rel))
+        files.append(rel)
+    inputs = source.iter_inputs(specs)
+    with progress_bar(sum(spec.nbytes for spec in specs), desc, unit="B", unit_scale=True) as bar:
+        files += write_sharded(
+            out,
+            specs,
+            lambda spec, dst: source.fill(spec.name, next(inputs), dst),
+            max_shard_bytes=max_shard_bytes,
+            on_tensor=lambda spec: bar.update(spec.nbytes),
+        )
+    return files
+
+
 def materialize(
     ctx: StoreContext,
     name: str,
@@ -90,26 +119,8 @@ def materialize(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.deltahub-tmp-", dir=out_dir.parent))
     try:
-        config = source.config(out_dtype)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        files = ["config.json"]
-        for rel in sorted(source.manifest.files):
-            if rel == "config.json":
-                continue
-            target = join_inside(tmp, rel)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(source.file_bytes(rel))
-            files.append(rel)
-        total = sum(spec.nbytes for spec in specs)
-        inputs = source.iter_inputs(specs)
-        with progress_bar(total, f"materialize {name}", unit="B", unit_scale=True) as bar:
-            files += write_sharded(
-                tmp,
-                specs,
-                lambda spec, out: source.fill(spec.name, next(inputs), out),
-                max_shard_bytes=max_shard_bytes,
-                on_tensor=lambda spec: bar.update(spec.nbytes),
-            )
+        config = json.dumps(source.config(out_dtype), indent=2, sort_keys=True) + "\n"
+        files = write_checkpoint(source, tmp, specs, f"materialize {name}", max_shard_bytes, config.encode())
         _fsync_tree(tmp)
         os.chmod(tmp, 0o755)
         if force and out_dir.exists():

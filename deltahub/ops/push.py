@@ -84,26 +84,11 @@ def _build(ctx: StoreContext, name: str, manifest_id, manifest, repo_id, base_re
 def _build_base(ctx: StoreContext, name: str, manifest, out: Path, max_shard_bytes: int) -> list[str]:
     """Write stored base ``name`` as an ordinary HF checkpoint: its carried files byte for byte
     (so that adding the pushed repo gives the same manifest id) and its tensors in safetensors shards."""
-    from deltahub.formats.hf_writer import write_sharded
+    from deltahub.ops.materialize import write_checkpoint
     from deltahub.ops.reconstruct import ModelSource
 
     source = ModelSource.open(ctx, name)
-    files = []
-    for rel in sorted(manifest.files):
-        target = join_inside(out, rel)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(source.file_bytes(rel))
-        files.append(rel)
-    specs = source.specs(None)
-    inputs = source.iter_inputs(specs)
-    with progress_bar(sum(s.nbytes for s in specs), f"packing base {name}", unit="B", unit_scale=True) as bar:
-        files += write_sharded(
-            out,
-            specs,
-            lambda spec, dst: source.fill(spec.name, next(inputs), dst),
-            max_shard_bytes=max_shard_bytes,
-            on_tensor=lambda spec: bar.update(spec.nbytes),
-        )
+    files = write_checkpoint(source, out, source.specs(None), f"packing base {name}", max_shard_bytes)
     if CARD_FILE not in files:
         (out / CARD_FILE).write_text(render_base_card(out, manifest), encoding="utf-8")
         files.append(CARD_FILE)
@@ -200,7 +185,6 @@ def push_base(
         stale_of,
     )
     record_hub_source(ctx, resolved.manifest_id, repo_id, commit)
-    result.commit = result.commit or None
     result.base_commit = commit
     return result
 
@@ -243,8 +227,6 @@ def push(
             base_id, base_rev = parse_base_repo(base_target)
         except ValueError as exc:
             raise InputError(str(exc), "use --base-repo NAMESPACE/NAME (a branch with @BRANCH)") from None
-        if max_shard_bytes <= 0:
-            raise InputError("the shard size must be positive", "use e.g. --max-shard-size 5GB")
         base_name = _base_name(ctx, manifest.base.manifest)
         base_result = push_base(ctx, base_name, base_id, base_rev, private, None, max_shard_bytes)
         base_rev = base_result.base_commit

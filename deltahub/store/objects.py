@@ -256,12 +256,24 @@ class ObjectStore:
             if obj.sha256 in self._pending:
                 tmp_path.unlink(missing_ok=True)
                 return dataclasses.replace(self._pending[obj.sha256][1], created=False)
-            final = self.path_of(obj.sha256)
-            if final.exists() and not (obj.encoding is not Encoding.REF and self.encoding_of(obj.sha256) is Encoding.REF):
+            stored = self._already_stored(obj)
+            if stored is not None:
                 tmp_path.unlink(missing_ok=True)
-                return ObjectInfo(obj.sha256, obj.size, final.stat().st_size, self.encoding_of(obj.sha256), created=False)
+                return stored
             self._pending[obj.sha256] = (tmp_path, obj)
-            return obj if not final.exists() else dataclasses.replace(obj, created=False)
+            # replacing a reference by a copy: not "created", a rollback must not delete it
+            return dataclasses.replace(obj, created=not self.path_of(obj.sha256).exists())
+
+    def _already_stored(self, obj: ObjectInfo) -> ObjectInfo | None:
+        """The stored object when ``obj`` need not be published: it exists, and is not a reference
+        that ``obj`` (a copy of the same content) should replace."""
+        final = self.path_of(obj.sha256)
+        if not final.exists():
+            return None
+        existing = self.encoding_of(obj.sha256)
+        if existing is Encoding.REF and obj.encoding is not Encoding.REF:
+            return None
+        return ObjectInfo(obj.sha256, obj.size, final.stat().st_size, existing, created=False)
 
     def _flush_pending(self, object_id: str) -> None:
         if self._pending and object_id in self._pending:
@@ -351,19 +363,14 @@ class ObjectStore:
         return tmp_path, ObjectInfo(digest.hexdigest(), size, stored, encoding)
 
     def _publish(self, tmp_path: Path, obj: ObjectInfo, sync: bool = True) -> ObjectInfo:
-        final = self.path_of(obj.sha256)
-        if final.exists():
-            existing = self.encoding_of(obj.sha256)
-            if existing is Encoding.REF and obj.encoding is not Encoding.REF:
-                # A copy of content that was only referenced replaces the reference (same content,
-                # atomic rename). Not "created": a rollback must not delete what others use.
-                os.chmod(tmp_path, 0o444)
-                os.replace(tmp_path, final)
-                if sync:
-                    fsync_dir(final.parent)
-                return dataclasses.replace(obj, created=False)
+        stored = self._already_stored(obj)
+        if stored is not None:
             tmp_path.unlink(missing_ok=True)
-            return ObjectInfo(obj.sha256, obj.size, final.stat().st_size, existing, created=False)
+            return stored
+        final = self.path_of(obj.sha256)
+        # A copy of content that was only referenced replaces the reference (same content, atomic
+        # rename). Not "created": a rollback must not delete what others use.
+        replacing = final.exists()
         if not final.parent.is_dir():
             final.parent.mkdir(parents=True, exist_ok=True)
             if sync:
@@ -372,7 +379,7 @@ class ObjectStore:
         os.replace(tmp_path, final)
         if sync:
             fsync_dir(final.parent)
-        return obj
+        return dataclasses.replace(obj, created=False) if replacing else obj
 
     def put_ref(self, root: str, relpath: str, offset: int, length: int) -> ObjectInfo:
         """Store a reference to ``length`` bytes at ``offset`` of ``relpath`` under external root

@@ -29,7 +29,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -128,7 +127,7 @@ def main() -> int:
     import deltahub
     from deltahub.calibrate.data import load_samples
     from deltahub.calibrate.evaluate import improvement_kept
-    from deltahub.calibrate.targets import choose_top_k, run_pass
+    from deltahub.calibrate.targets import DEFAULT_TOP_K, score_model
     from deltahub.ops.load import load_model
 
     base_dir, ft_dir, ft_meta, prepare = ensure_pair(args.pair_dir, args.ft_steps, args.ft_warmup)
@@ -157,24 +156,21 @@ def main() -> int:
 
         def scored(label: str, loader, **kw):
             t0 = time.perf_counter()
-            model = loader()
-            stats = run_pass(model, tokens, 4, "cpu", desc=label, **kw)
-            del model
-            gc.collect()
+            stats = score_model(loader, tokens, 4, "cpu", desc=label, **kw)
             log(f"{label}: ppl {stats.perplexity:.3f}" + (f", KL {stats.mean_kl:.4f}" if stats.mean_kl is not None else "")
                 + f" ({time.perf_counter() - t0:.0f} s)")
             return stats
 
         from transformers import AutoModelForCausalLM
 
-        top_k = choose_top_k(s, tl, 49152)
         ft_stats = scored(
             "fine-tune",
             lambda: AutoModelForCausalLM.from_pretrained(ft_dir, dtype=torch.float32),
-            keep_targets=True,
-            top_k=top_k,
+            keep_top_k=DEFAULT_TOP_K,
         )
         targets = ft_stats.targets
+        assert targets is not None
+        top_k = targets.top_k
         base_stats = scored("base", lambda: AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32))
 
         def delta_stats(name: str, label: str):

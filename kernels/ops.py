@@ -62,9 +62,10 @@ def _check_int32_offsets(out_elements: int = 0, **tensors: torch.Tensor | None) 
     for name, t in tensors.items():
         if t is None:
             continue
-        span = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size > 0)
-        if name == "packed" and t.dim() == 3 and t.shape[0] > 0:  # tenant offsets are int64
-            span = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:]))
+        dims = list(zip(t.shape, t.stride()))
+        if name == "packed" and t.dim() == 3:  # tenant offsets are int64
+            dims = dims[1:]
+        span = 1 + sum((size - 1) * abs(stride) for size, stride in dims if size > 0)
         if t.numel() and span > _MAX_ELEMENTS:
             raise KernelInputError(
                 f"{name} spans {span} elements; the kernels index with 32-bit offsets (at most {_MAX_ELEMENTS})",

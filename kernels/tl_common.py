@@ -18,6 +18,7 @@ __all__ = [
     "unpack_signs_kn",
     "unpack_signs_nk",
     "rtne_for_bf16",
+    "store_tile",
     "sign_bits_kn",
     "SIGN_MATMUL_DECODE",
     "SIGN_MATMUL_PREFILL",
@@ -101,6 +102,28 @@ def rtne_for_bf16(y, FIX: tl.constexpr):
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
         y = (bits & -65536).to(tl.float32, bitcast=True)
     return y
+
+
+@triton.jit
+def store_tile(acc_b, delta, offs_m, offs_n, m_mask, n_mask, b_ptr, y_ptr, stride_ym, stride_yn,
+               HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BF16_FIX: tl.constexpr):
+    """The epilogue of the matmul kernels: store ``y = acc_b + delta (+ bias)`` rounded once.
+
+    Args:
+        acc_b: fp32 ``[BLOCK_M, BLOCK_N]`` base accumulator (ignored unless ``HAS_WEIGHT``).
+        delta: fp32 ``[BLOCK_M, BLOCK_N]``, the scaled sign products.
+        offs_m, offs_n / m_mask, n_mask: the tile's row and column indices and their bounds masks.
+        b_ptr: bias ``[N]`` (read if ``HAS_BIAS``); y_ptr: ``[M, N]`` output, strides ``stride_ym/yn``.
+    """
+    y = delta
+    if HAS_WEIGHT:
+        y = acc_b + y
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        y = y + bias[None, :]
+    y = rtne_for_bf16(y, BF16_FIX)
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> dict:

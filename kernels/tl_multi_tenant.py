@@ -29,9 +29,9 @@ from .tl_common import (
     MT_GROUPED_DECODE,
     MT_GROUPED_PREFILL,
     MT_ROWS_CONFIGS,
-    to_triton_configs,
-    rtne_for_bf16,
     sign_bits_kn,
+    store_tile,
+    to_triton_configs,
     unpack_signs_kn,
 )
 
@@ -45,15 +45,8 @@ def _epilogue(acc_b, acc_s, tid, offs_m, offs_n, m_mask, n_mask, scales_ptr, b_p
               HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BF16_FIX: tl.constexpr):
     """``y = acc_b + scales[tid]·acc_s (+ bias)`` for a ``[BLOCK_M, BLOCK_N]`` tile (tid < 0: 0)."""
     row_scale = tl.load(scales_ptr + tl.where(tid >= 0, tid, 0), mask=m_mask & (tid >= 0), other=0.0)
-    y = row_scale.to(tl.float32)[:, None] * acc_s
-    if HAS_WEIGHT:
-        y = acc_b + y
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        y = y + bias[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    y = rtne_for_bf16(y, BF16_FIX)
-    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    store_tile(acc_b, row_scale.to(tl.float32)[:, None] * acc_s, offs_m, offs_n, m_mask, n_mask, b_ptr, y_ptr,
+               stride_ym, stride_yn, HAS_WEIGHT, HAS_BIAS, BF16_FIX)
 
 
 @triton.jit

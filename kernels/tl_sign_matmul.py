@@ -16,8 +16,8 @@ import triton.language as tl
 from .tl_common import (
     SIGN_MATMUL_DECODE,
     SIGN_MATMUL_PREFILL,
+    store_tile,
     to_triton_configs,
-    rtne_for_bf16,
     unpack_signs_kn,
 )
 
@@ -93,15 +93,8 @@ def sign_matmul_kernel(
         scale = tl.load(scale_ptr).to(tl.float32)
     else:
         scale = scale_val
-    y = scale * acc_s
-    if HAS_WEIGHT:
-        y = acc_b + y
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        y = y + bias[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    y = rtne_for_bf16(y, BF16_FIX)
-    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    store_tile(acc_b, scale * acc_s, offs_m, offs_n, m_mask, n_mask, b_ptr, y_ptr, stride_ym, stride_yn,
+               HAS_WEIGHT, HAS_BIAS, BF16_FIX)
 
 
 _KEY = ["M_BUCKET", "N", "K", "HAS_WEIGHT", "FP32_DOT"]

@@ -165,11 +165,40 @@ def test_same_seed_same_scales(store, trained):
     assert len(rows) == 3 and {r[2] for r in rows} == {3, 4}
 
 
+def test_the_new_manifest_is_on_disk_before_its_index_rows_and_name(store, trained, monkeypatch):
+    """Invariant 2: objects -> index rows -> name. The calibrated manifest is written inside a batch,
+    so it must be flushed into objects/ before the first index write that follows it."""
+    stored_pair(store, trained, "llama")
+    ctx = store._ctx
+    on_disk_at_writes: list[set[str]] = []
+    put, session = ctx.put, ctx.index.session
+
+    def spy_put(*args, **kwargs):
+        info = put(*args, **kwargs)
+        on_disk_at_writes.clear()  # only the writes after the last object count
+        return info
+
+    def spy_session(*args, **kwargs):
+        if kwargs.get("write", True):
+            on_disk_at_writes.append(set(ctx.objects.iter_ids()))
+        return session(*args, **kwargs)
+
+    monkeypatch.setattr(ctx, "put", spy_put)
+    monkeypatch.setattr(ctx.index, "session", spy_session)
+    result = store.calibrate("ft", trained["llama"]["ft"], _opts(trained, steps=2))
+    assert len(on_disk_at_writes) >= 2  # the index rows, then the name
+    assert all(result.manifest_id in ids for ids in on_disk_at_writes)
+
+
 def test_calibration_is_recorded_and_shown(store, trained):
     old_id = stored_pair(store, trained, "llama")
     result = store.calibrate("ft", trained["llama"]["ft"], _opts(trained, steps=10))
     info = store.show("ft")
     cal = info["calibration"]
+    assert set(cal) == {
+        "previous_manifest_id", "created_at", "teacher", "data", "samples", "seq_len", "steps", "lr", "seed",
+        "device", "top_k", "n_scales", "loss_before", "loss_after", "seconds",
+    }
     assert cal["previous_manifest_id"] == old_id
     assert cal["loss_before"] == result.loss_before and cal["loss_after"] == result.loss_after
     assert (cal["steps"], cal["lr"], cal["samples"], cal["seq_len"], cal["seed"]) == (10, 0.05, 32, 32, 0)

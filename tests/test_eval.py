@@ -63,6 +63,11 @@ def test_eval_is_stored_and_shown(store, trained):
     assert shown["ppl_delta"] == first.ppl_delta and shown["finetune"] is None
     second = store.evaluate("ft", finetune=trained["gpt2"]["ft"], data=trained["heldout"], **HELD)
     shown = store.show("ft")["evaluation"]  # the latest one
+    assert set(shown) == {
+        "created_at", "data", "finetune", "samples", "seq_len", "n_tokens", "ppl_base", "ppl_finetune",
+        "ppl_delta", "kl_mean", "kept_logppl", "kept_ppl", "top_k", "device", "seconds",
+    }
+    assert shown["seconds"] == second.seconds and shown["n_tokens"] == second.n_tokens
     assert shown["kl_mean"] == second.kl_mean and shown["finetune"] == str(trained["gpt2"]["ft"])
     assert shown["ppl_base"] == pytest.approx(first.ppl_base, rel=1e-9)
     con = sqlite3.connect(store.home / "index.sqlite")
@@ -97,6 +102,10 @@ def test_eval_bad_input_changes_nothing(store, trained, tmp_path):
         store.evaluate("ft", finetune=trained["llama"]["other"], data=trained["heldout"], **HELD)
     with pytest.raises(InputError, match="base model"):
         store.evaluate("base", data=trained["heldout"], **HELD)
+    with pytest.raises(InputError, match="eval seq_len must be at least 2, got 1"):
+        store.evaluate("ft", data=trained["heldout"], samples=8, seq_len=1)
+    with pytest.raises(InputError, match="eval batch_size must be at least 1, got 0"):
+        store.evaluate("ft", data=trained["heldout"], batch_size=0, **HELD)
     with pytest.raises(InputError, match="no CUDA device"):
         if torch.cuda.is_available():
             raise InputError("no CUDA device (skipped: this machine has one)")

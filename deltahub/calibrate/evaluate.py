@@ -23,7 +23,6 @@ fine-tune is not better than the base on this text (no improvement to keep).
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from typing import Any
 
 import torch
 
-from deltahub.calibrate.targets import DEFAULT_TOP_K, PassStats, choose_top_k, run_pass
+from deltahub.calibrate.targets import DEFAULT_TOP_K, PassStats, score_model
 
 __all__ = ["FidelityReport", "improvement_kept", "measure_fidelity"]
 
@@ -68,22 +67,6 @@ def improvement_kept(base: float, finetune: float, delta: float) -> float | None
     return (base - delta) / gain
 
 
-def _scored(loader: ModelLoader, tokens: torch.Tensor, **kwargs: Any) -> tuple[PassStats, int]:
-    """Load a model, run it over ``tokens``, free it: ``(stats, vocab size)``. Only this frame holds
-    the model, so it is gone (and its memory collectable) before the next one is loaded."""
-    model = loader()
-    vocab = int(model.config.vocab_size)
-    top_k = kwargs.pop("top_k_for_vocab", None)
-    if top_k is not None:
-        kwargs["top_k"] = top_k(vocab)
-    stats = run_pass(model, tokens, **kwargs)
-    del model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return stats, vocab
-
-
 def measure_fidelity(
     tokens: torch.Tensor,
     load_base: ModelLoader,
@@ -95,20 +78,12 @@ def measure_fidelity(
 ) -> FidelityReport:
     """Evaluate on ``tokens`` (int64 ``[S, T]``), one model in memory at a time."""
     s, t = (int(d) for d in tokens.shape)
-    common = {"batch_size": batch_size, "device": device}
     ft_stats: PassStats | None = None
     if load_finetune is not None:
-        ft_stats, _vocab = _scored(
-            load_finetune,
-            tokens,
-            keep_targets=True,
-            top_k_for_vocab=lambda vocab: choose_top_k(s, t, vocab, top_k),
-            desc="fine-tune",
-            **common,
-        )
-    base_stats, _vocab = _scored(load_base, tokens, desc="base", **common)
+        ft_stats = score_model(load_finetune, tokens, batch_size, device, keep_top_k=top_k, desc="fine-tune")
+    base_stats = score_model(load_base, tokens, batch_size, device, desc="base")
     against = ft_stats.targets if ft_stats is not None else None
-    delta_stats, _vocab = _scored(load_delta, tokens, against=against, desc="delta", **common)
+    delta_stats = score_model(load_delta, tokens, batch_size, device, against=against, desc="delta")
     kept_k = against.top_k if against is not None else None
     report = FidelityReport(
         samples=s,

@@ -18,7 +18,9 @@ typically a few percent of the mass.
 
 from __future__ import annotations
 
+import gc
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +36,7 @@ __all__ = [
     "PassStats",
     "kl_from_targets",
     "run_pass",
+    "score_model",
 ]
 
 #: Tokens of the teacher's distribution kept per position when the full one is too big.
@@ -191,3 +194,33 @@ def run_pass(
         n_positions=s * t,
         targets=targets,
     )
+
+
+def score_model(
+    loader: Callable[[], Any],
+    tokens: torch.Tensor,
+    batch_size: int = 4,
+    device: str | torch.device = "cpu",
+    keep_top_k: int | None = None,
+    against: TeacherTargets | None = None,
+    desc: str = "score",
+) -> PassStats:
+    """Load a model with ``loader``, :func:`run_pass` it over ``tokens`` (int64 ``[S, T]``), free it.
+
+    ``keep_top_k``: also keep the model's distributions as targets: top-``keep_top_k``, or full when
+    :func:`choose_top_k` says so for the model's vocabulary. Only this frame holds the model, so it
+    is gone (and its memory collectable) before the caller loads the next one.
+    """
+    model = loader()
+    top_k = None
+    if keep_top_k is not None:
+        s, t = (int(d) for d in tokens.shape)
+        top_k = choose_top_k(s, t, int(model.config.vocab_size), keep_top_k)
+    stats = run_pass(
+        model, tokens, batch_size, device, keep_targets=keep_top_k is not None, top_k=top_k, against=against, desc=desc
+    )
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return stats

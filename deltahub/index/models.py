@@ -11,8 +11,9 @@ checks that the migrations and these models agree (no autogenerate drift).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     CheckConstraint,
@@ -24,8 +25,9 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    select,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 __all__ = [
@@ -39,6 +41,8 @@ __all__ = [
     "ObjectRow",
     "TensorStatRow",
     "UTCDateTime",
+    "latest_record",
+    "record_from",
     "utcnow",
 ]
 
@@ -316,3 +320,29 @@ class EvaluationRow(Base):
             f"EvaluationRow(manifest_id={self.manifest_id!r}, ppl_delta={self.ppl_delta!r}, "
             f"kl_mean={self.kl_mean!r})"
         )
+
+
+_Record = TypeVar("_Record", CalibrationRow, EvaluationRow)
+
+
+def record_from(row_cls: type[_Record], values: Mapping[str, Any], **overrides: Any) -> _Record:
+    """A new ``calibrations`` / ``evaluations`` row from ``values`` (e.g. a result's ``to_json()``)
+    and ``overrides``: every key that names a column of the table, the others ignored."""
+    columns = set(row_cls.__table__.columns.keys())
+    return row_cls(**{k: v for k, v in {**values, **overrides}.items() if k in columns})
+
+
+def latest_record(session: Session, row_cls: type[_Record], manifest_id: str) -> dict[str, Any] | None:
+    """The newest ``row_cls`` row of ``manifest_id`` as a dict of its columns but ``id`` and
+    ``manifest_id`` (``created_at`` in ISO 8601); ``None`` when there is none."""
+    row = session.scalars(
+        select(row_cls)
+        .where(row_cls.manifest_id == manifest_id)
+        .order_by(row_cls.created_at.desc(), row_cls.id.desc())
+        .limit(1)
+    ).first()
+    if row is None:
+        return None
+    out = {key: getattr(row, key) for key in row_cls.__table__.columns.keys() if key not in ("id", "manifest_id")}
+    out["created_at"] = row.created_at.isoformat()
+    return out

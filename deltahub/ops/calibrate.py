@@ -31,8 +31,8 @@ from sqlalchemy import select
 
 from deltahub.calibrate.data import load_samples
 from deltahub.calibrate.distill import DistillConfig, calibrate_scales, delta_scales
-from deltahub.calibrate.targets import DEFAULT_TOP_K, TeacherTargets, choose_top_k, run_pass
-from deltahub.codec import Codec, packed_shape, unpack_signs
+from deltahub.calibrate.targets import DEFAULT_TOP_K, TeacherTargets, score_model
+from deltahub.codec import Codec, unpack_signs
 from deltahub.errors import (
     DeltaHubError,
     IncompatibleBaseError,
@@ -50,9 +50,11 @@ from deltahub.index.models import (
     NameRow,
     ObjectRow,
     TensorStatRow,
+    record_from,
     utcnow,
 )
 from deltahub.ops.context import Resolved, StoreContext, fp16_bytes
+from deltahub.ops.reconstruct import ModelSource
 from deltahub.store import Compression
 
 logger = logging.getLogger(__name__)
@@ -82,13 +84,21 @@ class CalibrationOptions:
     dtype: torch.dtype = torch.float32
 
     def check(self) -> None:
-        for what, value, low in (("samples", self.samples, 1), ("seq_len", self.seq_len, 2), ("steps", self.steps, 1),
-                                 ("batch_size", self.batch_size, 1), ("top_k", self.top_k, 1)):
-            if value < low:
-                raise InputError(f"calibration {what} must be at least {low}, got {value}", f"raise {what}")
+        check_minimums(
+            "calibration",
+            samples=(self.samples, 1), seq_len=(self.seq_len, 2), steps=(self.steps, 1),
+            batch_size=(self.batch_size, 1), top_k=(self.top_k, 1),
+        )
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise InputError(f"calibration learning rate must be positive, got {self.lr}", "use e.g. 0.01")
         check_device(self.device)
+
+
+def check_minimums(what: str, **settings: tuple[int, int]) -> None:
+    """Refuse the first setting below its minimum (``settings``: name -> ``(value, minimum)``)."""
+    for name, (value, low) in settings.items():
+        if value < low:
+            raise InputError(f"{what} {name} must be at least {low}, got {value}", f"raise {name}")
 
 
 def check_device(device: str) -> None:
@@ -229,14 +239,13 @@ def check_finetune_matches(
                 hint,
             )
     sign1 = sorted((rec.numel, n) for n, rec in man.tensors.items() if rec.codec is Codec.SIGN1)
-    for _numel, tname in sign1[:n_checked]:
-        rec = man.tensors[tname]
-        brec = base.tensors[tname]
-        assert rec.object is not None and brec.object is not None
-        n, k = rec.shape
-        packed = ctx.read_tensor(rec.object, "int32", packed_shape(n, k), owned=False)
-        stored = unpack_signs(packed, k, torch.int8) > 0
-        w_base = ctx.read_tensor(brec.object, brec.dtype, brec.shape, owned=False)
+    smallest = {n for _numel, n in sign1[:n_checked]}
+    source = ModelSource(ctx, delta, base)
+    checked = [spec for spec in source.specs(None) if spec.name in smallest]
+    for spec, (packed, w_base) in zip(checked, source.iter_inputs(checked)):  # the stored bits, the base tensor
+        tname = spec.name
+        assert packed is not None and w_base is not None
+        stored = unpack_signs(packed, spec.shape[1], torch.int8) > 0
         mine = (read(tname).to(torch.float32) - w_base.to(torch.float32)) >= 0
         agree = float((stored == mine).float().mean())
         if agree < MIN_SIGN_AGREEMENT:
@@ -277,13 +286,14 @@ def teacher_targets(
     ctx: StoreContext, ref: FinetuneRef, tokens: torch.Tensor, options: CalibrationOptions
 ) -> TeacherTargets:
     """The fine-tune's next-token distributions on ``tokens`` (the model is freed on return)."""
-    model = load_finetune_model(ctx, ref, options.dtype, options.device)
-    top_k = choose_top_k(int(tokens.shape[0]), int(tokens.shape[1]), int(model.config.vocab_size), options.top_k)
-    stats = run_pass(model, tokens, options.batch_size, options.device, keep_targets=True, top_k=top_k, desc="teacher")
-    del model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    stats = score_model(
+        lambda: load_finetune_model(ctx, ref, options.dtype, options.device),
+        tokens,
+        options.batch_size,
+        options.device,
+        keep_top_k=options.top_k,
+        desc="teacher",
+    )
     assert stats.targets is not None
     return stats.targets
 
@@ -392,6 +402,7 @@ def _publish(ctx: StoreContext, resolved: Resolved, scales: dict[str, float], re
     with ctx.writing():
         info = ctx.put(new.to_bytes(), Compression.AUTO)
         new_id = info.sha256
+        ctx.objects.flush()  # the manifest object is durable and in place before any index row (invariant 2)
         now = utcnow()
         with ctx.index.session() as session:
             old_row = session.get(ManifestRow, resolved.manifest_id)
@@ -411,26 +422,7 @@ def _publish(ctx: StoreContext, resolved: Resolved, scales: dict[str, float], re
                 )
             if session.get(ManifestRow, new_id) is None:
                 _index_manifest(session, new, new_id, info.stored_size, old_row, scales, now)
-            session.add(
-                CalibrationRow(
-                    manifest_id=new_id,
-                    previous_manifest_id=resolved.manifest_id,
-                    created_at=now,
-                    teacher=result.teacher,
-                    data=result.data,
-                    samples=result.samples,
-                    seq_len=result.seq_len,
-                    steps=result.steps,
-                    lr=result.lr,
-                    seed=result.seed,
-                    device=result.device,
-                    top_k=result.top_k,
-                    n_scales=result.n_scales,
-                    loss_before=result.loss_before,
-                    loss_after=result.loss_after,
-                    seconds=result.seconds,
-                )
-            )
+            session.add(record_from(CalibrationRow, result.to_json(), manifest_id=new_id, created_at=now))
         with ctx.naming(), ctx.index.session() as session:
             row = session.get(NameRow, resolved.name)
             if row is None or row.manifest_id != resolved.manifest_id:
@@ -547,44 +539,15 @@ def compress_and_calibrate(
     return compressed, calibrated
 
 
-def latest_calibration(session, manifest_id: str) -> dict[str, Any] | None:
-    """The newest calibration record of ``manifest_id`` as a dict (``None`` if never calibrated)."""
-    row = session.scalars(
-        select(CalibrationRow)
-        .where(CalibrationRow.manifest_id == manifest_id)
-        .order_by(CalibrationRow.created_at.desc(), CalibrationRow.id.desc())
-        .limit(1)
-    ).first()
-    if row is None:
-        return None
-    return {
-        "previous_manifest_id": row.previous_manifest_id,
-        "created_at": row.created_at.isoformat(),
-        "teacher": row.teacher,
-        "data": row.data,
-        "samples": row.samples,
-        "seq_len": row.seq_len,
-        "steps": row.steps,
-        "lr": row.lr,
-        "seed": row.seed,
-        "device": row.device,
-        "top_k": row.top_k,
-        "n_scales": row.n_scales,
-        "loss_before": row.loss_before,
-        "loss_after": row.loss_after,
-        "seconds": row.seconds,
-    }
-
-
 __all__ = [
     "CalibrateResult",
     "CalibrationOptions",
     "FinetuneRef",
     "calibrate",
     "check_device",
+    "check_minimums",
     "check_finetune_matches",
     "compress_and_calibrate",
-    "latest_calibration",
     "load_finetune_model",
     "recon_error_at",
     "resolve_finetune",

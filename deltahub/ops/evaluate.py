@@ -20,17 +20,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sqlalchemy import select
 
 from deltahub.calibrate.data import load_samples
 from deltahub.calibrate.evaluate import measure_fidelity
 from deltahub.calibrate.targets import DEFAULT_TOP_K
 from deltahub.errors import InputError
 from deltahub.formats.manifest import ModelKind
-from deltahub.index.models import EvaluationRow, ManifestRow, utcnow
-from deltahub.ops.calibrate import check_device, check_finetune_matches, load_finetune_model, resolve_finetune
+from deltahub.index.models import EvaluationRow, ManifestRow, record_from, utcnow
+from deltahub.ops.calibrate import (
+    check_device,
+    check_finetune_matches,
+    check_minimums,
+    load_finetune_model,
+    resolve_finetune,
+)
 from deltahub.ops.context import Resolved, StoreContext
-from deltahub.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +52,9 @@ class EvalOptions:
     dtype: torch.dtype = torch.float32
 
     def check(self) -> None:
-        if self.samples < 1 or self.seq_len < 2 or self.batch_size < 1 or self.top_k < 1:
-            raise InputError(
-                f"eval needs samples >= 1 and seq_len >= 2, got {self.samples} and {self.seq_len}",
-                "raise --samples / --seq-len",
-            )
+        check_minimums(
+            "eval", samples=(self.samples, 1), seq_len=(self.seq_len, 2), batch_size=(self.batch_size, 1), top_k=(self.top_k, 1)
+        )
         check_device(self.device)
 
 
@@ -83,20 +85,12 @@ class EvalResult:
 
 def load_stored_base(ctx: StoreContext, base_id: str, dtype: torch.dtype, device: str) -> Any:
     """A stored base by manifest id (it may have no name) as a transformers model."""
-    from deltahub.ops.load import build_model
+    from deltahub.ops.load import materialized_model
     from deltahub.ops.reconstruct import ModelSource
 
     label = f"base {base_id[:12]}"
     source = ModelSource(ctx, Resolved(label, base_id, ctx.load_manifest(base_id)), None)
-    specs = source.specs(dtype)
-    state_dict: dict[str, torch.Tensor] = {}
-    with progress_bar(len(specs), f"load {label}", unit="tensor") as bar:
-        for spec, tensor in zip(specs, source.iter_tensors(specs)):
-            state_dict[spec.name] = tensor
-            bar.update(1)
-    model = build_model(source, label, dtype, state_dict)
-    del state_dict
-    return model.to(device)
+    return materialized_model(source, label, dtype).to(device)
 
 
 def evaluate(
@@ -151,46 +145,8 @@ def evaluate(
         if session.get(ManifestRow, resolved.manifest_id) is None:
             logger.warning("manifest %s was removed meanwhile; evaluation not recorded", resolved.manifest_id[:12])
         else:
-            session.add(
-                EvaluationRow(
-                    manifest_id=result.manifest_id,
-                    created_at=utcnow(),
-                    data=result.data,
-                    samples=result.samples,
-                    seq_len=result.seq_len,
-                    n_tokens=result.n_tokens,
-                    finetune=result.finetune,
-                    ppl_base=result.ppl_base,
-                    ppl_finetune=result.ppl_finetune,
-                    ppl_delta=result.ppl_delta,
-                    kl_mean=result.kl_mean,
-                    kept_logppl=result.kept_logppl,
-                    kept_ppl=result.kept_ppl,
-                    top_k=result.top_k,
-                    device=result.device,
-                    seconds=result.seconds,
-                )
-            )
+            session.add(record_from(EvaluationRow, result.to_json(), created_at=utcnow()))
     return result
 
 
-def latest_evaluation(session, manifest_id: str) -> dict[str, Any] | None:
-    """The newest evaluation of ``manifest_id`` as a dict (``None`` if never evaluated)."""
-    row = session.scalars(
-        select(EvaluationRow)
-        .where(EvaluationRow.manifest_id == manifest_id)
-        .order_by(EvaluationRow.created_at.desc(), EvaluationRow.id.desc())
-        .limit(1)
-    ).first()
-    if row is None:
-        return None
-    keys = (
-        "data", "finetune", "samples", "seq_len", "n_tokens", "ppl_base", "ppl_finetune", "ppl_delta",
-        "kl_mean", "kept_logppl", "kept_ppl", "top_k", "device", "seconds",
-    )
-    out = {k: getattr(row, k) for k in keys}
-    out["created_at"] = row.created_at.isoformat()
-    return out
-
-
-__all__ = ["EvalOptions", "EvalResult", "evaluate", "latest_evaluation", "load_stored_base"]
+__all__ = ["EvalOptions", "EvalResult", "evaluate", "load_stored_base"]

@@ -91,14 +91,20 @@ delta-mode model is frozen. A base model loads normally.
         model = _load_delta_mode(source, name, out_dtype, trainable_scales)
         choose_backend(torch.device(device))
     else:
-        specs = source.specs(out_dtype)
-        state_dict: dict[str, torch.Tensor] = {}
-        with progress_bar(len(specs), f"load {name}", unit="tensor") as bar:
-            for spec, tensor in zip(specs, source.iter_tensors(specs)):
-                state_dict[spec.name] = tensor
-                bar.update(1)
-        model = build_model(source, name, out_dtype, state_dict)
+        model = materialized_model(source, name, out_dtype)
     return model.to(device)
+
+
+def materialized_model(source: ModelSource, name: str, out_dtype: torch.dtype) -> Any:
+    """``source``'s transformers model with every tensor rebuilt in full, one at a time, into the
+    state dict handed to :func:`build_model` (no checkpoint is written; eval mode, on the CPU)."""
+    specs = source.specs(out_dtype)
+    state_dict: dict[str, torch.Tensor] = {}
+    with progress_bar(len(specs), f"load {name}", unit="tensor") as bar:
+        for spec, tensor in zip(specs, source.iter_tensors(specs)):
+            state_dict[spec.name] = tensor
+            bar.update(1)
+    return build_model(source, name, out_dtype, state_dict)
 
 
 def build_model(source: ModelSource, name: str, out_dtype: torch.dtype, state_dict: dict[str, torch.Tensor]) -> Any:

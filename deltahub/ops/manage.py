@@ -12,7 +12,16 @@ from sqlalchemy import func, select
 from deltahub.errors import DeltaHubError, InUseError, NameNotFoundError
 from deltahub.formats.manifest import ModelKind
 from deltahub.formats.paths import validate_name
-from deltahub.index.models import ManifestObjectRow, ManifestRow, NameRow, ObjectRow, TensorStatRow
+from deltahub.index.models import (
+    CalibrationRow,
+    EvaluationRow,
+    ManifestObjectRow,
+    ManifestRow,
+    NameRow,
+    ObjectRow,
+    TensorStatRow,
+    latest_record,
+)
 from deltahub.ops.context import StoreContext, prune_unreachable, reachable_manifests
 from deltahub.progress import progress_bar
 from deltahub.store import file_lock
@@ -62,9 +71,6 @@ def list_models(ctx: StoreContext) -> list[dict[str, Any]]:
 def show_model(ctx: StoreContext, name: str, tensors: bool = False) -> dict[str, Any]:
     """Everything known about ``name``: kind, base, codecs, bytes, ratio, statistics, and for a delta
     its latest calibration and evaluation (``None`` when there is none)."""
-    from deltahub.ops.calibrate import latest_calibration
-    from deltahub.ops.evaluate import latest_evaluation
-
     resolved = ctx.resolve(name)
     with ctx.index.session(write=False) as session:
         m = session.get(ManifestRow, resolved.manifest_id)
@@ -107,8 +113,8 @@ def show_model(ctx: StoreContext, name: str, tensors: bool = False) -> dict[str,
             base_names = names.get(m.base_id or "", [])
             summary["base"] = {"manifest_id": m.base_id, "names": base_names}
             summary["packing"] = resolved.manifest.packing.to_json() if resolved.manifest.packing else None
-            summary["calibration"] = latest_calibration(session, m.id)
-            summary["evaluation"] = latest_evaluation(session, m.id)
+            summary["calibration"] = latest_record(session, CalibrationRow, m.id)
+            summary["evaluation"] = latest_record(session, EvaluationRow, m.id)
             if sign1:
                 weights = [st.numel for st in sign1]
                 total = sum(weights)

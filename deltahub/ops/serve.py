@@ -19,13 +19,11 @@ from sqlalchemy import select
 from deltahub.codec import Codec, packed_shape
 from deltahub.errors import IncompatibleBaseError, InputError, NameNotFoundError, WrongBaseError
 from deltahub.formats.manifest import ModelKind
-from deltahub.formats.safetensors_io import dtype_from_name
 from deltahub.index.models import NameRow
 from deltahub.ops.context import Resolved, StoreContext
-from deltahub.ops.load import TOKENIZER_FILES, LoadMode, build_model, load_model, parse_mode, tokenizer_of
+from deltahub.ops.load import TOKENIZER_FILES, LoadMode, load_model, materialized_model, parse_mode, tokenizer_of
 from deltahub.ops.materialize import parse_output_dtype
 from deltahub.ops.reconstruct import ModelSource
-from deltahub.progress import progress_bar
 from deltahub.runtime import choose_backend
 from deltahub.runtime.multi_tenant import BASE, TenantError, TenantModel, TensorChange, install_tenants
 
@@ -232,14 +230,7 @@ def load_multi_tenant(
     label = base_names[0] if base_names else base_id[:12]
     base_source = ModelSource(ctx, Resolved(label, base_id, base_manifest), None, verify)
     out_dtype = out_dtype or base_source.default_dtype()
-    specs = base_source.specs(out_dtype)
-    state_dict: dict[str, torch.Tensor] = {}
-    with progress_bar(len(specs), f"load base {label}", unit="tensor") as bar:
-        for spec, tensor in zip(specs, base_source.iter_tensors(specs)):
-            state_dict[spec.name] = tensor
-            bar.update(1)
-    model = build_model(base_source, label, out_dtype, state_dict)
-    del state_dict
+    model = materialized_model(base_source, label, out_dtype)
     changes = [_changes(ctx, r, base_manifest, verify) for r in resolved]
     try:
         state = install_tenants(model, changes)
@@ -278,8 +269,7 @@ def _changes(ctx: StoreContext, r: Resolved, base_manifest: Any, verify: bool) -
                     "batch; use `deltahub generate --mode materialize` or load_model(mode='delta')",
                 )
             t = ctx.read_tensor(rec.object, rec.dtype, rec.shape, verify=verify)
-            own = dtype_from_name(rec.dtype)
-            out[name] = TensorChange(tensor=t.clone() if own.is_floating_point else t.clone())
+            out[name] = TensorChange(tensor=t.clone())
         else:
             raise InputError(f"{r.name!r}: codec {rec.codec} cannot be served", "upgrade deltahub")
     return out

@@ -111,6 +111,11 @@ class _KeepFp32Scale(nn.Module):
 
     scale: nn.Parameter
 
+    def _init_scale(self, scale: float | Tensor, device: torch.device, trainable: bool) -> None:
+        """Set ``self.scale``: a 0-d fp32 parameter on ``device`` (a copy of ``scale``)."""
+        s = torch.as_tensor(scale, dtype=torch.float32).detach().clone().reshape(())
+        self.scale = nn.Parameter(s.to(device), requires_grad=trainable)
+
     def _apply(self, fn: Any, recurse: bool = True) -> Any:  # type: ignore[override]
         before = self.scale.data
         out = super()._apply(fn, recurse)
@@ -143,8 +148,7 @@ class DeltaLinear(_KeepFp32Scale):
         self.weight = nn.Parameter(weight.detach(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.register_buffer("packed", packed.detach())
-        s = torch.as_tensor(scale, dtype=torch.float32).detach().clone().reshape(())
-        self.scale = nn.Parameter(s.to(weight.device), requires_grad=trainable_scale)
+        self._init_scale(scale, weight.device, trainable_scale)
 
     @classmethod
     def from_linear(
@@ -205,8 +209,7 @@ class DeltaEmbedding(_KeepFp32Scale):
         self.padding_idx = padding_idx
         self.weight = nn.Parameter(weight.detach(), requires_grad=False)
         self.register_buffer("packed", packed.detach())
-        s = torch.as_tensor(scale, dtype=torch.float32).detach().clone().reshape(())
-        self.scale = nn.Parameter(s.to(weight.device), requires_grad=trainable_scale)
+        self._init_scale(scale, weight.device, trainable_scale)
 
     @classmethod
     def from_embedding(

@@ -31,9 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltahub.codec.codecs import CodecError
+from deltahub.codec.packing import WORD_BITS
 from deltahub.runtime import signs
 from deltahub.runtime.backend import Backend, choose_backend
-from deltahub.runtime.patch import is_conv1d, module_owners, transpose_packed
+from deltahub.runtime.patch import is_conv1d, module_owners, set_module, transpose_packed
 
 __all__ = [
     "TenantError",
@@ -126,7 +127,7 @@ class SignStack:
     def build(cls, sign: dict[int, tuple[Tensor, float]], n_tenants: int, n: int, k: int,
               device: torch.device) -> SignStack:
         tenants = sorted(sign)
-        w = -(-k // 32)
+        w = -(-k // WORD_BITS)
         for t in tenants:
             if tuple(sign[t][0].shape) != (n, w) or sign[t][0].dtype != torch.int32:
                 raise CodecError(f"tenant {t}: packed signs {list(sign[t][0].shape)} do not fit [{n}, {k}]")
@@ -140,9 +141,11 @@ class SignStack:
         scales = torch.tensor([sign[t][1] for t in tenants], dtype=torch.float32)
         return cls(packed.to(device), scales.to(device), slot.to(device))
 
-    def kernel_ids(self, row_tenant: Tensor) -> Tensor:
-        """Tenant of each row → index into ``packed`` (``-1``: base only), for the kernel."""
-        return torch.where(row_tenant >= 0, self.slot[row_tenant.clamp(min=0)], -1)
+
+def _kernel_ids(slot: Tensor, row_tenant: Tensor) -> Tensor:
+    """Tenant of each row (int64 ``[R]``) → index into the stacked signs via ``slot`` (int64 ``[T]``,
+    see :class:`SignStack`), ``-1`` for base-only rows: int64 ``[R]``, for the kernel."""
+    return torch.where(row_tenant >= 0, slot[row_tenant.clamp(min=0)], -1)
 
 
 def _batch_of_rows(ids: Tensor, x: Tensor) -> Tensor:
@@ -180,7 +183,7 @@ class MultiTenantLinear(nn.Module):
         self.state = state
         self.weight = nn.Parameter(weight.detach(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
-        if tuple(stack.packed.shape[1:]) != (n, -(-k // 32)):
+        if tuple(stack.packed.shape[1:]) != (n, -(-k // WORD_BITS)):
             raise CodecError(f"packed signs {list(stack.packed.shape)} do not fit a [{n}, {k}] weight")
         self.register_buffer("packed", stack.packed)
         self.register_buffer("scales", stack.scales)
@@ -206,14 +209,14 @@ class MultiTenantLinear(nn.Module):
         if w.dtype != x.dtype:
             raise TenantError(f"input dtype {x.dtype} does not match the model's {w.dtype}")
         row_tenant = _batch_of_rows(ids, x)
+        per = x2d.shape[0] // max(1, x.shape[0])  # rows of x2d per batch row
         if self.packed.shape[0] and choose_backend(x.device) is Backend.TRITON and not torch.is_grad_enabled():
             from deltahub import kernels
 
-            kernel_ids = SignStack(self.packed, self.scales, self.slot).kernel_ids(row_tenant)
+            kernel_ids = _kernel_ids(self.slot, row_tenant)
             y = kernels.multi_tenant_sign_matmul(x2d, w, self.packed, self.scales, kernel_ids, validate=False)
         else:
             y = F.linear(x2d, w)
-            per = x2d.shape[0] // max(1, x.shape[0])
             for t, brows in self.state.groups(x.device):
                 if t == BASE or self._slots[t] < 0:
                     continue
@@ -226,13 +229,10 @@ class MultiTenantLinear(nn.Module):
         elif self.bias is not None:
             y = y + self.bias
         if self.dense_tenants:
-            per = x2d.shape[0] // max(1, x.shape[0])
             for t, brows in self.state.groups(x.device):
                 if t in self.dense_tenants:
                     rows = _expand(brows, per)
-                    b = None if self.bias_stack is None else self.bias_stack[t + 1]
-                    if b is None:
-                        b = self.bias
+                    b = self.bias if self.bias_stack is None else self.bias_stack[t + 1]
                     y.index_copy_(0, rows, F.linear(x2d.index_select(0, rows), getattr(self, f"dense_weight_{t}"), b))
         return y.reshape(*lead, self.out_features)
 
@@ -329,12 +329,6 @@ class MultiTenantModule(nn.Module):
         return out
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
-
-
 def install_tenants(model: nn.Module, tenants: Sequence[dict[str, TensorChange]]) -> TenantState:
     """Make ``model`` (holding the base's tensors) serve ``tenants`` row by row.
 
@@ -371,7 +365,7 @@ def install_tenants(model: nn.Module, tenants: Sequence[dict[str, TensorChange]]
     stacks: dict[int, SignStack] = {}  # id(base weight) -> its stack, shared by tied owners
     for mname, attrs in plan.items():
         module = model.get_submodule(mname) if mname else model
-        _set_module(model, mname, _multi_tenant_module(module, attrs, state, mname, stacks))
+        set_module(model, mname, _multi_tenant_module(module, attrs, state, mname, stacks))
     logger.info("multi-tenant model: %d tenant(s), %d module(s) made multi-tenant", len(tenants), len(plan))
     return state
 

@@ -26,7 +26,7 @@ from deltahub.codec.packing import WORD_BITS
 from deltahub.runtime import signs
 from deltahub.runtime.delta_linear import DeltaEmbedding, DeltaLinear
 
-__all__ = ["SignDelta", "install_sign_deltas", "transpose_packed", "is_conv1d", "module_owners"]
+__all__ = ["SignDelta", "install_sign_deltas", "transpose_packed", "is_conv1d", "module_owners", "set_module"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,8 @@ def module_owners(model: nn.Module) -> dict[int, list[tuple[str, str]]]:
     return owners
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` in place of ``model``'s submodule ``name`` (a dotted path)."""
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, new)
@@ -140,6 +141,6 @@ def install_sign_deltas(
                 new.weight = first.weight
                 new.packed = first.packed
                 new.scale = first.scale
-            _set_module(model, n, new)
+            set_module(model, n, new)
         logger.debug("delta module for %s (%d owner(s))", name, len(mods))
     return leftover

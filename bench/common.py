@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from deltahub.store.objects import tree_bytes  # noqa: F401 - one directory walker, used by the benches
+
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 _T0 = time.perf_counter()
@@ -120,19 +122,6 @@ def scratch_dir(name: str, parent: Path | None, keep: bool) -> Iterator[Path]:
         else:
             shutil.rmtree(path, ignore_errors=True)
             log(f"removed workdir {path}")
-
-
-def tree_bytes(root: Path, blocks: bool = False) -> int:
-    """Sum of the sizes of the regular files under ``root`` (symlinks not followed); with
-    ``blocks``, the disk blocks they use (``st_blocks``: a tiny file counts its whole block)."""
-    total = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for f in files:
-            p = os.path.join(dirpath, f)
-            if not os.path.islink(p):
-                st = os.stat(p)
-                total += st.st_blocks * 512 if blocks else st.st_size
-    return total
 
 
 def drop_dirty_pages() -> None:

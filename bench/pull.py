@@ -204,6 +204,7 @@ def main() -> int:
                 log(f"store A: compress fine-tune (embeddings={embeddings})")
                 store_a.compress(ft_dir, base="base", name="ft", embeddings=embeddings)
                 log(f"store A: push delta to {DELTA_REPO}")
+                server.create_repo(BASE_REPO)  # push checks that --base-repo exists (an empty stand-in)
                 push_res = store_a.push("ft", DELTA_REPO, base_repo=BASE_REPO)
             log(f"push: {push_res.to_json() if hasattr(push_res, 'to_json') else push_res}"[:300])
             api = HfApi()

@@ -54,7 +54,12 @@ class Store:
         self.close()
 
     def add(
-        self, src: str | Path, name: str | None = None, force: bool = False, copy: bool = False
+        self,
+        src: str | Path,
+        name: str | None = None,
+        force: bool = False,
+        copy: bool = False,
+        allow_nonfinite: bool = False,
     ) -> _add.AddResult:
         """Import a base model from a local Hugging Face checkpoint directory, or from the Hub.
 
@@ -65,8 +70,11 @@ class Store:
         Weights that are files of the Hugging Face cache are not copied: the store keeps references
         to their bytes there (re-hashed on every read). ``copy=True`` stores an independent copy, so
         that deleting the HF cache entry later does not take the base with it.
+
+        ``name=None`` derives the name from the folder or repo (``""`` is refused like any invalid
+        name). NaN/Inf in any floating tensor is refused unless ``allow_nonfinite=True``.
         """
-        return _add.add_base(self._ctx, Path(src), name=name, force=force, copy=copy)
+        return _add.add_base(self._ctx, Path(src), name=name, force=force, copy=copy, allow_nonfinite=allow_nonfinite)
 
     def compress(
         self,
@@ -77,6 +85,7 @@ class Store:
         force: bool = False,
         calibrate: bool = False,
         calibration: _calibrate.CalibrationOptions | None = None,
+        allow_nonfinite: bool = False,
     ) -> _compress.CompressResult:
         """Store the fine-tune at ``src`` as a 1-bit delta against stored base ``base``.
 
@@ -84,14 +93,21 @@ class Store:
         Hub like :meth:`add` does (pinned to its commit, into the HF cache; reused when cached).
         ``calibrate=True`` then calibrates the scales with ``src`` as the teacher (see
         :meth:`calibrate`; ``result.calibration`` holds what it did).
+
+        NaN/Inf in any floating tensor of the fine-tune (or in a delta) is refused unless
+        ``allow_nonfinite=True``: then dense tensors keep them as they are and a matrix whose delta is
+        not finite is stored dense instead of sign1.
         """
         if calibrate:
             result, cal = _calibrate.compress_and_calibrate(
-                self._ctx, src, base, name, embeddings=embeddings, force=force, options=calibration
+                self._ctx, src, base, name, embeddings=embeddings, force=force, options=calibration,
+                allow_nonfinite=allow_nonfinite,
             )
             result.calibration = cal
             return result
-        return _compress.compress_finetune(self._ctx, Path(src), base, name, embeddings=embeddings, force=force)
+        return _compress.compress_finetune(
+            self._ctx, Path(src), base, name, embeddings=embeddings, force=force, allow_nonfinite=allow_nonfinite
+        )
 
     def calibrate(
         self, name: str, finetune: str | Path, options: _calibrate.CalibrationOptions | None = None, **kwargs: Any

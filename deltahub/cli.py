@@ -23,6 +23,7 @@ from deltahub.config import debug_enabled
 from deltahub.errors import (
     CorruptObjectError,
     DeltaHubError,
+    DiskFullError,
     HubAuthError,
     HubConnectionError,
     HubError,
@@ -55,6 +56,7 @@ ERROR_EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (HubNotFoundError, 13),
     (HubConnectionError, 14),
     (HubError, 15),
+    (DiskFullError, 10),  # like OSError: the file system refused
     (StoreError, 9),
     (DeltaHubError, 1),
     (SQLAlchemyError, 9),  # the index failed (locked for too long, disk full, damaged file)
@@ -73,6 +75,11 @@ def error_message(exc: BaseException) -> str:
     if isinstance(exc, SQLAlchemyError):
         return f"the store's index failed: {exc.__class__.__name__}: {str(exc).splitlines()[0]}"
     if isinstance(exc, OSError):
+        from deltahub.fileio import disk_full_error, is_disk_full
+
+        if is_disk_full(exc):  # a write site that did not say what it was writing
+            folder = Path(exc.filename).parent if exc.filename else Path.cwd()
+            return str(disk_full_error(exc, folder, f"writing {exc.filename or 'a file'}"))
         where = f": {exc.filename}" if exc.filename else ""
         return f"{exc.strerror or exc}{where} (check free disk space and permissions)"
     return "out of memory (close other programs or use a machine with more memory)"
@@ -86,13 +93,9 @@ def exit_code_for(exc: BaseException) -> int:
 
 
 def _human(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return str(n)
+    from deltahub.fileio import human_bytes
+
+    return human_bytes(n, unknown="-")
 
 
 def _json_safe(data: Any) -> Any:
@@ -124,6 +127,12 @@ def _store(ctx: click.Context):
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+allow_nonfinite_option = click.option(
+    "--allow-nonfinite",
+    is_flag=True,
+    help="Store tensors holding NaN or Inf as they are (refused by default); a matrix whose delta is not "
+    "finite is then stored dense.",
+)
 
 
 class DeltaHubGroup(click.Group):
@@ -180,9 +189,12 @@ def cli(ctx: click.Context, home: Path | None, verbose: int) -> None:
     help="Copy weights that are in the Hugging Face cache into the store instead of referencing "
     "them there (then deleting the HF cache entry cannot break the base).",
 )
+@allow_nonfinite_option
 @json_option
 @click.pass_context
-def add(ctx: click.Context, src: Path, name: str | None, force: bool, copy: bool, as_json: bool) -> None:
+def add(
+    ctx: click.Context, src: Path, name: str | None, force: bool, copy: bool, allow_nonfinite: bool, as_json: bool
+) -> None:
     """Add a base model from a local Hugging Face checkpoint folder SRC, or from the Hub.
 
     SRC holds config.json, safetensors weights (model.safetensors or shards with
@@ -198,7 +210,7 @@ def add(ctx: click.Context, src: Path, name: str | None, force: bool, copy: bool
     copied: the store references their bytes there and re-hashes them on every read. Use --copy
     to keep an independent copy instead.
     """
-    result = _store(ctx).add(src, name=name, force=force, copy=copy)
+    result = _store(ctx).add(src, name=name, force=force, copy=copy, allow_nonfinite=allow_nonfinite)
     linked = f", {_human(result.referenced_bytes)} left in the HF cache" if result.referenced_bytes else ""
     _emit(
         result.__dict__,
@@ -279,6 +291,7 @@ def _calibration_text(cal: Any) -> str:
     is_flag=True,
     help="Then calibrate the scales by distillation, with the fine-tune at SRC as the teacher.",
 )
+@allow_nonfinite_option
 @calibration_options
 @json_option
 @click.pass_context
@@ -290,6 +303,7 @@ def compress(
     embeddings: str,
     force: bool,
     calibrate_: bool,
+    allow_nonfinite: bool,
     as_json: bool,
     **calib: Any,
 ) -> None:
@@ -305,7 +319,8 @@ def compress(
     """
     options = _calibration(**calib) if calibrate_ else None
     result = _store(ctx).compress(
-        src, base=base, name=name, embeddings=embeddings, force=force, calibrate=calibrate_, calibration=options
+        src, base=base, name=name, embeddings=embeddings, force=force, calibrate=calibrate_, calibration=options,
+        allow_nonfinite=allow_nonfinite,
     )
     data = dict(result.__dict__, ratio=result.ratio)
     codecs = ", ".join(f"{n} {c}" for c, n in sorted(result.codecs.items()))
@@ -644,6 +659,9 @@ def du(ctx: click.Context, as_json: bool) -> None:
         f"objects:      {info['objects']} ({_human(info['object_bytes'])})",
         f"unreferenced: {info['unreferenced_objects']} ({_human(info['unreferenced_bytes'])}; `deltahub gc` frees them)",
         f"index:        {_human(info['index_bytes'])}",
+        f"tmp:          {info['tmp_entries']} ({_human(info['tmp_bytes'])}; "
+        f"{info['stale_tmp_entries']} left by dead processes, `deltahub gc` frees them)",
+        f"reserve:      {_human(info['reserve_bytes'])} (given back when the disk is nearly full)",
         f"total:        {_human(info['total_bytes'])}",
     ]
     if info["hf_cache_references"]:
@@ -678,7 +696,8 @@ def gc(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
     _emit(
         report.to_json(),
         as_json,
-        f"{verb} {len(report.objects)} objects ({_human(report.bytes)}) and {len(report.temp_files)} temp files",
+        f"{verb} {len(report.objects)} objects ({_human(report.bytes)}) and {len(report.temp_files)} temp "
+        f"files ({_human(report.temp_bytes)})",
     )
 
 

@@ -70,6 +70,13 @@ class StoreError(DeltaHubError):
     """The store or its index is unusable (permissions, locked, inconsistent)."""
 
 
+class DiskFullError(StoreError):
+    """A write failed for lack of space (ENOSPC, EDQUOT) or a file size limit (EFBIG, ``ulimit -f``).
+
+    Nothing half-written is kept: the message names the folder and the bytes that were needed.
+    """
+
+
 class InUseError(DeltaHubError):
     """The model is still needed (e.g. a base that deltas depend on)."""
 

@@ -22,6 +22,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ["DELTAHUB_DISABLE_PROGRESS_BARS"] = "1"
 
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption(
+        "--soak",
+        action="store_true",
+        default=False,
+        help="run the fault-injection suite (tests/faults) at full length: more kills, longer concurrency",
+    )
+
+
+@pytest.fixture(scope="session")
+def soak(request) -> bool:
+    """True with ``--soak``: fault tests run many more iterations (tests/faults)."""
+    return bool(request.config.getoption("--soak"))
+
+
 VOCAB = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(125)]
 
 
@@ -147,6 +164,49 @@ def snapshot_store(home: Path) -> dict:
         finally:
             con.close()
     return {"files": files, "rows": rows}
+
+
+BASE = "base"
+
+
+@pytest.fixture(scope="session")
+def based_template(tmp_path_factory, model_dirs) -> Path:
+    """A store holding the llama base as ``base``, built once and copied for each test (``based``)."""
+    import deltahub
+
+    path = tmp_path_factory.mktemp("based-template") / "store"
+    with deltahub.Store(path) as s:
+        s.add(model_dirs["llama"]["base"], name=BASE)
+    return path
+
+
+@pytest.fixture
+def based(home, based_template):
+    """A fresh copy of the template store; yields (store, home, snapshot after the add)."""
+    import deltahub
+
+    shutil.copytree(based_template, home)
+    store = deltahub.Store(home)
+    yield store, home, snapshot_store(home)
+    store.close()
+
+
+def assert_store_unchanged(home: Path, snap: dict) -> None:
+    """``home`` holds exactly what ``snap`` (a :func:`snapshot_store`) saw, and no temporary file."""
+    after = snapshot_store(home)
+    assert sorted(after["files"]) == sorted(snap["files"]), "object files were added or removed"
+    assert after == snap
+    tmp = home / "tmp"
+    assert not tmp.exists() or not list(tmp.iterdir()), "temporary files left behind"
+
+
+def rewrite_safetensors(path: Path, mutate) -> None:
+    """Load a safetensors file, let ``mutate`` edit the dict of tensors, save it back."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(path)
+    mutate(sd)
+    save_file(sd, path, metadata={"format": "pt"})
 
 
 def read_json(path: Path) -> dict:

@@ -35,6 +35,19 @@ FAKE_TOKEN = HubServer.DEFAULT_TOKEN
 FAKE_USER = HubServer.DEFAULT_USER
 
 
+def plant_repo(server: HubServer, repo_id: str, *commits: str):
+    """A stand-in for a base repo that ``push --base-repo`` names (push checks it exists): ``repo_id``
+    with its initial commit on main, and each of ``commits`` as a further commit id (same tree)."""
+    import dataclasses
+
+    repo = server.state.get_repo("model", repo_id) or server.create_repo(repo_id)
+    with server.state.lock:
+        head = repo.commits[repo.branches["main"]]
+        for cid in commits:
+            repo.commits[cid] = dataclasses.replace(head, id=cid)
+    return repo
+
+
 def _patch_client(monkeypatch: pytest.MonkeyPatch, url: str, hf_home: str) -> None:
     try:
         from huggingface_hub import constants, hf_api

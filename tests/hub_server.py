@@ -498,9 +498,11 @@ class HubHandler(BaseHTTPRequestHandler):
             rest = seg[3:]
             if len(rest) >= 1 and rest[0].startswith("xet-") and rest[0].endswith("-token"):
                 raise HubError(501, "Xet storage is not supported by this test hub; set HF_HUB_DISABLE_XET=1")
-            if not rest and method == "GET":
+            # HEAD answers like GET without a body, as the Hub does (mirrors such as olah probe
+            # a repo's existence with HEAD /api/models/REPO).
+            if not rest and method in ("GET", "HEAD"):
                 return self._repo_info(repo_type, repo_id, "main")
-            if len(rest) >= 2 and rest[0] == "revision" and method == "GET":
+            if len(rest) >= 2 and rest[0] == "revision" and method in ("GET", "HEAD"):
                 return self._repo_info(repo_type, repo_id, "/".join(rest[1:]))
             if rest == ["refs"] and method == "GET":
                 return self._refs(repo_type, repo_id)

@@ -4,17 +4,15 @@ operation leaves the store exactly as it was (object files and index rows)."""
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import copy_checkpoint, fine_tune_like, make_model, save_checkpoint, snapshot_store
-from safetensors.torch import load_file, save_file
+from conftest import BASE, assert_store_unchanged, copy_checkpoint, rewrite_safetensors, fine_tune_like, make_model, save_checkpoint
+from safetensors.torch import load_file
 
-import deltahub
 from deltahub.cli import cli
 from deltahub.errors import (
     CodecError,
@@ -25,40 +23,11 @@ from deltahub.errors import (
     PickleCheckpointError,
 )
 
-BASE = "base"
 BAD_NAMES = ["..", "a/b", "../evil", "/abs/path", "", ".hidden", "a..b"]
 
 
-@pytest.fixture(scope="module")
-def based_template(tmp_path_factory, model_dirs) -> Path:
-    """A store holding the llama base as ``base``, built once and copied for each test."""
-    path = tmp_path_factory.mktemp("template") / "store"
-    with deltahub.Store(path) as s:
-        s.add(model_dirs["llama"]["base"], name=BASE)
-    return path
 
 
-@pytest.fixture
-def based(home, based_template):
-    """A fresh copy of the template store; yields (store, home, snapshot after the add)."""
-    shutil.copytree(based_template, home)
-    store = deltahub.Store(home)
-    yield store, home, snapshot_store(home)
-    store.close()
-
-
-def _unchanged(home: Path, snap: dict) -> None:
-    after = snapshot_store(home)
-    assert sorted(after["files"]) == sorted(snap["files"]), "object files were added or removed"
-    assert after == snap
-    assert not list((home / "tmp").iterdir()), "temporary files left behind"
-
-
-def _rewrite(path: Path, mutate) -> None:
-    """Load a safetensors file, let ``mutate`` edit the dict, save it back."""
-    sd = load_file(path)
-    mutate(sd)
-    save_file(sd, path, metadata={"format": "pt"})
 
 
 # ---------------------------------------------------------------------------------------- pickles
@@ -78,7 +47,7 @@ def test_pickle_dir_refused_with_conversion_hint(based, model_dirs, tmp_path):
         msg = str(info.value)
         assert "pytorch_model.bin" in msg and "pickle" in msg
         assert "safe_serialization=True" in msg and "save_pretrained" in msg  # says how to convert
-    _unchanged(home, snap)
+    assert_store_unchanged(home, snap)
 
 
 def test_pickle_file_path_refused(based, tmp_path):
@@ -91,7 +60,7 @@ def test_pickle_file_path_refused(based, tmp_path):
                 call()
             msg = str(info.value)
             assert path.name in msg and "pickle" in msg and "safe_serialization" in msg
-    _unchanged(home, snap)
+    assert_store_unchanged(home, snap)
 
 
 def test_pickle_is_never_unpickled(based, tmp_path, monkeypatch):
@@ -110,7 +79,7 @@ def test_pickle_is_never_unpickled(based, tmp_path, monkeypatch):
     (d / "model.pt").write_bytes(b"\x80\x04not really a pickle")
     with pytest.raises(PickleCheckpointError):
         store.add(d, name="p")
-    _unchanged(home, snap)
+    assert_store_unchanged(home, snap)
 
 
 # ----------------------------------------------------------------------------- bad safetensors
@@ -127,7 +96,7 @@ def test_truncated_safetensors(based, model_dirs, tmp_path):
             call()
         msg = str(info.value)
         assert "model.safetensors" in msg and "truncated" in msg
-    _unchanged(home, snap)
+    assert_store_unchanged(home, snap)
 
 
 def _write_header(path: Path, header: bytes, declared: int | None = None, data: bytes = b"") -> None:
@@ -166,7 +135,7 @@ def test_malformed_safetensors_header(based, model_dirs, tmp_path):
         assert "model.safetensors" in str(info.value)
         with pytest.raises(MalformedSafetensorsError):
             store.add(src, name="m")
-    _unchanged(home, snap)
+    assert_store_unchanged(home, snap)
 
 
 # ------------------------------------------------------------------------ incompatible fine-tunes
@@ -184,7 +153,7 @@ def test_mismatched_shapes_names_the_tensor(based, tmp_path):
     msg = str(info.value)
     assert "model.layers.0.mlp.down_proj.weight" in msg
     assert "[64, 96]" in msg and "[64, 88]" in msg
-    _unchanged(home, snap)
+    assert_store_unchanged(home, snap)
 
 
 def test_foreign_model_refused(based, model_dirs):
@@ -193,7 +162,7 @@ def test_foreign_model_refused(based, model_dirs):
         store.compress(model_dirs["gpt2"]["ft"], base=BASE, name="foreign")
     msg = str(info.value)
     assert "gpt2" in msg and "llama" in msg
-    _unchanged(home, snap)
+    assert_store_unchanged(home, snap)
 
 
 def test_foreign_model_without_model_type_refused(based, model_dirs, tmp_path):
@@ -207,18 +176,18 @@ def test_foreign_model_without_model_type_refused(based, model_dirs, tmp_path):
     with pytest.raises(IncompatibleBaseError) as info:
         store.compress(src, base=BASE, name="foreign")
     assert "lacks" in str(info.value)
-    _unchanged(home, snap)
+    assert_store_unchanged(home, snap)
 
 
 def test_missing_tensor_refused(based, model_dirs, tmp_path):
     store, home, snap = based
     src = copy_checkpoint(model_dirs["llama"]["ft"], tmp_path / "missing")
     gone = "model.layers.1.self_attn.v_proj.weight"
-    _rewrite(src / "model.safetensors", lambda sd: sd.pop(gone))
+    rewrite_safetensors(src / "model.safetensors", lambda sd: sd.pop(gone))
     with pytest.raises(IncompatibleBaseError) as info:
         store.compress(src, base=BASE, name="missing")
     assert gone in str(info.value) and "lacks" in str(info.value)
-    _unchanged(home, snap)
+    assert_store_unchanged(home, snap)
 
 
 def test_missing_config_refused(based, model_dirs, tmp_path):
@@ -230,7 +199,7 @@ def test_missing_config_refused(based, model_dirs, tmp_path):
             call()
         assert "config.json" in str(info.value) and "noconfig" in str(info.value)
         assert not isinstance(info.value, (PickleCheckpointError, MalformedSafetensorsError))
-    _unchanged(home, snap)
+    assert_store_unchanged(home, snap)
 
 
 def test_missing_directory_refused(based, tmp_path):
@@ -238,7 +207,7 @@ def test_missing_directory_refused(based, tmp_path):
     with pytest.raises(InputError) as info:
         store.add(tmp_path / "does-not-exist", name="x")
     assert "does-not-exist" in str(info.value)
-    _unchanged(home, snap)
+    assert_store_unchanged(home, snap)
 
 
 def test_nan_in_finetune_is_codec_error(based, model_dirs, tmp_path):
@@ -249,12 +218,12 @@ def test_nan_in_finetune_is_codec_error(based, model_dirs, tmp_path):
     def poison(sd):
         sd[bad][3, 5] = float("nan")
 
-    _rewrite(src / "model.safetensors", poison)
+    rewrite_safetensors(src / "model.safetensors", poison)
     with pytest.raises(CodecError) as info:
         store.compress(src, base=BASE, name="nan")
     msg = str(info.value)
     assert bad in msg and "NaN" in msg
-    _unchanged(home, snap)
+    assert_store_unchanged(home, snap)
     assert store.verify().ok
     # an Inf in a weight is refused the same way
     src2 = copy_checkpoint(model_dirs["llama"]["ft"], tmp_path / "inf")
@@ -262,11 +231,11 @@ def test_nan_in_finetune_is_codec_error(based, model_dirs, tmp_path):
     def poison_inf(sd):
         sd["model.layers.0.mlp.up_proj.weight"][0, 0] = float("inf")
 
-    _rewrite(src2 / "model.safetensors", poison_inf)
+    rewrite_safetensors(src2 / "model.safetensors", poison_inf)
     with pytest.raises(CodecError) as info:
         store.compress(src2, base=BASE, name="inf")
     assert "model.layers.0.mlp.up_proj.weight" in str(info.value)
-    _unchanged(home, snap)
+    assert_store_unchanged(home, snap)
 
 
 # --------------------------------------------------------------------------------------- names
@@ -284,14 +253,13 @@ def test_invalid_names_api(based, model_dirs, tmp_path):
             "rm": lambda: store.rm(bad),
         }
         for op, call in calls.items():
-            if op == "add" and bad == "":
-                continue  # add with name="" means "derive the name from the folder"
+            # add with name="" is refused too: only name=None derives the name from the folder
             with pytest.raises(InvalidNameError) as info:
                 call()
             assert "invalid model name" in str(info.value), (op, bad)
             assert repr(bad) in str(info.value), (op, bad)
     assert not out.exists()
-    _unchanged(home, snap)
+    assert_store_unchanged(home, snap)
 
 
 def test_invalid_names_cli(based, model_dirs, tmp_path):
@@ -306,9 +274,8 @@ def test_invalid_names_cli(based, model_dirs, tmp_path):
             ["materialize", bad, str(out)],
             ["show", bad],
             ["rm", bad],
+            ["add", str(model_dirs["llama"]["base"]), "--name", bad],
         ]
-        if bad:
-            commands.append(["add", str(model_dirs["llama"]["base"]), "--name", bad])
         for args in commands:
             result = runner.invoke(cli, ["--home", str(home), *args])
             assert result.exit_code == 2, (args, result.output, result.exception)
@@ -317,7 +284,7 @@ def test_invalid_names_cli(based, model_dirs, tmp_path):
             assert lines[0].startswith("Error: invalid model name"), lines[0]
             assert "Traceback" not in result.output
     assert not out.exists()
-    _unchanged(home, snap)
+    assert_store_unchanged(home, snap)
 
 
 # ------------------------------------------------------------------ accepted but unusual inputs
@@ -362,7 +329,7 @@ def test_extra_tensor_stored_dense(based, model_dirs, tmp_path):
     def add(sd):
         sd["extra_head.weight"] = extra
 
-    _rewrite(src / "model.safetensors", add)
+    rewrite_safetensors(src / "model.safetensors", add)
     store.compress(src, base=BASE, name="extra")
     assert _codecs(store, "extra")["extra_head.weight"] == "dense"
     out = store.materialize("extra", tmp_path / "out")

@@ -14,7 +14,7 @@ import deltahub  # noqa: E402
 from conftest import snapshot_store  # noqa: E402
 from deltahub.cli import cli, exit_code_for  # noqa: E402
 from deltahub.errors import HubAuthError, HubNotFoundError  # noqa: E402
-from hub_fixtures import FAKE_USER, hub_server  # noqa: E402,F401
+from hub_fixtures import FAKE_USER, hub_server, plant_repo  # noqa: E402,F401
 
 PRIVATE = f"{FAKE_USER}/private-delta"
 GATED = "gatekeeper/gated-base"
@@ -27,6 +27,7 @@ def published(tmp_path, model_dirs, hub_server):
     with deltahub.Store(tmp_path / "a") as a:
         a.add(dirs["base"], name="base")
         a.compress(dirs["ft"], base="base", name="ft")
+        plant_repo(hub_server, "someone/base", "c" * 40)  # push checks that --base-repo exists
         a.push("ft", PRIVATE, private=True, base_repo="someone/base@" + "c" * 40)
     repo = hub_server.create_repo(GATED)
     repo.gated = True

@@ -18,7 +18,7 @@ from huggingface_hub import HfApi  # noqa: E402
 import deltahub  # noqa: E402
 from conftest import snapshot_store  # noqa: E402
 from deltahub.errors import DeltaHubError, HubConnectionError  # noqa: E402
-from hub_fixtures import FAKE_USER, hub_server  # noqa: E402,F401
+from hub_fixtures import FAKE_USER, hub_server, plant_repo  # noqa: E402,F401
 
 DELTA = f"{FAKE_USER}/tiny-delta"
 BASE = f"{FAKE_USER}/tiny-base"
@@ -50,7 +50,9 @@ def pushed(tmp_path, model_dirs, hub_server):
     with deltahub.Store(tmp_path / "store_a") as a:
         a.add(dirs["base"], name="base")
         a.compress(dirs["ft"], base="base", name="ft")
+        plant_repo(hub_server, BASE, "b" * 40)  # push checks that --base-repo exists ...
         a.push("ft", DELTA, base_repo=f"{BASE}@{'b' * 40}")
+        hub_server.state.repos.pop(("model", BASE))  # ... the pulls never fetch it
         a.materialize("ft", tmp_path / "out_a")
     return tmp_path / "out_a"
 

@@ -27,7 +27,7 @@ from deltahub.errors import (  # noqa: E402
     UnsupportedFormatError,
     WrongBaseError,
 )
-from hub_fixtures import FAKE_USER, hub_server  # noqa: E402,F401
+from hub_fixtures import FAKE_USER, hub_server, plant_repo  # noqa: E402,F401
 
 REPO = f"{FAKE_USER}/tiny-delta"
 BASE_REPO = "someone/tiny-base"
@@ -42,7 +42,9 @@ def pushed(tmp_path, model_dirs, hub_server):
     a = deltahub.Store(tmp_path / "store_a")
     a.add(dirs["base"], name="base")
     a.compress(dirs["ft"], base="base", name="ft")
+    plant_repo(hub_server, BASE_REPO, BASE_REV)  # push checks that --base-repo exists ...
     result = a.push("ft", REPO, base_repo=f"{BASE_REPO}@{BASE_REV}")
+    hub_server.state.repos.pop(("model", BASE_REPO))  # ... and the base is gone by the time of the pulls
     yield a, result
     a.close()
 
@@ -100,6 +102,7 @@ def test_pull_older_revision_by_commit_id(pushed, store_b, model_dirs, tmp_path,
     a, first = pushed
     old_manifest = a.show("ft")["manifest_id"]
     a.compress(model_dirs["llama"]["ft"], base="base", name="ft", embeddings="dense", force=True)
+    plant_repo(hub_server, BASE_REPO, BASE_REV)
     second = a.push("ft", REPO, base_repo=f"{BASE_REPO}@{BASE_REV}")
     assert second.uploaded and second.commit != first.commit
     new_manifest = a.show("ft")["manifest_id"]

@@ -18,7 +18,7 @@ from safetensors import safe_open  # noqa: E402
 from deltahub.cli import cli, exit_code_for  # noqa: E402
 from deltahub.errors import HubAuthError, HubConnectionError, HubError, InputError  # noqa: E402
 from deltahub.formats.manifest import parse_manifest  # noqa: E402
-from hub_fixtures import FAKE_USER, hub_server  # noqa: E402,F401
+from hub_fixtures import FAKE_USER, hub_server, plant_repo  # noqa: E402,F401
 
 REPO = f"{FAKE_USER}/tiny-delta"
 BASE_REPO = "someone/tiny-base"
@@ -26,7 +26,8 @@ BASE_REV = "a" * 40
 
 
 @pytest.fixture
-def filled(store, model_dirs):
+def filled(store, model_dirs, hub_server):
+    plant_repo(hub_server, BASE_REPO, BASE_REV)  # push checks that --base-repo exists
     dirs = model_dirs["llama"]
     store.add(dirs["base"], name="base")
     store.compress(dirs["ft"], base="base", name="ft")

@@ -20,7 +20,6 @@ window is an :class:`~deltahub.errors.InputError`.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from importlib import resources
@@ -30,6 +29,7 @@ from typing import Any, Literal
 import torch
 
 from deltahub.errors import InputError
+from deltahub.formats import safe_json
 
 __all__ = [
     "BUNDLED_CORPUS",
@@ -124,10 +124,10 @@ def _jsonl_documents(path: Path, text: str, tokenizer: Any) -> list[str]:
             continue
         where = f"{path} line {lineno}"
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
+            obj = safe_json.loads(line, "the line")
+        except safe_json.JSONInputError as exc:
             raise InputError(
-                f"{where} is not valid JSON ({exc.msg})",
+                f"{where} is not valid JSON ({exc})",
                 'a JSONL file holds one object per line: {"text": "..."} or {"messages": [...]}',
             ) from None
         if not isinstance(obj, dict) or ("text" not in obj and "messages" not in obj):

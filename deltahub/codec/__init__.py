@@ -3,7 +3,7 @@
 Imports only torch, numpy and the standard library -- nothing from the rest of deltahub.
 """
 
-from .codecs import CODEC_VERSIONS, Codec, CodecError
+from .codecs import CODEC_VERSIONS, Codec, CodecError, NonFiniteDeltaError
 from .packing import (
     PACKING_V1,
     WORD_BITS,
@@ -25,6 +25,7 @@ __all__ = [
     "Codec",
     "CODEC_VERSIONS",
     "CodecError",
+    "NonFiniteDeltaError",
     "PackingLayout",
     "PACKING_V1",
     "WORD_BITS",

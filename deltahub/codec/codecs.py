@@ -46,3 +46,7 @@ CODEC_VERSIONS: dict[Codec, int] = {
 class CodecError(ValueError):
     """Bad input to a codec: shape mismatch, non-finite values, bad packed shape or dtype,
     or an unknown packing layout. The message names the problem."""
+
+
+class NonFiniteDeltaError(CodecError):
+    """The difference to encode holds NaN or Inf (a sign and a ``mean|Δ|`` scale cannot hold it)."""

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from .codecs import CodecError
+from .codecs import CodecError, NonFiniteDeltaError
 from .packing import (
     WORD_BITS,
     check_packed,
@@ -311,7 +311,7 @@ def encode_sign1(
         r0 = min(bad_blocks) * rows
         r1 = min(n, r0 + rows)
         delta = finetuned[r0:r1].to(torch.float32) - base[r0:r1].to(torch.float32)
-        raise CodecError(f"non-finite delta: {_describe_nonfinite(delta, r0)}")
+        raise NonFiniteDeltaError(f"non-finite delta: {_describe_nonfinite(delta, r0)}")
 
     abs_sum = math.fsum(row_abs.tolist())
     stats = DeltaStats(

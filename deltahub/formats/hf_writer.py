@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from deltahub.fileio import write_file
 from deltahub.formats.checkpoint import SINGLE_WEIGHTS, WEIGHTS_INDEX
 from deltahub.formats.safetensors_io import SafetensorsWriter, TensorSpec
 
@@ -81,6 +82,6 @@ def write_sharded(
             "metadata": {"total_size": sum(s.nbytes for s in specs)},
             "weight_map": dict(sorted(weight_map.items())),
         }
-        (out_dir / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        write_file(out_dir / WEIGHTS_INDEX, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
         written.append(WEIGHTS_INDEX)
     return written

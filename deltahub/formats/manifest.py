@@ -41,7 +41,8 @@ from typing import Any
 from deltahub.codec import CODEC_VERSIONS, PACKING_V1, Codec, CodecError, PackingLayout
 from deltahub.errors import CorruptObjectError, UnsupportedFormatError
 from deltahub.formats.checkpoint import AUX_FILES, CONFIG_FILE
-from deltahub.formats.paths import safe_relpath
+from deltahub.formats import safe_json
+from deltahub.formats.paths import TENSOR_NAME_RULE, is_stored_tensor_name, is_tensor_name, safe_relpath
 from deltahub.formats.safetensors_io import NAME_TO_DTYPE
 
 MANIFEST_FORMAT = "deltahub.manifest"
@@ -159,6 +160,21 @@ def _object_id(value: Any, where: str) -> str:
     return value
 
 
+def _tensor_name(name: str, strict: bool) -> str:
+    """Tensor names become safetensors keys of materialized checkpoints. ``strict`` (new input):
+    :func:`is_tensor_name`; else (a stored manifest) :func:`is_stored_tensor_name`, so manifests
+    written before the rule existed keep reading."""
+    if not (is_tensor_name(name) if strict else is_stored_tensor_name(name)):
+        raise _corrupt(f"invalid tensor name {str(name)[:80]!r} ({TENSOR_NAME_RULE})")
+    return name
+
+
+def _optional_str(value: Any, where: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise _corrupt(f"{where} is not a string")
+    return value
+
+
 def _carried_file(name: str) -> str:
     """Only config.json and the known tokenizer/generation files may come from a manifest: a
     manifest must never plant weights (or anything else) next to the shards it describes."""
@@ -167,12 +183,15 @@ def _carried_file(name: str) -> str:
     return name
 
 
-def parse_manifest(data: bytes | bytearray) -> Manifest:
-    """Parse and validate manifest bytes; refuses unknown formats and versions."""
+def parse_manifest(data: bytes | bytearray, strict_names: bool = False) -> Manifest:
+    """Parse and validate manifest bytes; refuses unknown formats and versions.
+
+    ``strict_names``: the manifest comes from outside (a pull), so its tensor names must follow
+    today's rule for new input (:func:`~deltahub.formats.paths.is_tensor_name`)."""
     try:
-        obj = json.loads(bytes(data).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _corrupt(f"not JSON ({exc})") from None
+        obj = safe_json.loads(bytes(data), "the manifest", allow_nan=False, unique_keys=True, strict_unicode=True)
+    except safe_json.JSONInputError as exc:
+        raise _corrupt(str(exc)) from None
     if not isinstance(obj, dict) or obj.get("format") != MANIFEST_FORMAT:
         raise _corrupt("not a deltahub manifest")
     version = obj.get("format_version")
@@ -191,6 +210,7 @@ def parse_manifest(data: bytes | bytearray) -> Manifest:
         files = {_carried_file(k): _object_id(v, f"file {k}") for k, v in obj["files"].items()}
         tensors: dict[str, TensorRecord] = {}
         for name, spec in obj["tensors"].items():
+            _tensor_name(name, strict_names)
             try:
                 codec = Codec(spec["codec"])
             except ValueError:
@@ -231,9 +251,11 @@ def parse_manifest(data: bytes | bytearray) -> Manifest:
             hub = b.get("hub") or {}
             base = BaseRef(
                 manifest=_object_id(b["manifest"], "base manifest"),
-                tensors={k: _object_id(v, f"base tensor {k!r}") for k, v in b["tensors"].items()},
-                hub_repo_id=hub.get("repo_id"),
-                hub_revision=hub.get("revision"),
+                tensors={
+                    _tensor_name(k, strict_names): _object_id(v, f"base tensor {k!r}") for k, v in b["tensors"].items()
+                },
+                hub_repo_id=_optional_str(hub.get("repo_id"), "base.hub.repo_id"),
+                hub_revision=_optional_str(hub.get("revision"), "base.hub.revision"),
             )
             unanchored = sorted(
                 n for n, rec in tensors.items() if rec.codec is not Codec.DENSE and n not in base.tensors
@@ -244,10 +266,13 @@ def parse_manifest(data: bytes | bytearray) -> Manifest:
                 packing = PackingLayout.from_json(obj["packing"])
             except CodecError as exc:
                 raise UnsupportedFormatError(f"unsupported sign packing layout: {exc}", "upgrade deltahub") from None
+        architectures = model.get("architectures") or []
+        if not (isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)):
+            raise _corrupt("model.architectures is not a list of strings")
         return Manifest(
             kind=kind,
-            model_type=model.get("model_type"),
-            architectures=list(model.get("architectures") or []),
+            model_type=_optional_str(model.get("model_type"), "model.model_type"),
+            architectures=list(architectures),
             dtype=dtype,
             files=files,
             tensors=tensors,

@@ -1,7 +1,8 @@
 """The ``README.md`` model card of a pushed delta: YAML metadata + a short "how to use".
 
-Rendered only from the Hub manifest (``deltahub.json``) and the repo id, so the same delta always
-gives the same bytes.
+Rendered only from the Hub manifest (``deltahub.json``), the repo id and the Hub endpoint the repo
+is pushed to (``HF_ENDPOINT``: the base link points there), so the same delta pushed to the same
+Hub always gives the same bytes.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections import Counter
 from typing import Any
 
 LIBRARY_NAME = "deltahub"
+DEFAULT_ENDPOINT = "https://huggingface.co"
 BASE_TAGS = ("deltahub", "bitdelta", "1-bit-delta")
 
 
@@ -27,7 +29,10 @@ def card_tags(hub_manifest: dict[str, Any]) -> list[str]:
     return tags
 
 
-def render_card(repo_id: str, hub_manifest: dict[str, Any], local_name: str | None = None) -> str:
+def render_card(
+    repo_id: str, hub_manifest: dict[str, Any], local_name: str | None = None, endpoint: str = DEFAULT_ENDPOINT
+) -> str:
+    """The card's text; the base repo is linked on ``endpoint`` (the Hub the delta is pushed to)."""
     base = hub_manifest["base"]
     hub = base.get("hub") or {}
     base_repo = hub.get("repo_id")
@@ -45,7 +50,7 @@ def render_card(repo_id: str, hub_manifest: dict[str, Any], local_name: str | No
     codecs = Counter(spec["codec"] for spec in hub_manifest["tensors"].values())
     arch = ", ".join(hub_manifest["model"].get("architectures") or []) or "unknown architecture"
     if base_repo:
-        base_text = f"[`{base_repo}`](https://huggingface.co/{base_repo})"
+        base_text = f"[`{base_repo}`]({endpoint.rstrip('/')}/{base_repo})"
         base_text += f" at revision `{base_rev}`" if base_rev else " (revision not pinned)"
     else:
         base_text = "a base model not published on the Hub"
@@ -83,4 +88,4 @@ def render_card(repo_id: str, hub_manifest: dict[str, Any], local_name: str | No
     return "\n".join(lines)
 
 
-__all__ = ["BASE_TAGS", "LIBRARY_NAME", "card_tags", "render_card"]
+__all__ = ["BASE_TAGS", "DEFAULT_ENDPOINT", "LIBRARY_NAME", "card_tags", "render_card"]

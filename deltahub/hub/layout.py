@@ -47,25 +47,31 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from deltahub.codec import Codec, packed_shape
 from deltahub.errors import (
     CorruptObjectError,
+    DiskFullError,
     HubAuthError,
     HubConnectionError,
     HubError,
     HubNotFoundError,
     UnsupportedFormatError,
 )
+from deltahub.fileio import disk_full_error, is_disk_full
+from deltahub.formats import safe_json
+from deltahub.formats.checkpoint import DELTA_MANIFEST_FILE
 from deltahub.formats.manifest import MANIFEST_FORMAT, MANIFEST_VERSION, Manifest, ModelKind, parse_manifest
 from deltahub.formats.safetensors_io import TensorSpec, dtype_from_name
+from deltahub.progress import quiet_hf_progress_bars
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 HUB_FORMAT = "deltahub.hub"
 HUB_FORMAT_VERSION = 1
-HUB_MANIFEST_FILE = "deltahub.json"
+HUB_MANIFEST_FILE = DELTA_MANIFEST_FILE  # "deltahub.json": also what `add` refuses as a checkpoint
 CARD_FILE = "README.md"
 DELTA_STEM = "delta"
 #: safetensors header metadata of every delta file.
@@ -236,13 +242,15 @@ def check_online(what: str) -> None:
         raise HubConnectionError(f"HF_HUB_OFFLINE is set: {what} needs the Hub", "unset HF_HUB_OFFLINE to go online")
 
 
-def _endpoint() -> str:
+def hub_endpoint() -> str:
+    """The Hub huggingface_hub talks to (``HF_ENDPOINT``, default https://huggingface.co)."""
     try:
         from huggingface_hub import constants
 
-        return constants.ENDPOINT
+        return str(constants.ENDPOINT).rstrip("/")
     except ImportError:  # pragma: no cover
         return "the Hub"
+
 
 
 def _status(exc: BaseException) -> int | None:
@@ -253,6 +261,48 @@ def _status(exc: BaseException) -> int | None:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else exc.__class__.__name__
+
+
+def _server_message(exc: BaseException) -> str:
+    """The server's own message (``X-Error-Message`` or the body's ``error``), first line; else the
+    exception's first line."""
+    lines = str(getattr(exc, "server_message", None) or "").strip().splitlines()
+    return lines[0].strip() if lines else _first_line(exc)
+
+
+def _request_path(exc: BaseException) -> str | None:
+    """The URL path (no host, no query) of the request that failed, when the exception knows it."""
+
+    def attr(obj: Any, name: str) -> Any:
+        try:  # httpx raises RuntimeError for a request it was never given
+            return getattr(obj, name, None)
+        except Exception:
+            return None
+
+    response = attr(exc, "response")
+    url = attr(attr(response, "request"), "url") or attr(attr(exc, "request"), "url") or attr(response, "url")
+    if url is None:
+        return None
+    return urlsplit(str(url)).path or "/"
+
+
+#: The repo endpoints (``repo_info`` with or without a revision): a 404 there means the repo
+#: does not exist (or is not visible); a 404 anywhere else keeps the server's message.
+_REPO_ENDPOINT = re.compile(r"/api/(models|datasets|spaces)/[^/]+/[^/]+(/revision/[^/]+)?/?$")
+
+
+def xet_in_use() -> bool:
+    """Whether huggingface_hub uploads through Xet: ``hf_xet`` is installed and not disabled
+    (``HF_HUB_DISABLE_XET``, as the client read it). Older clients without Xet: False."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover
+        return False
+    if getattr(constants, "HF_HUB_DISABLE_XET", True):
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("hf_xet") is not None
 
 
 def _hub_error_table() -> list[tuple[type[BaseException], Any]]:
@@ -271,14 +321,14 @@ def _hub_error_table() -> list[tuple[type[BaseException], Any]]:
 
     def repo_not_found(exc, repo):
         return HubNotFoundError(
-            f"repository {repo} not found on {_endpoint()} or not visible with your token",
+            f"repository {repo} not found on {hub_endpoint()} or not visible with your token",
             "check the id, and log in (`hf auth login` or HF_TOKEN) with a token that can see it",
         )
 
     def gated(exc, repo):
         return HubAuthError(
             f"{repo} is a gated repository: your account has no access to its files",
-            f"request access on {_endpoint()}/{repo}, then log in (`hf auth login` or HF_TOKEN)",
+            f"request access on {hub_endpoint()}/{repo}, then log in (`hf auth login` or HF_TOKEN)",
         )
 
     def revision_not_found(exc, repo):
@@ -299,7 +349,13 @@ def _hub_error_table() -> list[tuple[type[BaseException], Any]]:
                 "use a token with write access to that namespace (`hf auth login`)",
             )
         if status == 404:
-            return repo_not_found(exc, repo)
+            path = _request_path(exc)
+            if path is not None and _REPO_ENDPOINT.search(path):
+                return repo_not_found(exc, repo)
+            return HubNotFoundError(
+                f"{hub_endpoint()} answered 404 to {path or 'a request'} for {repo}: {_server_message(exc)}",
+                "check the repo id and revision, and that HF_ENDPOINT is a Hub that serves this request",
+            )
         err = HubError(f"the Hub answered {status or 'an error'} for {repo}: {_first_line(exc)}", "retry later")
         err.transient = status is None or status >= 500 or status in (408, 429)
         return err
@@ -309,7 +365,7 @@ def _hub_error_table() -> list[tuple[type[BaseException], Any]]:
 
     def unreachable(exc, repo):
         return HubConnectionError(
-            f"cannot reach {_endpoint()} ({exc.__class__.__name__})",
+            f"cannot reach {hub_endpoint()} ({exc.__class__.__name__})",
             "check your network connection and HF_ENDPOINT",
         )
 
@@ -317,6 +373,10 @@ def _hub_error_table() -> list[tuple[type[BaseException], Any]]:
         return HubError(f"invalid Hub id or revision: {_first_line(exc)}", "use NAMESPACE/NAME")
 
     def incomplete(exc, repo):  # huggingface_hub's size check after a short (truncated) download
+        if is_disk_full(exc):  # the HF cache's disk is full: not transient, say so
+            from deltahub.config import hf_hub_cache
+
+            return disk_full_error(exc, hf_hub_cache(), f"downloading from {repo} into the Hugging Face cache")
         if "Consistency check failed" not in str(exc):
             return None
         err = HubConnectionError(
@@ -328,6 +388,9 @@ def _hub_error_table() -> list[tuple[type[BaseException], Any]]:
 
     return [
         (hf.OfflineModeIsEnabled, offline),
+        # not in the local cache (local_files_only): callers catch it and say what is missing. Before
+        # huggingface_hub 1.0 it subclasses HfHubHTTPError, which would make it a "retry later".
+        (hf.LocalEntryNotFoundError, lambda exc, repo: None),
         (hf.GatedRepoError, gated),  # a subclass of RepositoryNotFoundError: first
         (hf.RepositoryNotFoundError, repo_not_found),
         (hf.RevisionNotFoundError, revision_not_found),
@@ -340,11 +403,37 @@ def _hub_error_table() -> list[tuple[type[BaseException], Any]]:
     ]
 
 
-def translate_hub_error(exc: BaseException, repo_id: str) -> HubError | None:
+def _from_xet(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) came from the Xet transfer path: raised by ``hf_xet``,
+    or a failed request to a Xet endpoint (``/xet-…-token/``, a CAS server), or saying so."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        module = type(current).__module__ or ""
+        path = _request_path(current) or ""
+        if module.startswith("hf_xet") or "xet" in path.lower() or "xet" in str(current).lower():
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def translate_hub_error(exc: BaseException, repo_id: str, upload: bool = False) -> HubError | DiskFullError | None:
+    """The deltahub error for ``exc`` (None: not a Hub failure). ``upload``: ``exc`` came from an
+    upload (``create_commit``); when that went through Xet, the error says so and how to avoid it."""
+    mapped = None
     for cls, make in _hub_error_table():
         if isinstance(exc, cls):
-            return make(exc, repo_id)
-    return None
+            mapped = make(exc, repo_id)
+            break
+    if upload and xet_in_use() and _from_xet(exc) and not isinstance(mapped, (HubAuthError, HubNotFoundError)):
+        kind = HubConnectionError if isinstance(mapped, HubConnectionError) else HubError
+        return kind(
+            f"uploading to {repo_id} through Xet failed: {_first_line(exc)}",
+            "retry with HF_HUB_DISABLE_XET=1 to upload through plain LFS; the Hub or mirror at HF_ENDPOINT "
+            "may not support Xet",
+        )
+    return mapped
 
 
 
@@ -370,14 +459,20 @@ def with_retries(call: Callable[[], T], what: str) -> T:
 
 
 @contextmanager
-def hub_errors(repo_id: str) -> Iterator[None]:
-    """Re-raise huggingface_hub/transport exceptions as one-line deltahub errors."""
+def hub_errors(repo_id: str, upload: bool = False) -> Iterator[None]:
+    """Re-raise huggingface_hub/transport exceptions as one-line deltahub errors.
+
+    Every huggingface_hub call runs inside it, so it also applies ``DELTAHUB_DISABLE_PROGRESS_BARS``
+    to huggingface_hub's own bars first. ``upload``: the block uploads (see
+    :func:`translate_hub_error`).
+    """
+    quiet_hf_progress_bars()
     try:
         yield
     except HubError:
         raise
     except Exception as exc:
-        mapped = translate_hub_error(exc, repo_id)
+        mapped = translate_hub_error(exc, repo_id, upload=upload)
         if mapped is None:
             raise
         raise mapped from exc
@@ -421,10 +516,10 @@ def parse_hub_manifest(data: bytes) -> HubManifest:
     ``base.hub`` of ``deltahub.json`` may have been given at push time (``--base-repo``) without
     being part of the store manifest: the rebuild tries it as given, then without it.
     """
-    try:
-        obj = json.loads(bytes(data).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _hub_corrupt(f"not JSON ({exc})") from None
+    try:  # written with allow_nan=False: NaN, Infinity or 1e999 (a scale, say) are damage
+        obj = safe_json.loads(bytes(data), HUB_MANIFEST_FILE, allow_nan=False, unique_keys=True, strict_unicode=True)
+    except safe_json.JSONInputError as exc:
+        raise _hub_corrupt(str(exc)) from None
     if not isinstance(obj, dict):
         raise _hub_corrupt("not a JSON object")
     fmt = obj.get("format")
@@ -470,17 +565,21 @@ def parse_hub_manifest(data: bytes) -> HubManifest:
         }
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise _hub_corrupt(f"missing or malformed field ({exc!r})") from None
-    canonical = json.dumps(store_obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     try:
-        manifest = parse_manifest(canonical.encode("utf-8"))
+        canonical = json.dumps(store_obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+        manifest = parse_manifest(canonical.encode("utf-8"), strict_names=True)  # new input: today's name rule
     except CorruptObjectError as exc:
         raise _hub_corrupt(exc.message.removeprefix("invalid manifest: ")) from None
+    except (TypeError, ValueError) as exc:  # not serializable (a non-string key, ...)
+        raise _hub_corrupt(f"malformed content ({exc})") from None
     if manifest.manifest_id() != expected and manifest.base is not None and manifest.base.hub_repo_id:
         manifest.base.hub_repo_id = manifest.base.hub_revision = None
     if manifest.manifest_id() != expected:
         raise _hub_corrupt(f"its content does not rebuild manifest {str(expected)[:12]} (it hashes to {manifest.manifest_id()[:12]})")
     pulled = []
     for st in stored_tensors(manifest):
+        if st.name not in where:  # an "object" given directly instead of file/key/sha256
+            raise _hub_corrupt(f"tensor {st.name!r} does not say where its bytes are (file, key, sha256)")
         file, key, sdtype, sshape = where[st.name]
         if not (isinstance(file, str) and is_delta_file(file) and isinstance(key, str)):
             raise _hub_corrupt(f"tensor {st.name!r} lies in {file!r}, not a delta file")
@@ -521,6 +620,7 @@ __all__ = [
     "delta_file_names",
     "file_sha256",
     "git_blob_sha1",
+    "hub_endpoint",
     "hub_errors",
     "hub_manifest",
     "hub_manifest_bytes",
@@ -531,4 +631,5 @@ __all__ = [
     "plan_layout",
     "stored_tensors",
     "translate_hub_error",
+    "xet_in_use",
 ]

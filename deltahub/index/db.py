@@ -17,19 +17,22 @@ import importlib
 import importlib.resources
 import logging
 import os
+import sqlite3
 import time
-from collections.abc import Iterator
+import urllib.parse
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import URL, Engine, create_engine, event
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from deltahub.errors import StoreError, UnsupportedFormatError
+from deltahub.errors import DiskFullError, StoreError, UnsupportedFormatError
+from deltahub.fileio import disk_full_error, free_bytes, is_disk_full
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -54,6 +57,13 @@ _CONNECT_PRAGMAS: tuple[str, ...] = (
 _BEGIN_MODE = "deltahub_sqlite_begin"
 
 _UPGRADE_HINT = "upgrade deltahub (pip install -U deltahub)"
+
+#: Below this many free bytes on the index's disk, the store's reserve is released before SQLite
+#: opens or writes (its -shm file alone is 32 kB; a small write transaction a few pages).
+LOW_SPACE_BYTES = 1 << 20
+_SQLITE_IOERR = 10
+_SQLITE_FULL = 13
+_SQLITE_CANTOPEN = 14
 
 
 def migrations_dir() -> Path:
@@ -194,10 +204,22 @@ class Index:
         StoreError: the database cannot be opened or upgraded.
     """
 
-    def __init__(self, db_path: Path, lock_path: Path, *, lock_timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        db_path: Path,
+        lock_path: Path,
+        *,
+        lock_timeout: float = 120.0,
+        low_space: Callable[[], object] | None = None,
+    ) -> None:
         self.db_path = Path(db_path)
         self.lock_path = Path(lock_path)
         self._lock_timeout = lock_timeout
+        #: called before SQLite is opened or written when the disk is nearly full (the store
+        #: releases its space reserve there, so that rm, gc and reads keep working)
+        self._low_space = low_space
+        #: True when the disk was full and the index could only be opened read-only
+        self.read_only = False
         try:
             self.db_path.parent.mkdir(parents=True, exist_ok=True)
             self.lock_path.parent.mkdir(parents=True, exist_ok=True)
@@ -207,18 +229,102 @@ class Index:
                 hint="check the store directory's permissions",
             ) from exc
 
+        self._make_engines()
+        self._check_space()
+        try:
+            self._ensure_schema()
+        except DiskFullError:
+            self._engine.dispose()
+            if not self._open_read_only():
+                raise
+        except BaseException:
+            self._engine.dispose()
+            raise
+
+    def _make_engines(self) -> None:
         self._engine: Engine = create_engine(
-            f"sqlite:///{self.db_path}", connect_args={"timeout": 30}
+            # URL.create: a path holding "?" or "#" is a path, not a query string
+            URL.create("sqlite", database=str(self.db_path)), connect_args={"timeout": 30}
         )
         _install_sqlite_listeners(self._engine)
         self._write_engine: Engine = self._engine.execution_options(
             **{_BEGIN_MODE: "IMMEDIATE"}
         )
+        self.read_only = False
+
+    # ------------------------------------------------------------------------ full disks
+
+    def _check_space(self) -> None:
+        """Before SQLite needs room (its -shm and -wal files, a write transaction): on a nearly full
+        disk, let the store free its reserve first."""
+        if self._low_space is None:
+            return
+        free = free_bytes(self.db_path.parent)
+        if free is not None and free < LOW_SPACE_BYTES:
+            logger.info("the disk holding %s is nearly full (%d bytes free)", self.db_path, free)
+            self._low_space()
+
+    def _disk_full(self, exc: BaseException) -> bool:
+        """Whether SQLite failed for lack of room: SQLITE_FULL, or an I/O error (it cannot grow its
+        -shm or -wal file) on a disk with almost nothing free."""
+        original = getattr(exc, "orig", None) or exc
+        code = getattr(original, "sqlite_errorcode", None)
+        primary = code & 0xFF if isinstance(code, int) else None
+        text = str(original).lower()
+        if primary == _SQLITE_FULL or "database or disk is full" in text:
+            return True
+        if primary in (_SQLITE_IOERR, _SQLITE_CANTOPEN) or "disk i/o error" in text:
+            free = free_bytes(self.db_path.parent)
+            return free is not None and free < LOW_SPACE_BYTES
+        return is_disk_full(original)
+
+    def _full_error(self, what: str) -> DiskFullError:
+        return disk_full_error(None, self.db_path.parent, what)
+
+    def _open_read_only(self) -> bool:
+        """On a full disk, open the index read-only when that reads everything: SQLite cannot create
+        its -shm file, but when no write-ahead log is pending the database file is complete and is
+        read as immutable. Reads (ls, show, du, verify) then work; writes raise DiskFullError."""
+        wal = self.db_path.with_name(self.db_path.name + "-wal")
         try:
-            self._ensure_schema()
-        except BaseException:
+            pending = wal.exists() and wal.stat().st_size > 0
+        except OSError:
+            pending = True
+        if pending or not self.db_path.is_file():
+            return False
+        uri = "file:" + urllib.parse.quote(str(self.db_path.resolve())) + "?mode=ro&immutable=1"
+        self._engine = create_engine(
+            "sqlite://", creator=lambda: sqlite3.connect(uri, uri=True, timeout=30, check_same_thread=False)
+        )
+
+        @event.listens_for(self._engine, "connect")
+        def _ro_connect(dbapi_connection: Any, connection_record: Any) -> None:
+            dbapi_connection.isolation_level = None
+
+        @event.listens_for(self._engine, "begin")
+        def _ro_begin(connection: Connection) -> None:
+            connection.exec_driver_sql("BEGIN DEFERRED")
+
+        self._write_engine = self._engine
+        try:
+            if self.current_revision() != SCHEMA_HEAD:
+                self._engine.dispose()
+                return False
+        except (StoreError, SQLAlchemyError):
             self._engine.dispose()
-            raise
+            return False
+        self.read_only = True
+        logger.warning("the disk holding %s is full: the index was opened read-only", self.db_path)
+        return True
+
+    def reopen(self) -> None:
+        """Open the index for writing again (after space was freed), if it was opened read-only."""
+        if not self.read_only:
+            return
+        self._engine.dispose()
+        self._make_engines()
+        self._check_space()
+        self._ensure_schema()
 
     # ----------------------------------------------------------------------------- schema
 
@@ -233,6 +339,8 @@ class Index:
                     return None
                 rows = conn.exec_driver_sql("SELECT version_num FROM alembic_version").all()
         except SQLAlchemyError as exc:
+            if self._disk_full(exc):
+                raise self._full_error("opening the store's index") from exc
             raise self._store_error("cannot read the index", exc) from exc
         if not rows:
             return None
@@ -339,6 +447,16 @@ class Index:
         Raises:
             StoreError: the index stayed locked by another process past the busy timeout.
         """
+        if write:
+            if self.read_only:
+                raise disk_full_error(
+                    None,
+                    self.db_path.parent,
+                    "updating the store's index (it could only be opened read-only)",
+                    hint="run `deltahub gc` first (it frees what needs no index write), or free space on that disk, "
+                    "then run the command again; nothing was changed",
+                )
+            self._check_space()
         bind = self._write_engine if write else self._engine
         with Session(bind=bind, expire_on_commit=False) as session:
             try:
@@ -348,6 +466,10 @@ class Index:
                 session.rollback()
                 if _is_locked(exc):
                     raise self._store_error("the index is locked", exc) from exc
+                if self._disk_full(exc):
+                    raise self._full_error(
+                        "updating the store's index" if write else "reading the store's index"
+                    ) from exc
                 raise
             except BaseException:
                 session.rollback()
@@ -379,6 +501,8 @@ class Index:
 
     def _store_error(self, what: str, exc: BaseException) -> StoreError:
         original = getattr(exc, "orig", None) or exc
+        if self._disk_full(exc):
+            return self._full_error("using the store's index")
         if isinstance(exc, OperationalError) and _is_locked(exc):
             hint = "another deltahub process holds the index; retry when it has finished"
         else:

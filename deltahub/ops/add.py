@@ -14,6 +14,7 @@ from deltahub.formats.paths import validate_name
 from deltahub.formats.safetensors_io import dtype_name, tensor_bytes
 from deltahub.ops.context import StoreContext, TensorStat
 from deltahub.ops.files import store_files
+from deltahub.ops.finite import check_finite
 from deltahub.progress import progress_bar
 from deltahub.store import Compression, ObjectInfo
 from deltahub.store.objects import Encoding
@@ -55,19 +56,29 @@ def hf_cache_blob(path: Path) -> str | None:
 
 
 def add_base(
-    ctx: StoreContext, src: Path, name: str | None = None, force: bool = False, copy: bool = False
+    ctx: StoreContext,
+    src: Path,
+    name: str | None = None,
+    force: bool = False,
+    copy: bool = False,
+    allow_nonfinite: bool = False,
 ) -> AddResult:
     """Store every tensor of ``src`` raw (memory-mappable) and record it as a base model.
 
     ``src`` that is no local path but looks like ``REPO_ID[@REVISION]`` is fetched from the Hub
     (:mod:`deltahub.ops.hub_source`). Weights that are blobs of the Hugging Face cache are stored as
     *references* to their bytes there (no second copy; every read re-hashes them) unless ``copy``.
+    ``name=None`` derives the name from the folder (or repo); any given name, ``""`` included, must
+    be valid. A floating tensor holding NaN/Inf is refused unless ``allow_nonfinite``
+    (:mod:`deltahub.ops.finite`).
     """
     from deltahub.ops.hub_source import add_from_hub, looks_like_hub_id
 
+    if name is not None:
+        validate_name(name)  # "" is an invalid name, never "use the default"
     if looks_like_hub_id(src):
-        return add_from_hub(ctx, str(src), name=name, force=force, copy=copy)
-    name = validate_name(name) if name else default_name(src)
+        return add_from_hub(ctx, str(src), name=name, force=force, copy=copy, allow_nonfinite=allow_nonfinite)
+    name = name if name is not None else default_name(src)
     checkpoint = open_checkpoint(Path(src))
     ctx.check_name_free(name, force)
     records: dict[str, TensorRecord] = {}
@@ -84,12 +95,17 @@ def add_base(
                 if reader.path not in blobs:
                     blobs[reader.path] = None if copy else hf_cache_blob(reader.path)
                 blob = blobs[reader.path]
+                tensor = None
+                if not allow_nonfinite and entry.dtype.is_floating_point and entry.nbytes:
+                    tensor = checkpoint.read(tname, copy=False)
+                    check_finite(tensor, tname, "the base")  # refused: the writer rolls back
                 if blob is not None and entry.nbytes:
                     info = ctx.put_ref(blob, entry.start, entry.nbytes)
                 else:
-                    tensor = checkpoint.read(tname, copy=False)
+                    if tensor is None:
+                        tensor = checkpoint.read(tname, copy=False)
                     info = ctx.put(tensor_bytes(tensor), Compression.NONE)
-                    del tensor
+                del tensor
                 dtype, shape = dtype_name(entry.dtype), tuple(entry.shape)
                 objects[info.sha256] = info
                 records[tname] = TensorRecord(tname, Codec.DENSE, dtype, shape, object=info.sha256)

@@ -501,6 +501,7 @@ def compress_and_calibrate(
     embeddings: str,
     force: bool,
     options: CalibrationOptions | None = None,
+    allow_nonfinite: bool = False,
 ) -> tuple[Any, CalibrateResult]:
     """``compress --calibrate``: compress ``src`` against ``base_name``, then calibrate with ``src``
     as the teacher. The calibration input is checked (tokenized with the fine-tune's tokenizer) before
@@ -525,7 +526,9 @@ def compress_and_calibrate(
     except Exception as exc:
         raise InputError(f"cannot load the tokenizer of {src}: {exc}", "calibration needs the fine-tune's tokenizer files") from None
     load_samples(options.data, tokenizer, options.samples, options.seq_len, "calibration", options.seed)
-    compressed = compress_finetune(ctx, src, base_name, name, embeddings=embeddings, force=force)
+    compressed = compress_finetune(
+        ctx, src, base_name, name, embeddings=embeddings, force=force, allow_nonfinite=allow_nonfinite
+    )
     if hub is not None:
         compressed.hub_repo_id, compressed.hub_revision = hub
     try:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from deltahub.codec import PACKING_V1, Codec, CodecError, encode_sign1
+from deltahub.codec import PACKING_V1, Codec, CodecError, NonFiniteDeltaError, encode_sign1
 from deltahub.errors import CodecError as DeltaCodecError
 from deltahub.errors import IncompatibleBaseError, InputError
 from deltahub.formats.checkpoint import Checkpoint, open_checkpoint
@@ -33,6 +33,7 @@ from deltahub.formats.paths import validate_name
 from deltahub.formats.safetensors_io import dtype_from_name, dtype_name, tensor_bytes
 from deltahub.ops.context import Resolved, StoreContext, TensorStat, fp16_bytes
 from deltahub.ops.files import store_files
+from deltahub.ops.finite import ALLOW_HINT, check_finite, nonfinite_summary
 from deltahub.ops.prefetch import prefetched
 from deltahub.progress import progress_bar
 from deltahub.store import Compression, ObjectInfo
@@ -161,6 +162,26 @@ def _rel_norm(ft: torch.Tensor, base: torch.Tensor) -> float | None:
     return math.sqrt(delta_sq / base_sq)
 
 
+def _encode_sign1(tname: str, base_t: torch.Tensor, tensor: torch.Tensor, allow_nonfinite: bool):
+    """``encode_sign1``, or None for a non-finite delta when ``allow_nonfinite`` (stored dense then)."""
+    try:
+        return encode_sign1(base_t, tensor)
+    except CodecError as exc:
+        if not isinstance(exc, NonFiniteDeltaError):
+            raise DeltaCodecError(f"cannot compress tensor {tname!r}: {exc}") from None
+        if allow_nonfinite:
+            logger.info("tensor %s: the delta is not finite; stored dense", tname)
+            return None
+        problem = nonfinite_summary(tensor)
+        if problem is not None:
+            raise DeltaCodecError(f"tensor {tname!r} of the fine-tune holds {problem}", ALLOW_HINT) from None
+        raise DeltaCodecError(
+            f"cannot compress tensor {tname!r}: {exc} (the base tensor holds "
+            f"{nonfinite_summary(base_t) or 'values so large that their difference overflows'})",
+            ALLOW_HINT,
+        ) from None
+
+
 def compress_finetune(
     ctx: StoreContext,
     src: Path,
@@ -169,12 +190,16 @@ def compress_finetune(
     embeddings: EmbeddingsMode | str = DEFAULT_EMBEDDINGS,
     force: bool = False,
     verify_base: bool = True,
+    allow_nonfinite: bool = False,
 ) -> CompressResult:
     """Compress the checkpoint at ``src`` against stored base ``base_name`` and name it ``name``.
 
     ``src`` that is no local path but looks like ``REPO_ID[@REVISION]`` is fetched from the Hub like
     ``add`` does (:func:`deltahub.ops.hub_source.fetch_checkpoint`: pinned to its commit, no pickles,
     into the HF cache, reused when cached, offline too) and compressed from the snapshot folder.
+
+    NaN/Inf in any floating tensor of the fine-tune, or in a delta, is refused unless
+    ``allow_nonfinite`` (:mod:`deltahub.ops.finite`); a refusal mid-way leaves the store unchanged.
     """
     from deltahub.ops.hub_source import fetch_checkpoint, looks_like_hub_id
 
@@ -187,7 +212,7 @@ def compress_finetune(
     # The writer lock is taken before the base is resolved, so gc cannot remove the base's objects
     # between the lookup and the reads (gc waits for writers).
     with ctx.writing():
-        result = _compress_locked(ctx, Path(src), base_name, name, embeddings, force, verify_base)
+        result = _compress_locked(ctx, Path(src), base_name, name, embeddings, force, verify_base, allow_nonfinite)
     if hub is not None:
         result.hub_repo_id, result.hub_revision = hub
     return result
@@ -201,6 +226,7 @@ def _compress_locked(
     embeddings: EmbeddingsMode,
     force: bool,
     verify_base: bool,
+    allow_nonfinite: bool = False,
 ) -> CompressResult:
     base = ctx.resolve(base_name)
     if base.manifest.kind is not ModelKind.BASE:
@@ -240,21 +266,20 @@ def _compress_locked(
             dtype = dtype_name(tensor.dtype)
             brec = bman.tensors.get(tname)
             stat = TensorStat(tname, planned.value, dtype, shape, 0)
+            enc = None
+            codec: Codec | None = None
             if base_t is not None and _bit_identical(tensor, base_t):
+                if not allow_nonfinite:
+                    check_finite(tensor, tname, "the fine-tune")
                 codec = Codec.SAME
                 records[tname] = TensorRecord(tname, codec, dtype, shape)
                 stat.rel_delta_norm = 0.0
                 stat.rel_recon_error = 0.0
             elif planned is Codec.SIGN1:
                 assert base_t is not None
+                enc = _encode_sign1(tname, base_t, tensor, allow_nonfinite)
+            if codec is None and planned is Codec.SIGN1 and enc is not None:
                 codec = Codec.SIGN1
-                try:
-                    enc = encode_sign1(base_t, tensor)
-                except CodecError as exc:
-                    raise DeltaCodecError(
-                        f"cannot compress tensor {tname!r}: {exc}",
-                        "check the fine-tune for NaN/Inf weights",
-                    ) from None
                 info = ctx.put(tensor_bytes(enc.packed), Compression.NONE)
                 objects[info.sha256] = info
                 records[tname] = TensorRecord(tname, codec, dtype, shape, object=info.sha256, scale=enc.scale)
@@ -263,14 +288,17 @@ def _compress_locked(
                 norm = enc.stats.rel_delta_norm
                 stat.rel_delta_norm = norm if math.isfinite(norm) else None
                 stat.rel_recon_error = enc.rel_recon_error
-            else:
+            elif codec is None:  # dense, or a sign1 matrix whose delta is not finite (allowed)
+                if planned is not Codec.SIGN1 and not allow_nonfinite:
+                    check_finite(tensor, tname, "the fine-tune")
                 codec = Codec.DENSE
                 info = ctx.put(tensor_bytes(tensor), Compression.AUTO)
                 objects[info.sha256] = info
                 records[tname] = TensorRecord(tname, codec, dtype, shape, object=info.sha256)
                 stat.stored_bytes = info.stored_size
                 if base_t is not None and tensor.is_floating_point() and base_t.is_floating_point():
-                    stat.rel_delta_norm = _rel_norm(tensor, base_t)
+                    norm = _rel_norm(tensor, base_t)
+                    stat.rel_delta_norm = norm if norm is not None and math.isfinite(norm) else None
                 stat.rel_recon_error = 0.0
             stat.codec = codec.value
             if codec in (Codec.SAME, Codec.SIGN1):

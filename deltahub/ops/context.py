@@ -3,15 +3,18 @@
 Layout of ``$DELTAHUB_HOME``::
 
     objects/ab/abcdef...   content-addressed objects (see deltahub.store.objects)
-    tmp/                   per-process temporary files, renamed into objects/
+    tmp/                   per-process temporary files, renamed into objects/; push staging folders
     index.sqlite           the SQLite index (WAL), schema managed by Alembic
     locks/                 advisory locks: gc.lock, names.lock, migrate.lock
+    reserve                4 MiB of allocated space, given back when the disk is nearly full
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import secrets
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +32,7 @@ from deltahub.errors import (
     StoreError,
     WrongBaseError,
 )
+from deltahub.fileio import free_bytes, reserve
 from deltahub.formats.manifest import Manifest, ModelKind, parse_manifest
 from deltahub.formats.paths import validate_name
 from deltahub.formats.safetensors_io import dtype_from_name
@@ -44,6 +48,13 @@ from deltahub.index.models import (
 from deltahub.store import Compression, ObjectInfo, ObjectStore, file_lock
 
 logger = logging.getLogger(__name__)
+
+#: The store keeps this much disk space allocated in ``$DELTAHUB_HOME/reserve`` and gives it back
+#: when the disk is nearly full, so that the index can still be opened and written (``rm``, ``gc``).
+RESERVE_FILE = "reserve"
+RESERVE_BYTES = 4 << 20
+#: ... and takes it (again) only while at least this much is free.
+RESERVE_MIN_FREE = 4 * RESERVE_BYTES
 
 
 @dataclass
@@ -94,8 +105,54 @@ class StoreContext:
                 f"cannot use {self.home} as a deltahub store: {exc.strerror}",
                 "set DELTAHUB_HOME or --home to a writable folder",
             ) from None
-        self.index = Index(self.home / "index.sqlite", self.locks_dir / "migrate.lock")
+        self.index = Index(self.home / "index.sqlite", self.locks_dir / "migrate.lock", low_space=self.release_reserve)
         self._created: list[list[str]] = []
+        self.keep_reserve()
+
+    # ------------------------------------------------------------------ space reserve
+    @property
+    def reserve_path(self) -> Path:
+        return self.home / RESERVE_FILE
+
+    def keep_reserve(self) -> None:
+        """Make sure the store holds its space reserve (``reserve``, :data:`RESERVE_BYTES` of
+        allocated blocks) while the disk has room to spare. When the disk fills up, the index
+        releases it (:meth:`release_reserve`) so that ``ls``, ``show``, ``verify``, ``rm`` and
+        ``gc`` still work and can free space."""
+        path = self.reserve_path
+        try:
+            if path.stat().st_size >= RESERVE_BYTES:
+                return
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return
+        free = free_bytes(self.home)
+        if free is None or free < RESERVE_MIN_FREE:
+            return
+        tmp = self.objects.tmp_dir / f"reserve-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                reserve(fd, RESERVE_BYTES)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as exc:  # no room or no fallocate: the store works without a reserve
+            logger.debug("no space reserve for %s: %s", self.home, exc)
+            tmp.unlink(missing_ok=True)
+
+    def release_reserve(self) -> bool:
+        """Give the reserve's space back to the file system; True if there was one."""
+        try:
+            self.reserve_path.unlink()
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            logger.debug("cannot release the space reserve: %s", exc)
+            return False
+        logger.warning("the disk holding %s is nearly full: released the store's %d-byte reserve", self.home, RESERVE_BYTES)
+        return True
 
     def close(self) -> None:
         self.index.close()
@@ -135,6 +192,14 @@ class StoreContext:
                         self.objects.delete(oid)
         except Exception as exc:  # the objects are unreferenced: gc removes them later
             logger.warning("could not remove %d unreferenced objects (%s); `deltahub gc` will", len(object_ids), exc)
+
+    @contextmanager
+    def reading(self, timeout: float = 600) -> Iterator[None]:
+        """Held by readers (materialize, load, push, show) from resolving a name until they have read
+        every object they need: ``gc`` (exclusive) waits for them, so a name removed and collected
+        meanwhile never turns into "object missing" for a reader that already resolved it."""
+        with file_lock(self.locks_dir / "gc.lock", exclusive=False, timeout=timeout):
+            yield
 
     @contextmanager
     def collecting(self, timeout: float = 600) -> Iterator[None]:
@@ -195,6 +260,16 @@ class StoreContext:
                     f"base tensor {name!r} differs from the one the delta was computed against",
                     "the delta must be applied to the exact base it was compressed from",
                 )
+        # A delta describes every tensor of its base (compress refuses a fine-tune lacking one): a
+        # manifest that renamed or dropped one would build a checkpoint missing that tensor.
+        missing = sorted(set(base.tensors) - set(delta.tensors))
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise CorruptObjectError(
+                f"the delta lists no tensor {missing[0]!r}{more} of its base: a checkpoint built from it would "
+                "miss it",
+                "the delta's manifest is damaged or was tampered with; pull or compress it again",
+            )
         return base_id, base
 
     # ------------------------------------------------------------------ tensors

@@ -1,6 +1,7 @@
 """Bases from the Hugging Face Hub: ``deltahub add REPO_ID[@REVISION]`` and the base step of ``pull``.
 
-1. The revision is resolved to a commit id (``HfApi.repo_info(...).sha``).
+1. The revision (``main`` when none is given, always passed explicitly) is resolved to a commit id
+   (``HfApi.repo_info(...).sha``), and the HF cache's ``refs/<branch>`` is pointed at it.
 2. Only what :func:`deltahub.formats.checkpoint.open_checkpoint` reads is downloaded, at that commit,
    with ``snapshot_download(allow_patterns=[...])`` into the user's HF cache: ``config.json``, the
    safetensors weights (and their index), and the :data:`AUX_FILES` the repo has. Pickles are never
@@ -20,15 +21,18 @@ import re
 from pathlib import Path
 from typing import Any
 
-from deltahub.errors import HubConnectionError, InputError, PickleCheckpointError, WrongBaseError
+from deltahub.errors import HubConnectionError, HubError, InputError, PickleCheckpointError, WrongBaseError
 from deltahub.formats.checkpoint import (
     AUX_FILES,
     CONFIG_FILE,
     CONVERT_HINT,
+    PULL_HINT,
     WEIGHTS_INDEX,
     open_checkpoint,
     select_weight_files,
 )
+from deltahub.formats import safe_json
+from deltahub.hub.cache import is_commit_id, write_ref
 from deltahub.hub.layout import (
     HUB_MANIFEST_FILE,
     default_pull_name,
@@ -60,15 +64,16 @@ def _wanted_files(repo_id: str, commit: str, names: set[str]) -> list[str]:
     from huggingface_hub import hf_hub_download
 
     at = _where(repo_id, commit)
+    if HUB_MANIFEST_FILE in names:  # the same rule as open_checkpoint for a local folder
+        raise InputError(f"{at} holds {HUB_MANIFEST_FILE}: it is a deltahub delta, not a checkpoint", PULL_HINT)
     if CONFIG_FILE not in names:
-        hint = "pull it with `deltahub pull`" if HUB_MANIFEST_FILE in names else "add a Hugging Face checkpoint repo"
-        raise InputError(f"{at} has no {CONFIG_FILE}: not a Hugging Face checkpoint", hint)
+        raise InputError(f"{at} has no {CONFIG_FILE}: not a Hugging Face checkpoint", "add a Hugging Face checkpoint repo")
     top = {n for n in names if "/" not in n}
 
     def load_index() -> Any:
         with hub_errors(repo_id):
             index_path = hf_hub_download(repo_id, WEIGHTS_INDEX, revision=commit, repo_type="model")
-        return json.loads(Path(index_path).read_text(encoding="utf-8"))
+        return safe_json.loads(Path(index_path).read_bytes(), WEIGHTS_INDEX)
 
     try:
         weights = select_weight_files(top, at, load_index)
@@ -90,6 +95,7 @@ def fetch_checkpoint(repo: str) -> tuple[str, str, Path]:
         repo_id, revision = parse_base_repo(repo)
     except ValueError as exc:
         raise InputError(str(exc), "use REPO_ID[@REVISION]") from None
+    revision = revision or "main"  # explicit: some mirrors (olah) only resolve /revision/<rev>
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
     from huggingface_hub.utils import validate_repo_id
@@ -107,9 +113,11 @@ def fetch_checkpoint(repo: str) -> tuple[str, str, Path]:
             )
             open_checkpoint(folder)
         except (LocalEntryNotFoundError, InputError) as exc:
+            if isinstance(exc, InputError) and _weights_cached(folder):
+                raise  # everything is in the cache: a problem with the checkpoint itself, not the network
             detail = f": {exc.message}" if isinstance(exc, InputError) else ""
             raise HubConnectionError(
-                f"HF_HUB_OFFLINE is set and {repo_id}@{revision or 'main'} is not in the HF cache{detail}",
+                f"HF_HUB_OFFLINE is set and {repo_id}@{revision} is not in the HF cache{detail}",
                 "unset HF_HUB_OFFLINE to download it once",
             ) from None
         return repo_id, folder.name, folder
@@ -122,23 +130,23 @@ def fetch_checkpoint(repo: str) -> tuple[str, str, Path]:
             return Path(snapshot_download(repo_id, revision=commit, repo_type="model", allow_patterns=wanted))
 
     folder = with_retries(download, f"downloading {repo_id}@{commit[:12]}")
-    _cache_ref(folder, revision or "main", commit)
+    # As a download by branch would: an offline `add REPO_ID[@BRANCH]` later finds the snapshot.
+    write_ref(repo_id, revision, commit)
     return repo_id, commit, folder
 
 
-def _cache_ref(folder: Path, revision: str, commit: str) -> None:
-    """Point the HF cache's ``refs/<revision>`` at ``commit`` (as a download by branch would), so an
-    offline ``add REPO_ID[@BRANCH]`` later finds the snapshot."""
-    if revision == commit or folder.parent.name != "snapshots":
-        return
-    ref = folder.parent.parent / "refs" / revision
+def _weights_cached(folder: Path) -> bool:
+    """Whether a cached snapshot holds its weight files (all shards its index lists, or a
+    ``.safetensors`` file): then ``open_checkpoint``'s complaint is about the content, not a gap in
+    the cache."""
     try:
-        if ref.is_file() and ref.read_text().strip() == commit:
-            return
-        ref.parent.mkdir(parents=True, exist_ok=True)
-        ref.write_text(commit)
-    except OSError as exc:  # only the offline shortcut is lost
-        logger.debug("could not write %s: %s", ref, exc)
+        names = {p.name for p in folder.iterdir()}
+        if WEIGHTS_INDEX in names:
+            index = safe_json.loads((folder / WEIGHTS_INDEX).read_bytes(), f"{WEIGHTS_INDEX} of {folder}")
+            return {str(f) for f in index["weight_map"].values()} <= names
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, InputError):
+        return True
+    return any(n.endswith(".safetensors") for n in names)
 
 
 def record_hub_source(ctx: StoreContext, manifest_id: str, repo_id: str, commit: str) -> None:
@@ -166,7 +174,14 @@ def hub_source_of(ctx: StoreContext, manifest_id: str) -> tuple[str, str] | None
     return None
 
 
-def add_from_hub(ctx: StoreContext, repo: str, name: str | None = None, force: bool = False, copy: bool = False):
+def add_from_hub(
+    ctx: StoreContext,
+    repo: str,
+    name: str | None = None,
+    force: bool = False,
+    copy: bool = False,
+    allow_nonfinite: bool = False,
+):
     """``deltahub add REPO_ID[@REVISION]``: add a base straight from the Hub (or the HF cache).
 
     The weights stay in the HF cache and the store keeps references to them, unless ``copy``.
@@ -174,7 +189,10 @@ def add_from_hub(ctx: StoreContext, repo: str, name: str | None = None, force: b
     from deltahub.ops.add import add_base
 
     repo_id, commit, folder = fetch_checkpoint(repo)
-    result = add_base(ctx, folder, name=name or default_pull_name(repo_id), force=force, copy=copy)
+    result = add_base(
+        ctx, folder, name=name if name is not None else default_pull_name(repo_id), force=force, copy=copy,
+        allow_nonfinite=allow_nonfinite,
+    )
     record_hub_source(ctx, result.manifest_id, repo_id, commit)
     result.hub_repo_id, result.hub_revision = repo_id, commit
     logger.info("base %s is %s", result.name, _where(repo_id, commit))
@@ -207,5 +225,25 @@ def fetch_base_for_pull(ctx: StoreContext, delta_repo: str, base_manifest: str, 
             f"the delta was not stored; the fetched base was kept as {result.name!r} (`deltahub rm "
             f"{result.name}` to drop it). Add the exact base the delta was made from, then pull again",
         )
+    if is_commit_id(base_revision):
+        _remember_main(base_repo_id, result.hub_revision)
     logger.info("fetched base %s for %s as %s", _where(base_repo_id, result.hub_revision), delta_repo, result.name)
     return result.name
+
+
+def _remember_main(repo_id: str, commit: str | None) -> None:
+    """A base fetched by commit id leaves no branch ref in the HF cache; when that commit is the
+    repo's ``main`` (one ``repo_info``), record ``refs/main`` so that an offline
+    ``deltahub add REPO_ID`` later finds it. Best effort: any failure only costs that shortcut."""
+    if not commit:
+        return
+    from huggingface_hub import HfApi
+
+    try:
+        with hub_errors(repo_id):
+            main = HfApi().repo_info(repo_id, revision="main", repo_type="model").sha
+    except HubError as exc:
+        logger.debug("could not resolve %s@main: %s", repo_id, exc)
+        return
+    if main == commit:
+        write_ref(repo_id, "main", commit)

@@ -13,6 +13,7 @@ import torch
 
 from deltahub.codec import Codec
 from deltahub.errors import DeltaHubError, InputError
+from deltahub.fileio import disk_full_as, write_file
 from deltahub.formats.checkpoint import AUX_FILES
 from deltahub.formats.paths import join_inside
 from deltahub.ops.context import StoreContext
@@ -85,13 +86,14 @@ delta-mode model is frozen. A base model loads normally.
     """
     mode = parse_mode(mode)
     out_dtype = parse_output_dtype(dtype)
-    source = ModelSource.open(ctx, name, verify=verify)
-    out_dtype = out_dtype or source.default_dtype()
-    if mode is LoadMode.DELTA and source.base is not None:
-        model = _load_delta_mode(source, name, out_dtype, trainable_scales)
-        choose_backend(torch.device(device))
-    else:
-        model = materialized_model(source, name, out_dtype)
+    with ctx.reading():  # gc waits until every object is read
+        source = ModelSource.open(ctx, name, verify=verify)
+        out_dtype = out_dtype or source.default_dtype()
+        if mode is LoadMode.DELTA and source.base is not None:
+            model = _load_delta_mode(source, name, out_dtype, trainable_scales)
+            choose_backend(torch.device(device))
+        else:
+            model = materialized_model(source, name, out_dtype)
     return model.to(device)
 
 
@@ -112,7 +114,8 @@ def build_model(source: ModelSource, name: str, out_dtype: torch.dtype, state_di
     from transformers import AutoConfig
 
     with tempfile.TemporaryDirectory(prefix="deltahub-config-") as tmp:
-        (Path(tmp) / "config.json").write_text(json.dumps(source.config(out_dtype)))
+        with disk_full_as(Path(tmp).parent, f"loading {name}", hint=TMP_HINT):
+            write_file(Path(tmp) / "config.json", json.dumps(source.config(out_dtype)).encode())
         config = AutoConfig.from_pretrained(tmp)
     cls = model_class(source.manifest.architectures)
     model, info = cls.from_pretrained(
@@ -178,7 +181,8 @@ def _load_delta_mode(source: ModelSource, name: str, out_dtype: torch.dtype, tra
 
 def load_tokenizer(ctx: StoreContext, name: str) -> Any:
     """The tokenizer stored with ``name`` (files written to a temporary folder, then loaded)."""
-    return tokenizer_of(ModelSource.open(ctx, name), name)
+    with ctx.reading():
+        return tokenizer_of(ModelSource.open(ctx, name), name)
 
 
 def tokenizer_of(source: ModelSource, name: str) -> Any:
@@ -190,6 +194,10 @@ def tokenizer_of(source: ModelSource, name: str) -> Any:
         raise InputError(f"{name!r} was stored without tokenizer files", "add a checkpoint that has them")
     with tempfile.TemporaryDirectory(prefix="deltahub-tok-") as tmp:
         root = Path(tmp)
-        for rel in present + ["config.json"]:
-            join_inside(root, rel).write_bytes(source.file_bytes(rel))
+        with disk_full_as(Path(tmp).parent, f"loading the tokenizer of {name}", hint=TMP_HINT):
+            for rel in present + ["config.json"]:
+                write_file(join_inside(root, rel), source.file_bytes(rel))
         return AutoTokenizer.from_pretrained(tmp)
+
+
+TMP_HINT = "free some space in the temporary folder or point TMPDIR elsewhere"

@@ -25,7 +25,7 @@ from deltahub.index.models import (
 from deltahub.ops.context import StoreContext, prune_unreachable, reachable_manifests
 from deltahub.progress import progress_bar
 from deltahub.store import file_lock
-from deltahub.store.objects import Encoding
+from deltahub.store.objects import Encoding, tree_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,11 @@ def list_models(ctx: StoreContext) -> list[dict[str, Any]]:
 def show_model(ctx: StoreContext, name: str, tensors: bool = False) -> dict[str, Any]:
     """Everything known about ``name``: kind, base, codecs, bytes, ratio, statistics, and for a delta
     its latest calibration and evaluation (``None`` when there is none)."""
+    with ctx.reading():
+        return _show_model(ctx, name, tensors)
+
+
+def _show_model(ctx: StoreContext, name: str, tensors: bool) -> dict[str, Any]:
     resolved = ctx.resolve(name)
     with ctx.index.session(write=False) as session:
         m = session.get(ManifestRow, resolved.manifest_id)
@@ -149,6 +154,12 @@ def disk_usage(ctx: StoreContext) -> dict[str, Any]:
     index_bytes = sum(
         p.stat().st_size for p in ctx.home.glob("index.sqlite*") if p.is_file()
     )
+    tmp_entries, tmp_bytes = ctx.objects.temp_usage()
+    stale = ctx.objects.stale_temp_files()
+    try:
+        reserve_bytes = ctx.reserve_path.stat().st_size
+    except OSError:
+        reserve_bytes = 0
     with ctx.index.session(write=False) as session:
         reachable = reachable_manifests(session)
         referenced = set(
@@ -178,7 +189,14 @@ def disk_usage(ctx: StoreContext) -> dict[str, Any]:
         "unreferenced_objects": len(unreferenced),
         "unreferenced_bytes": sum(unreferenced.values()),
         "index_bytes": index_bytes,
-        "total_bytes": sum(on_disk.values()) + index_bytes,
+        # tmp/: temporary objects and push staging folders; those of dead processes are stale
+        # (`deltahub gc` removes them)
+        "tmp_entries": tmp_entries,
+        "tmp_bytes": tmp_bytes,
+        "stale_tmp_entries": len(stale),
+        "stale_tmp_bytes": sum(tree_bytes(p) for p in stale),
+        "reserve_bytes": reserve_bytes,
+        "total_bytes": sum(on_disk.values()) + index_bytes + tmp_bytes + reserve_bytes,
         # bytes the store uses but does not hold: base weights referenced in the HF cache
         "hf_cache_references": hf_refs,
         "hf_cache_referenced_bytes": hf_ref_bytes,
@@ -223,6 +241,7 @@ class GcReport:
     objects: list[str] = field(default_factory=list)
     bytes: int = 0
     temp_files: list[str] = field(default_factory=list)
+    temp_bytes: int = 0
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -231,9 +250,27 @@ class GcReport:
 
 
 def garbage_collect(ctx: StoreContext, dry_run: bool = False) -> GcReport:
-    """Delete objects that no indexed manifest references, and dead processes' temp files."""
+    """Delete objects that no indexed manifest references, and dead processes' temp files.
+
+    Works on a full disk: what needs no index write goes first (temporary files and push staging
+    folders of dead processes, objects no manifest row links at all), which frees space before the
+    index rows of unreachable manifests are pruned; then the objects only those manifests used.
+    Delete order stays name -> index rows -> objects: an object is deleted only once no indexed
+    manifest references it.
+    """
     report = GcReport(dry_run=dry_run)
     with ctx.collecting():
+        for path in ctx.objects.stale_temp_files():
+            report.temp_files.append(path.name)
+            report.temp_bytes += ctx.objects.remove_temp(path) if not dry_run else tree_bytes(path)
+        with ctx.index.session(write=False) as session:
+            linked = set(session.scalars(select(ManifestObjectRow.object_id)))
+        on_disk = list(ctx.objects.iter_ids())
+        for oid in on_disk:
+            if oid not in linked:  # an orphan of an interrupted or rolled-back write
+                _collect(ctx, report, oid, dry_run)
+        if not dry_run:
+            ctx.index.reopen()  # writable again if the disk was full when the store was opened
         with ctx.index.session(write=not dry_run) as session:
             reachable = reachable_manifests(session)
             report.pruned_manifests = sorted(
@@ -246,19 +283,22 @@ def garbage_collect(ctx: StoreContext, dry_run: bool = False) -> GcReport:
                     select(ManifestObjectRow.object_id).where(ManifestObjectRow.manifest_id.in_(list(reachable)))
                 )
             )
-        for oid in list(ctx.objects.iter_ids()):
-            if oid in referenced:
-                continue
-            size = ctx.objects.path_of(oid).stat().st_size
-            report.objects.append(oid)
-            report.bytes += size
-            if not dry_run:
-                ctx.objects.delete(oid)
-        for path in ctx.objects.stale_temp_files():
-            report.temp_files.append(path.name)
-            if not dry_run:
-                path.unlink(missing_ok=True)
+        for oid in on_disk:
+            if oid in linked and oid not in referenced:
+                _collect(ctx, report, oid, dry_run)
+    ctx.keep_reserve()
     return report
+
+
+def _collect(ctx: StoreContext, report: GcReport, oid: str, dry_run: bool) -> None:
+    try:
+        size = ctx.objects.path_of(oid).stat().st_size
+    except FileNotFoundError:
+        return
+    report.objects.append(oid)
+    report.bytes += size
+    if not dry_run:
+        ctx.objects.delete(oid)
 
 
 @dataclass

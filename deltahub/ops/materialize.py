@@ -8,17 +8,22 @@ at the end, so ``out_dir`` is never half-written. A non-empty ``out_dir`` is ref
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from deltahub.errors import InputError, OutputExistsError
+from deltahub.fileio import OUTPUT_HINT, disk_full_as, disk_full_error, free_bytes, write_file
 from deltahub.formats.hf_writer import DEFAULT_MAX_SHARD_BYTES, write_sharded
 from deltahub.formats.paths import join_inside
 from deltahub.formats.safetensors_io import dtype_name
@@ -26,6 +31,7 @@ from deltahub.ops.context import StoreContext
 from deltahub.ops.reconstruct import ModelSource
 from deltahub.progress import progress_bar
 from deltahub.store import fsync_dir
+from deltahub.store.objects import pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +66,75 @@ def _fsync_tree(root: Path) -> None:
     fsync_dir(root)
 
 
+#: Temporary siblings of an output folder: ``.OUT.deltahub-tmp-<pid>-<random>`` while writing,
+#: ``.OUT.deltahub-old-<pid>-<random>`` while ``--force`` swaps an old output out. Older deltahub
+#: versions named them without the pid.
+_LEFTOVER_RE = re.compile(r"^\.(?P<out>.+)\.deltahub-(?:tmp|old)-(?:(?P<pid>\d+)-)?[A-Za-z0-9_]+$")
+
+
+@contextmanager
+def _owned_dir(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on folder ``path`` while it is being filled: a later materialize
+    to the same output can then tell a live writer's folder from a dead one's."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:  # e.g. NFS, which emulates flock with fcntl locks: the pid in the name decides
+            logger.debug("cannot lock %s (%s); leftovers are then told apart by pid only", path, exc)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _owner_alive(path: Path, pid: int | None) -> bool:
+    """Whether a running materialize still owns temporary folder ``path``: it holds the folder's
+    flock, or (between creating and locking it) its pid still runs."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return True  # not a folder we can inspect: leave it alone
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # no flock here (NFS): only a pid says it is dead; a folder without one is kept
+        return pid is None or pid_alive(pid)
+    finally:
+        os.close(fd)
+    return pid is not None and pid_alive(pid)
+
+
+def remove_leftovers(out_dir: Path) -> list[Path]:
+    """Remove what killed materializations to ``out_dir`` left beside it (temporary folders of
+    processes that no longer run); returns what was removed. Never follows symlinks."""
+    removed: list[Path] = []
+    parent = out_dir.parent
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _LEFTOVER_RE.match(entry.name)
+        if match is None or match.group("out") != out_dir.name or entry.is_symlink() or not entry.is_dir():
+            continue
+        pid = int(match.group("pid")) if match.group("pid") else None
+        if _owner_alive(entry, pid):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        if not entry.exists():
+            logger.info("removed %s, left by an interrupted materialize", entry)
+            removed.append(entry)
+    return removed
+
+
+def checkpoint_bytes(source: ModelSource, specs: list) -> int:
+    """About the bytes a checkpoint of ``specs`` takes: tensors, shard headers and carried files."""
+    files = sum(source.ctx.objects.info(oid).size for oid in source.manifest.files.values())
+    headers = 64 * len(specs) + (1 << 16)
+    return sum(spec.nbytes for spec in specs) + files + headers
+
+
 def write_checkpoint(
     source: ModelSource,
     out: Path,
@@ -75,7 +150,7 @@ def write_checkpoint(
     for rel in sorted(source.manifest.files):
         target = join_inside(out, rel)
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(config if rel == "config.json" and config is not None else source.file_bytes(rel))
+        write_file(target, config if rel == "config.json" and config is not None else source.file_bytes(rel))
         files.append(rel)
     inputs = source.iter_inputs(specs)
     with progress_bar(sum(spec.nbytes for spec in specs), desc, unit="B", unit_scale=True) as bar:
@@ -114,17 +189,50 @@ def materialize(
         raise OutputExistsError(
             f"{out_dir} is not empty", "choose an empty or new directory, or pass --force to replace it"
         )
+    with ctx.reading():  # gc waits until every object is read
+        return _materialize(ctx, name, out_dir, out_dtype, force, max_shard_bytes, verify)
+
+
+def _materialize(
+    ctx: StoreContext,
+    name: str,
+    out_dir: Path,
+    out_dtype: torch.dtype | None,
+    force: bool,
+    max_shard_bytes: int,
+    verify: bool,
+) -> MaterializeResult:
     source = ModelSource.open(ctx, name, verify=verify)
     specs = source.specs(out_dtype)  # None: every tensor keeps its stored dtype
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.deltahub-tmp-", dir=out_dir.parent))
+    remove_leftovers(out_dir)
+    needed = checkpoint_bytes(source, specs)
+    free = free_bytes(out_dir.parent)
+    if free is not None and free < needed:
+        raise disk_full_error(None, out_dir.parent, f"materializing {name}", needed, OUTPUT_HINT)
+    with disk_full_as(out_dir.parent, f"materializing {name}", needed, OUTPUT_HINT):
+        return _write_output(source, name, specs, out_dir, out_dtype, force, max_shard_bytes)
+
+
+def _write_output(
+    source: ModelSource,
+    name: str,
+    specs: list,
+    out_dir: Path,
+    out_dtype: torch.dtype | None,
+    force: bool,
+    max_shard_bytes: int,
+) -> MaterializeResult:
+    """Fill a temporary sibling of ``out_dir`` and rename it into place (removed on any failure)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.deltahub-tmp-{os.getpid()}-", dir=out_dir.parent))
     try:
-        config = json.dumps(source.config(out_dtype), indent=2, sort_keys=True) + "\n"
-        files = write_checkpoint(source, tmp, specs, f"materialize {name}", max_shard_bytes, config.encode())
-        _fsync_tree(tmp)
+        with _owned_dir(tmp):
+            config = json.dumps(source.config(out_dtype), indent=2, sort_keys=True) + "\n"
+            files = write_checkpoint(source, tmp, specs, f"materialize {name}", max_shard_bytes, config.encode())
+            _fsync_tree(tmp)
         os.chmod(tmp, 0o755)
         if force and out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.deltahub-old-", dir=out_dir.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.deltahub-old-{os.getpid()}-", dir=out_dir.parent))
             os.replace(out_dir, old / "old")
             os.replace(tmp, out_dir)
             shutil.rmtree(old, ignore_errors=True)

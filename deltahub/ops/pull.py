@@ -15,6 +15,11 @@
 
 When the manifest and all its objects are already in the store, only ``deltahub.json`` is
 downloaded.
+
+With ``HF_HUB_OFFLINE=1`` nothing is requested: the revision is resolved through the HF cache's
+``refs/<branch>`` (or is a commit id) and every file must already be in the HF cache at that
+commit (or the delta already in the store); else a :class:`HubConnectionError` says what is
+missing. An online pull writes ``refs/<branch>`` for the commit it resolved, so that works later.
 """
 
 from __future__ import annotations
@@ -25,20 +30,30 @@ from pathlib import Path
 from typing import Any
 
 from deltahub.codec import Codec
-from deltahub.errors import CorruptObjectError, HubNotFoundError, InputError, MalformedSafetensorsError, NameExistsError, WrongBaseError
+from deltahub.errors import (
+    CorruptObjectError,
+    HubConnectionError,
+    HubNotFoundError,
+    InputError,
+    MalformedSafetensorsError,
+    NameExistsError,
+    WrongBaseError,
+)
+from deltahub.formats.checkpoint import carried_file_problem
 from deltahub.formats.paths import validate_name
 from deltahub.formats.safetensors_io import SafetensorsReader, dtype_from_name, tensor_bytes
+from deltahub.hub.cache import cached_commit, write_ref
 from deltahub.hub.layout import (
     HUB_MANIFEST_FILE,
     HubManifest,
-    check_online,
     default_pull_name,
     hub_errors,
+    offline_mode,
     parse_base_repo,
     parse_hub_manifest,
     with_retries,
 )
-from deltahub.index.models import NameRow
+from deltahub.index.models import ManifestRow, NameRow
 from deltahub.ops.context import StoreContext, TensorStat
 from deltahub.progress import progress_bar
 from deltahub.store import Compression, ObjectInfo
@@ -80,12 +95,20 @@ def _all_stored(ctx: StoreContext, hub: HubManifest) -> bool:
     return all(ctx.objects.exists(oid) for oid in ids)
 
 
+def _base_stored(ctx: StoreContext, manifest_id: str) -> bool:
+    """Whether base ``manifest_id`` is stored: indexed, not merely its objects on disk (a write killed
+    between publishing its objects and indexing them leaves those; the delta's index rows need the
+    base's)."""
+    with ctx.index.session(write=False) as session:
+        return session.get(ManifestRow, manifest_id) is not None and ctx.objects.exists(manifest_id)
+
+
 def _check_base(ctx: StoreContext, repo_id: str, hub: HubManifest, reserved: str | None = None) -> str | None:
     """Check the delta's base is stored; fetch it from ``base.hub`` when it is not. Returns the fetched base's name."""
     base = hub.manifest.base
     assert base is not None
     fetched = None
-    if not ctx.objects.exists(base.manifest) and hub.base_repo_id:
+    if not _base_stored(ctx, base.manifest) and hub.base_repo_id:
         from deltahub.ops.hub_source import fetch_base_for_pull
 
         if not hub.base_revision:
@@ -102,7 +125,7 @@ def _check_base(ctx: StoreContext, repo_id: str, hub: HubManifest, reserved: str
                 f"is not in the store and cannot be fetched: {exc.message}",
                 "download that base and `deltahub add` it first",
             ) from None
-    if not ctx.objects.exists(base.manifest):
+    if not _base_stored(ctx, base.manifest):
         where = f"{hub.base_repo_id}@{hub.base_revision or 'main'}" if hub.base_repo_id else "Hub id unknown"
         raise WrongBaseError(
             f"the base of {repo_id} ({where}, manifest {base.manifest[:12]}) is not in the store",
@@ -119,19 +142,41 @@ def pull(ctx: StoreContext, repo: str, name: str | None = None, force: bool = Fa
     except ValueError as exc:
         raise InputError(str(exc), "use REPO_ID[@REVISION]") from None
     local = validate_name(name if name is not None else default_pull_name(repo_id))
-    check_online("deltahub pull")
+    revision = revision or "main"  # explicit: some mirrors (olah) only resolve /revision/<rev>
+    offline = offline_mode()
 
     from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
     from huggingface_hub.utils import validate_repo_id
 
     with hub_errors(repo_id):
         validate_repo_id(repo_id)
-        info = HfApi().repo_info(repo_id, revision=revision, repo_type="model")
-    commit = info.sha
+    if offline:
+        # No request at all: the branch is resolved through the HF cache's refs/.
+        commit = cached_commit(repo_id, revision)
+        if commit is None:
+            raise HubConnectionError(
+                f"HF_HUB_OFFLINE is set and the HF cache does not know {repo_id}@{revision} (no refs/{revision})",
+                f"unset HF_HUB_OFFLINE to download it once, or pull {repo_id}@COMMIT of a cached commit",
+            )
+        info = None
+    else:
+        with hub_errors(repo_id):
+            info = HfApi().repo_info(repo_id, revision=revision, repo_type="model")
+        commit = info.sha
     at = f"{repo_id}@{commit[:12]}"
-    result = PullResult(repo_id, revision or "main", commit, local, "")
+    result = PullResult(repo_id, revision, commit, local, "")
 
     def download(fname: str) -> Path:
+        if offline:
+            try:
+                with hub_errors(repo_id):
+                    return Path(hf_hub_download(repo_id, fname, revision=commit, repo_type="model", local_files_only=True))
+            except LocalEntryNotFoundError:
+                raise HubConnectionError(
+                    f"HF_HUB_OFFLINE is set and {fname} of {at} is not in the HF cache",
+                    "unset HF_HUB_OFFLINE to download it once",
+                ) from None
         with hub_errors(repo_id):
             return Path(hf_hub_download(repo_id, fname, revision=commit, repo_type="model"))
 
@@ -141,12 +186,14 @@ def pull(ctx: StoreContext, repo: str, name: str | None = None, force: bool = Fa
         result.bytes += path.stat().st_size
         return path
 
-    if HUB_MANIFEST_FILE not in {s.rfilename for s in (info.siblings or [])}:
+    if info is not None and HUB_MANIFEST_FILE not in {s.rfilename for s in (info.siblings or [])}:
         raise InputError(
-            f"{repo_id}@{revision or 'main'} is not a deltahub delta: it has no {HUB_MANIFEST_FILE}",
+            f"{repo_id}@{revision} is not a deltahub delta: it has no {HUB_MANIFEST_FILE}",
             "pull a repo written by `deltahub push`; add a plain checkpoint with `deltahub add`",
         )
     hub = parse_hub_manifest(fetch(HUB_MANIFEST_FILE).read_bytes())
+    if not offline:
+        write_ref(repo_id, revision, commit)  # a later offline pull/add of the branch finds it
     manifest = hub.manifest
     result.manifest_id = hub.manifest_id
 
@@ -166,7 +213,11 @@ def pull(ctx: StoreContext, repo: str, name: str | None = None, force: bool = Fa
             manifest_info = ctx.objects.info(hub.manifest_id)
         else:
             for fname, sha in hub.files.items():
-                file_info = ctx.put(fetch(fname).read_bytes(), Compression.AUTO)
+                data = fetch(fname).read_bytes()
+                problem = carried_file_problem(fname, data)  # the checks of add/compress, before storing
+                if problem is not None:
+                    raise CorruptObjectError(f"{fname} in {at} {problem}", "the repo is damaged or hostile; nothing was stored")
+                file_info = ctx.put(data, Compression.AUTO)
                 # put() hashes while it writes: a mismatch raises, and the writer's rollback
                 # deletes the object it just created, so the store is left as it was.
                 if file_info.sha256 != sha:

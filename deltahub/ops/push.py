@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deltahub.errors import HubError, InputError
+from deltahub.errors import HubError, HubNotFoundError, InputError, NameExistsError
+from deltahub.fileio import disk_full_as, write_file
 from deltahub.formats.hf_writer import DEFAULT_MAX_SHARD_BYTES
 from deltahub.formats.manifest import ModelKind
 from deltahub.formats.paths import join_inside
@@ -30,6 +31,7 @@ from deltahub.hub.layout import (
     check_online,
     file_sha256,
     git_blob_sha1,
+    hub_endpoint,
     hub_errors,
     hub_manifest,
     hub_manifest_bytes,
@@ -53,7 +55,8 @@ class PushResult:
     bytes: int = 0  # total size of the repo files deltahub wrote
     changed: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
-    #: for a base: the commit the branch holds it at (new or already there)
+    #: for a base: the commit the branch holds it at (new or already there); for a delta pushed
+    #: with --base-repo: the commit that base repo and revision resolved to when it was checked
     base_commit: str | None = None
     #: with --with-base: the push of the base
     base: PushResult | None = None
@@ -64,7 +67,17 @@ class PushResult:
         return out
 
 
+def _still_named(ctx: StoreContext, name: str, manifest_id: str) -> None:
+    """Called under :meth:`StoreContext.reading` before the objects are read: ``name`` must still
+    point at the manifest resolved when the push started (else it was removed or re-pointed meanwhile)."""
+    if ctx.resolve(name).manifest_id != manifest_id:
+        raise NameExistsError(
+            f"{name!r} was re-pointed to another model while it was being pushed", "run the push again"
+        )
+
+
 def _build(ctx: StoreContext, name: str, manifest_id, manifest, repo_id, base_repo, base_rev, out: Path, max_shard_bytes):
+    _still_named(ctx, name, manifest_id)
     layout = plan_layout(manifest, max_shard_bytes)
     n = sum(len(ts) for ts in layout.shards.values())
     with progress_bar(total=n, desc=f"packing {name}", unit="tensor") as bar:
@@ -74,23 +87,24 @@ def _build(ctx: StoreContext, name: str, manifest_id, manifest, repo_id, base_re
                     w.write(t.name, ctx.read_tensor(t.object, t.dtype, t.shape, verify=True, owned=False))
                     bar.update(1)
     for fname, oid in layout.files.items():
-        join_inside(out, fname).write_bytes(ctx.objects.read(oid, verify=True))
+        write_file(join_inside(out, fname), ctx.objects.read(oid, verify=True))
     hub = hub_manifest(manifest, manifest_id, layout, base_repo, base_rev)
-    (out / HUB_MANIFEST_FILE).write_bytes(hub_manifest_bytes(hub))
-    (out / CARD_FILE).write_text(render_card(repo_id, hub, local_name=name), encoding="utf-8")
+    write_file(out / HUB_MANIFEST_FILE, hub_manifest_bytes(hub))
+    write_file(out / CARD_FILE, render_card(repo_id, hub, local_name=name, endpoint=hub_endpoint()).encode("utf-8"))
     return sorted([*layout.shards, *layout.files, HUB_MANIFEST_FILE, CARD_FILE])
 
 
-def _build_base(ctx: StoreContext, name: str, manifest, out: Path, max_shard_bytes: int) -> list[str]:
+def _build_base(ctx: StoreContext, name: str, manifest_id: str, manifest, out: Path, max_shard_bytes: int) -> list[str]:
     """Write stored base ``name`` as an ordinary HF checkpoint: its carried files byte for byte
     (so that adding the pushed repo gives the same manifest id) and its tensors in safetensors shards."""
     from deltahub.ops.materialize import write_checkpoint
     from deltahub.ops.reconstruct import ModelSource
 
+    _still_named(ctx, name, manifest_id)
     source = ModelSource.open(ctx, name)
     files = write_checkpoint(source, out, source.specs(None), f"packing base {name}", max_shard_bytes)
     if CARD_FILE not in files:
-        (out / CARD_FILE).write_text(render_base_card(out, manifest), encoding="utf-8")
+        write_file(out / CARD_FILE, render_base_card(out, manifest).encode("utf-8"))
         files.append(CARD_FILE)
     return sorted(files)
 
@@ -118,9 +132,11 @@ def _upload(
 
     with hub_errors(repo_id):
         validate_repo_id(repo_id)
-    tmp = Path(tempfile.mkdtemp(prefix=f"push_{os.getpid()}_", dir=ctx.objects.tmp_dir))
+    # push-<pid>-*: `gc` removes the staging folders of processes that no longer run.
+    tmp = Path(tempfile.mkdtemp(prefix=f"push-{os.getpid()}-", dir=ctx.objects.tmp_dir))
     try:
-        files = build(tmp)
+        with ctx.reading(), disk_full_as(ctx.objects.tmp_dir, f"staging the files to push to {repo_id}"):
+            files = build(tmp)  # gc waits until the files are built
         total = sum((tmp / f).stat().st_size for f in files)
         api = HfApi()
         with hub_errors(repo_id):
@@ -138,9 +154,10 @@ def _upload(
                 return result, api.repo_info(repo_id, revision=branch, repo_type="model").sha
             ops = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(tmp / f)) for f in changed]
             ops += [CommitOperationDelete(path_in_repo=f) for f in stale]
-            info = api.create_commit(
-                repo_id, operations=ops, commit_message=message, revision=branch, repo_type="model"
-            )
+            with hub_errors(repo_id, upload=True):  # a failed Xet upload says so
+                info = api.create_commit(
+                    repo_id, operations=ops, commit_message=message, revision=branch, repo_type="model"
+                )
         result.commit = info.oid
         result.uploaded = True
         return result, info.oid
@@ -181,7 +198,7 @@ def push_base(
         revision or "main",
         private,
         message or f"Push deltahub base {name}",
-        lambda tmp: _build_base(ctx, name, resolved.manifest, tmp, max_shard_bytes),
+        lambda tmp: _build_base(ctx, name, resolved.manifest_id, resolved.manifest, tmp, max_shard_bytes),
         stale_of,
     )
     record_hub_source(ctx, resolved.manifest_id, repo_id, commit)
@@ -249,6 +266,7 @@ def push(
     if max_shard_bytes <= 0:
         raise InputError("the shard size must be positive", "use e.g. --max-shard-size 5GB")
     check_online("deltahub push")
+    base_commit = _check_base_repo(base_id, base_rev) if base_repo is not None and not with_base else None
     result, _commit = _upload(
         ctx,
         repo_id,
@@ -259,7 +277,29 @@ def push(
         lambda remote_files, files: sorted(f for f in remote_files if is_delta_file(f) and f not in files),
     )
     result.base = base_result
+    if base_commit is not None:
+        result.base_commit = base_commit
     return result
+
+
+def _check_base_repo(repo_id: str, revision: str | None) -> str:
+    """``--base-repo REPO_ID[@REVISION]`` must name a repo that exists at that revision on the
+    configured endpoint (one ``repo_info``, before anything is uploaded). Returns its commit id."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import validate_repo_id
+
+    at = f"{repo_id}@{revision or 'main'}"
+    try:
+        with hub_errors(repo_id):
+            validate_repo_id(repo_id)
+            info = HfApi().repo_info(repo_id, revision=revision or "main", repo_type="model")
+    except HubNotFoundError as exc:
+        raise HubNotFoundError(
+            f"--base-repo {at} is not on {hub_endpoint()}: {exc.message}; nothing was pushed",
+            "push the base first (`deltahub push BASE_NAME REPO_ID`, or --with-base), or fix the id or the revision after @",
+        ) from None
+    logger.info("base %s (--base-repo) is at commit %s", at, info.sha)
+    return info.sha
 
 
 def _base_name(ctx: StoreContext, base_manifest: str) -> str:

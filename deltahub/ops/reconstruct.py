@@ -12,7 +12,6 @@ Non-floating tensors keep their own dtype.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ import torch
 
 from deltahub.codec import Codec, decode_sign1, packed_shape
 from deltahub.errors import CorruptObjectError
+from deltahub.formats import safe_json
 from deltahub.formats.manifest import Manifest, ModelKind, TensorRecord
 from deltahub.formats.safetensors_io import TensorSpec, dtype_from_name, dtype_name
 from deltahub.ops.context import Resolved, StoreContext
@@ -147,7 +147,12 @@ class ModelSource:
         oid = self.manifest.files.get("config.json")
         if oid is None:
             raise CorruptObjectError("the stored model has no config.json", "re-add the model")
-        config = json.loads(self.ctx.objects.read(oid, verify=self.verify).decode("utf-8"))
+        try:
+            config = safe_json.loads(self.ctx.objects.read(oid, verify=self.verify), "the stored config.json")
+        except safe_json.JSONInputError as exc:
+            raise CorruptObjectError(f"{exc}", "run `deltahub verify`; pull or add the model again") from None
+        if not isinstance(config, dict):
+            raise CorruptObjectError("the stored config.json is not a JSON object", "run `deltahub verify`")
         name = dtype_name(dtype or self.default_dtype())
         config["torch_dtype"] = name
         if "dtype" in config:

@@ -21,7 +21,15 @@ from deltahub.errors import IncompatibleBaseError, InputError, NameNotFoundError
 from deltahub.formats.manifest import ModelKind
 from deltahub.index.models import NameRow
 from deltahub.ops.context import Resolved, StoreContext
-from deltahub.ops.load import TOKENIZER_FILES, LoadMode, load_model, materialized_model, parse_mode, tokenizer_of
+from deltahub.ops.load import (
+    TOKENIZER_FILES,
+    LoadMode,
+    load_model,
+    load_tokenizer,
+    materialized_model,
+    parse_mode,
+    tokenizer_of,
+)
 from deltahub.ops.materialize import parse_output_dtype
 from deltahub.ops.reconstruct import ModelSource
 from deltahub.runtime import choose_backend
@@ -204,6 +212,13 @@ def load_multi_tenant(
     biases, dense embeddings) are applied per row."""
     if not names:
         raise InputError("no models to serve", "name at least one stored fine-tune")
+    with ctx.reading():  # gc waits until every object is read
+        return _load_multi_tenant(ctx, names, dtype, device, verify)
+
+
+def _load_multi_tenant(
+    ctx: StoreContext, names: Sequence[str], dtype: str | torch.dtype | None, device: str | torch.device, verify: bool
+) -> MultiTenantModel:
     out_dtype = parse_output_dtype(dtype)
     resolved: list[Resolved] = []
     base: tuple[str, Any] | None = None
@@ -304,7 +319,7 @@ def generate(
     results = []
     for name, prompt in pairs:
         model = load_model(ctx, name, dtype=dtype, device=device, mode=chosen)
-        tok = tokenizer_of(ModelSource.open(ctx, name), name)
+        tok = load_tokenizer(ctx, name)
         [t] = _generate(model.generate, tok, [prompt], max_new_tokens, do_sample, model.device, **kwargs)
         results.append(Generation(name, prompt, tok.decode(t, skip_special_tokens=True), t))
         del model

@@ -37,12 +37,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import errno
 import hashlib
 import json
 import logging
 import mmap
 import os
 import re
+import shutil
 import struct
 import tempfile
 import threading
@@ -54,6 +56,8 @@ from pathlib import Path
 import zstandard
 
 from deltahub.errors import CorruptObjectError, StoreError, UnsupportedFormatError
+from deltahub.formats import safe_json
+from deltahub.fileio import FullWriter, disk_full_as, disk_full_error, is_disk_full, pwrite_all, write_all
 
 logger = logging.getLogger(__name__)
 
@@ -137,8 +141,13 @@ def syncfs(path: Path) -> None:
             _SYNCFS = False
     fd = os.open(path, os.O_RDONLY)
     try:
-        if not _SYNCFS or _SYNCFS(fd) != 0:
+        if not _SYNCFS:
             os.sync()
+        elif _SYNCFS(fd) != 0:  # a write-back error (EIO, ENOSPC...): the batch is not durable
+            import ctypes
+
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs failed: {os.strerror(err)}", str(path))
     finally:
         os.close(fd)
 
@@ -238,21 +247,32 @@ class ObjectStore:
         with self._lock:
             if not self._pending:
                 return
-            syncfs(self.tmp_dir)
-            while self._pending:  # popped first: _publish reads headers, which must not flush again
-                _object_id, (tmp_path, obj) = self._pending.popitem()
-                try:
-                    self._publish(tmp_path, obj, sync=False)
-                except BaseException:
-                    tmp_path.unlink(missing_ok=True)
-                    raise
-            syncfs(self.objects_dir)
+            try:
+                syncfs(self.tmp_dir)
+                while self._pending:  # popped first: _publish reads headers, which must not flush again
+                    _object_id, (tmp_path, obj) = self._pending.popitem()
+                    try:
+                        self._publish(tmp_path, obj, sync=False)
+                    except BaseException:
+                        tmp_path.unlink(missing_ok=True)
+                        raise
+                syncfs(self.objects_dir)
+            except OSError as exc:
+                if is_disk_full(exc):
+                    raise disk_full_error(exc, self.root, "publishing the written objects") from None
+                raise
 
     def _finish(self, tmp_path: Path, obj: ObjectInfo) -> ObjectInfo:
         """Publish a written temporary file now, or add it to the current batch."""
         with self._lock:
             if self._pending is None:
-                return self._publish(tmp_path, obj)
+                try:
+                    return self._publish(tmp_path, obj)
+                except BaseException as exc:
+                    tmp_path.unlink(missing_ok=True)
+                    if is_disk_full(exc):
+                        raise disk_full_error(exc, self.root, "publishing an object") from None
+                    raise
             if obj.sha256 in self._pending:
                 tmp_path.unlink(missing_ok=True)
                 return dataclasses.replace(self._pending[obj.sha256][1], created=False)
@@ -331,17 +351,22 @@ class ObjectStore:
     def _write(
         self, data: bytes | bytearray | memoryview | Iterable, compression: Compression
     ) -> tuple[Path, ObjectInfo]:
+        """Write ``data`` to a new temporary file: every byte (short writes are completed or fail),
+        hashed as it goes; the file holds exactly the header and what was hashed, or is removed."""
         encoding = Encoding.ZSTD if compression is Compression.AUTO else Encoding.RAW
-        fd, tmp_name = tempfile.mkstemp(prefix=f"obj-{os.getpid()}-", suffix=".tmp", dir=self.tmp_dir)
+        expected = len(memoryview(data).cast("B")) if isinstance(data, (bytes, bytearray, memoryview)) else None
+        with disk_full_as(self.root, "writing an object", expected):
+            fd, tmp_name = tempfile.mkstemp(prefix=f"obj-{os.getpid()}-", suffix=".tmp", dir=self.tmp_dir)
         tmp_path = Path(tmp_name)
         digest = hashlib.sha256()
         size = 0
         try:
-            with os.fdopen(fd, "wb", buffering=0) as fh:
-                fh.write(b"\0" * HEADER_SIZE)
+            try:
+                write_all(fd, b"\0" * HEADER_SIZE)
                 if encoding is Encoding.ZSTD:
                     cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=False)
-                    writer = cctx.stream_writer(fh, closefd=False, write_return_read=True)
+                    # zstandard ignores what write() returns: FullWriter never writes short.
+                    writer = cctx.stream_writer(FullWriter(fd), closefd=False, write_return_read=True)
                     for view in _as_byte_views(data):
                         digest.update(view)
                         size += len(view)
@@ -351,14 +376,19 @@ class ObjectStore:
                     for view in _as_byte_views(data):
                         digest.update(view)
                         size += len(view)
-                        fh.write(view)
-                stored = fh.tell()
-                fh.seek(0)
-                fh.write(HEADER.pack(MAGIC, OBJECT_FORMAT_VERSION, int(encoding), size))
+                        write_all(fd, view)
+                stored = os.lseek(fd, 0, os.SEEK_CUR)
+                pwrite_all(fd, HEADER.pack(MAGIC, OBJECT_FORMAT_VERSION, int(encoding), size), 0)
+                if os.fstat(fd).st_size != stored or (encoding is Encoding.RAW and stored != HEADER_SIZE + size):
+                    raise OSError(errno.EIO, f"{tmp_path.name} does not hold what was written")
                 if self._pending is None:  # a batch syncs all its files at once in flush()
-                    os.fsync(fh.fileno())
-        except BaseException:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException as exc:
             tmp_path.unlink(missing_ok=True)
+            if is_disk_full(exc):
+                raise disk_full_error(exc, self.root, "writing an object", expected) from None
             raise
         return tmp_path, ObjectInfo(digest.hexdigest(), size, stored, encoding)
 
@@ -410,12 +440,16 @@ class ObjectStore:
         fd, tmp_name = tempfile.mkstemp(prefix=f"obj-{os.getpid()}-", suffix=".tmp", dir=self.tmp_dir)
         tmp_path = Path(tmp_name)
         try:
-            with os.fdopen(fd, "wb", buffering=0) as fh:
-                fh.write(HEADER.pack(MAGIC, OBJECT_FORMAT_VERSION, int(Encoding.REF), length) + payload)
+            try:
+                write_all(fd, HEADER.pack(MAGIC, OBJECT_FORMAT_VERSION, int(Encoding.REF), length) + payload)
                 if self._pending is None:
-                    os.fsync(fh.fileno())
-        except BaseException:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException as exc:
             tmp_path.unlink(missing_ok=True)
+            if is_disk_full(exc):
+                raise disk_full_error(exc, self.root, "writing a reference object") from None
             raise
         return self._finish(tmp_path, ObjectInfo(object_id, length, HEADER_SIZE + len(payload), Encoding.REF))
 
@@ -450,8 +484,8 @@ class ObjectStore:
     def _ref(self, fh, object_id: str, size: int) -> ExternalRef:
         raw = fh.read(MAX_REF_PAYLOAD + 1)
         try:
-            doc = json.loads(raw) if len(raw) <= MAX_REF_PAYLOAD else None
-        except ValueError:
+            doc = safe_json.loads(raw, "reference", allow_nan=False, unique_keys=True) if len(raw) <= MAX_REF_PAYLOAD else None
+        except ValueError:  # safe_json.JSONInputError (depth-limited: never a RecursionError)
             doc = None
         ok = (
             isinstance(doc, dict)
@@ -651,19 +685,64 @@ class ObjectStore:
         return size
 
     def stale_temp_files(self) -> list[Path]:
-        """Temporary files left by processes that no longer run."""
+        """Temporary files and folders (``push-<pid>-*`` staging) in ``tmp/`` left by processes that
+        no longer run (``<kind>-<pid>-…``; ``push_<pid>_…`` from older versions)."""
         stale = []
         for entry in self.tmp_dir.iterdir():
-            match = re.match(r"^[a-z]+-(\d+)-", entry.name)
+            match = _TEMP_RE.match(entry.name)
             if match is None:
                 continue
             pid = int(match.group(1))
-            if not _pid_alive(pid):
+            if not pid_alive(pid):
                 stale.append(entry)
         return stale
 
+    def remove_temp(self, path: Path) -> int:
+        """Remove a temporary file or folder of ``tmp/`` (never following symlinks); returns the bytes freed."""
+        if path.parent != self.tmp_dir:
+            raise StoreError(f"{path} is not in {self.tmp_dir}")
+        freed = tree_bytes(path)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        return freed if not path.exists() and not path.is_symlink() else 0
 
-def _pid_alive(pid: int) -> bool:
+    def temp_usage(self) -> tuple[int, int]:
+        """(entries, bytes) in ``tmp/``: temporary objects and push staging folders."""
+        entries = list(self.tmp_dir.iterdir()) if self.tmp_dir.is_dir() else []
+        return len(entries), sum(tree_bytes(e) for e in entries)
+
+
+_TEMP_RE = re.compile(r"^[a-z]+[-_](\d+)[-_]")
+
+
+def tree_bytes(path: Path, blocks: bool = False) -> int:
+    """Bytes of a file, or of every regular file under a folder (symlinks not followed); with
+    ``blocks``, the disk blocks they use (``st_blocks``: a tiny file counts its whole block)."""
+
+    def size(st: os.stat_result) -> int:
+        return st.st_blocks * 512 if blocks else st.st_size
+
+    try:
+        if path.is_symlink() or not path.is_dir():
+            return size(path.lstat())
+    except OSError:
+        return 0
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                st = os.lstat(os.path.join(root, f))
+            except OSError:
+                continue
+            if not os.path.islink(os.path.join(root, f)):
+                total += size(st)
+    return total
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (this process included)."""
     if pid == os.getpid():
         return True
     try:

@@ -3,6 +3,7 @@
 ``DELTAHUB_HOME``   the store (default: ``$XDG_CACHE_HOME/deltahub`` or ``~/.cache/deltahub``).
 ``DELTAHUB_DEBUG``  ``1`` shows tracebacks in the CLI.
 ``DELTAHUB_DISABLE_PROGRESS_BARS`` (or ``HF_HUB_DISABLE_PROGRESS_BARS``) ``1`` hides progress bars.
+``DELTAHUB_RESERVE_BYTES`` the space a store keeps for a full disk (default 4 MiB; ``0``: none).
 Hugging Face variables (``HF_HOME``, ``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HUB_OFFLINE``) are read by
 ``huggingface_hub`` itself and honoured as they are.
 """
@@ -43,6 +44,24 @@ def hf_hub_cache() -> Path:
 
 #: The key under which reference objects name the Hugging Face hub cache.
 HF_CACHE_ROOT = "hf_hub_cache"
+
+
+#: Default size of the space reserve a store keeps for a full disk (``$DELTAHUB_HOME/reserve``).
+DEFAULT_RESERVE_BYTES = 4 << 20
+
+
+def reserve_bytes() -> int:
+    """``DELTAHUB_RESERVE_BYTES`` (bytes; ``0`` keeps no reserve), else :data:`DEFAULT_RESERVE_BYTES`.
+
+    The reserve is given back when the disk is nearly full, so that the index can still be opened
+    and written (``ls``, ``show``, ``rm``, ``gc`` on a full disk)."""
+    raw = os.environ.get("DELTAHUB_RESERVE_BYTES", "").strip()
+    if not raw:
+        return DEFAULT_RESERVE_BYTES
+    try:
+        return max(0, int(raw))
+    except ValueError:
+        return DEFAULT_RESERVE_BYTES
 
 
 def debug_enabled() -> bool:

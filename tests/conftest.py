@@ -21,6 +21,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ["DELTAHUB_DISABLE_PROGRESS_BARS"] = "1"
+# Hundreds of test stores: no 4 MiB space reserve each (GBs of /tmp per run). Tests of the reserve
+# itself set DELTAHUB_RESERVE_BYTES back (tests/faults/test_limits.py, test_api.py).
+os.environ["DELTAHUB_RESERVE_BYTES"] = "0"
 
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from sqlalchemy import select
 
-from deltahub.config import HF_CACHE_ROOT, default_home, hf_hub_cache
+from deltahub.config import HF_CACHE_ROOT, default_home, hf_hub_cache, reserve_bytes
 from deltahub.errors import (
     CorruptObjectError,
     NameExistsError,
@@ -49,12 +49,12 @@ from deltahub.store import Compression, ObjectInfo, ObjectStore, file_lock
 
 logger = logging.getLogger(__name__)
 
-#: The store keeps this much disk space allocated in ``$DELTAHUB_HOME/reserve`` and gives it back
-#: when the disk is nearly full, so that the index can still be opened and written (``rm``, ``gc``).
+#: The store keeps ``config.reserve_bytes()`` (4 MiB) of disk space allocated in
+#: ``$DELTAHUB_HOME/reserve`` and gives it back when the disk is nearly full, so that the index can
+#: still be opened and written (``rm``, ``gc``); it takes it (again) only while at least
+#: ``RESERVE_MIN_FREE_FACTOR`` times that is free.
 RESERVE_FILE = "reserve"
-RESERVE_BYTES = 4 << 20
-#: ... and takes it (again) only while at least this much is free.
-RESERVE_MIN_FREE = 4 * RESERVE_BYTES
+RESERVE_MIN_FREE_FACTOR = 4
 
 
 @dataclass
@@ -115,26 +115,29 @@ class StoreContext:
         return self.home / RESERVE_FILE
 
     def keep_reserve(self) -> None:
-        """Make sure the store holds its space reserve (``reserve``, :data:`RESERVE_BYTES` of
+        """Make sure the store holds its space reserve (``reserve``, ``config.reserve_bytes()`` of
         allocated blocks) while the disk has room to spare. When the disk fills up, the index
         releases it (:meth:`release_reserve`) so that ``ls``, ``show``, ``verify``, ``rm`` and
         ``gc`` still work and can free space."""
+        size = reserve_bytes()
         path = self.reserve_path
+        if size <= 0:
+            return
         try:
-            if path.stat().st_size >= RESERVE_BYTES:
+            if path.stat().st_size >= size:
                 return
         except FileNotFoundError:
             pass
         except OSError:
             return
         free = free_bytes(self.home)
-        if free is None or free < RESERVE_MIN_FREE:
+        if free is None or free < RESERVE_MIN_FREE_FACTOR * size:
             return
         tmp = self.objects.tmp_dir / f"reserve-{os.getpid()}-{secrets.token_hex(4)}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                reserve(fd, RESERVE_BYTES)
+                reserve(fd, size)
             finally:
                 os.close(fd)
             os.replace(tmp, path)
@@ -151,7 +154,7 @@ class StoreContext:
         except OSError as exc:
             logger.debug("cannot release the space reserve: %s", exc)
             return False
-        logger.warning("the disk holding %s is nearly full: released the store's %d-byte reserve", self.home, RESERVE_BYTES)
+        logger.warning("the disk holding %s is nearly full: released the store's space reserve", self.home)
         return True
 
     def close(self) -> None:

@@ -71,7 +71,8 @@ def _cli(home: Path, *args: str, fsize: int | None = None, env: dict | None = No
         if fsize is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 
-    full_env = dict(os.environ, DELTAHUB_DISABLE_PROGRESS_BARS="1", **(env or {}))
+    # the real default space reserve (the test suite otherwise runs without one: conftest)
+    full_env = dict(os.environ, DELTAHUB_DISABLE_PROGRESS_BARS="1", DELTAHUB_RESERVE_BYTES=str(4 << 20), **(env or {}))
     full_env.pop("DELTAHUB_HOME", None)
     full_env.pop("DELTAHUB_DEBUG", None)
     return subprocess.run(
@@ -244,7 +245,8 @@ def test_a_full_store_disk_still_reads_removes_and_collects(tmpfs, big):
     home = disk / "store"
     assert _cli(home, "add", str(big["base"]), "--name", "b").returncode == 0
     assert _cli(home, "add", str(big["other"]), "--name", "other").returncode == 0
-    assert (home / "reserve").stat().st_size > 0  # there was room to keep a reserve
+    assert (home / "reserve").stat().st_size == 4 << 20  # there was room to keep a reserve
+    assert json.loads(_cli(home, "du", "--json").stdout)["reserve_bytes"] == 4 << 20
     staging = home / "tmp" / "push-999999999-dead"  # a killed push (no such pid)
     staging.mkdir()
     (staging / "delta.safetensors").write_bytes(os.urandom(1 << 20))

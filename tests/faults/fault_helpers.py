@@ -36,9 +36,11 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 from typing import Any
 
 FAULTS_DIR = Path(__file__).resolve().parent
@@ -504,6 +506,14 @@ def start_zygote(work: Path, timeout: float = 300) -> Zygote:
         raise
     assert ready.get("ready"), ready
     return zygote
+
+
+@pytest.fixture(scope="module")
+def zygote(request, tmp_path_factory) -> Iterator[Zygote]:
+    """A warmed-up process for this test module (forks one child per job); closed at the end."""
+    z = start_zygote(tmp_path_factory.mktemp(f"zygote-{request.module.__name__}"))
+    yield z
+    z.close()
 
 
 def hub_job_settings(server, hf_home: Path | None = None) -> tuple[dict[str, str | None], dict[str, str]]:

@@ -48,9 +48,9 @@ from fault_helpers import (
     names_of,
     output_leftovers,
     reset_dir,
-    start_zygote,
     tmp_leftovers,
     tree_digest,
+    zygote,  # noqa: F401 - the module's warmed-up process (a fixture)
 )
 from fault_report import record
 from hub_fixtures import FAKE_USER, hub_server  # noqa: F401
@@ -211,13 +211,6 @@ def worker(
 
 
 # ------------------------------------------------------------------------------------ the test
-@pytest.fixture(scope="module")
-def zygote(tmp_path_factory):
-    z = start_zygote(tmp_path_factory.mktemp("zygote-concurrency"))
-    yield z
-    z.close()
-
-
 @pytest.fixture(scope="module")
 def finetunes(tmp_path_factory, model_dirs) -> dict[str, Path]:
     """The tiny llama base's conftest fine-tune and two more (other seeds): two to compress, one to pull."""

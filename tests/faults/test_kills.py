@@ -52,9 +52,9 @@ from fault_helpers import (
     names_of,
     output_leftovers,
     reset_dir,
-    start_zygote,
     tmp_leftovers,
     tree_digest,
+    zygote,  # noqa: F401 - the module's warmed-up process (a fixture)
 )
 from fault_report import record
 from hub_fixtures import FAKE_USER, hub_server  # noqa: F401
@@ -69,13 +69,6 @@ PULL_BASE_REPO = f"{PULL_REPO}-base"
 
 
 # ------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def zygote(tmp_path_factory):
-    z = start_zygote(tmp_path_factory.mktemp("zygote-kills"))
-    yield z
-    z.close()
-
-
 @pytest.fixture(scope="module")
 def n_kills(soak) -> int:
     return 50 if soak else 5
@@ -315,6 +308,17 @@ def _store_with(work: Path, label: str, steps: Callable[[deltahub.Store], None])
     return home
 
 
+def _base_and(models: dict[str, Path], *fts: str) -> Callable[[deltahub.Store], None]:
+    """Template steps: add the base as ``base``, then compress each of ``fts`` under its own name."""
+
+    def steps(s: deltahub.Store) -> None:
+        s.add(models["base"], name="base")
+        for ft in fts:
+            s.compress(models[ft], base="base", name=ft)
+
+    return steps
+
+
 def _name_is(name: str, mid: str) -> Callable[[dict[str, str], Path], bool]:
     return lambda names, trial: names.get(name) == mid
 
@@ -343,11 +347,7 @@ def test_kill_add(zygote, models, n_kills, tmp_path):
 def test_kill_compress(zygote, models, n_kills, tmp_path):
     refs = References()
 
-    def fill(s):
-        s.add(models["base"], name="base")
-        s.compress(models["ft2"], base="base", name="ft2")
-
-    template = _store_with(tmp_path, "base-ft2", fill)
+    template = _store_with(tmp_path, "base-ft2", _base_and(models, "ft2"))
     refs.learn(template, tmp_path)
     before = names_of(template)
     variant = Variant("compress", template, lambda trial: ["compress", models["ft"], "--base", "base", "--name", "ft", "--json"], {}, None)
@@ -363,11 +363,7 @@ def test_kill_compress(zygote, models, n_kills, tmp_path):
 def test_kill_calibrate(zygote, models, n_kills, tmp_path):
     refs = References()
 
-    def fill(s):
-        s.add(models["base"], name="base")
-        s.compress(models["ft"], base="base", name="ft")
-
-    template = _store_with(tmp_path, "base-ft", fill)
+    template = _store_with(tmp_path, "base-ft", _base_and(models, "ft"))
     refs.learn(template, tmp_path)
     before = names_of(template)
     args = lambda trial: [  # noqa: E731
@@ -390,11 +386,7 @@ def test_kill_calibrate(zygote, models, n_kills, tmp_path):
 def test_kill_materialize(zygote, models, n_kills, tmp_path):
     refs = References()
 
-    def fill(s):
-        s.add(models["base"], name="base")
-        s.compress(models["ft"], base="base", name="ft")
-
-    template = _store_with(tmp_path, "base-ft", fill)
+    template = _store_with(tmp_path, "base-ft", _base_and(models, "ft"))
     refs.learn(template, tmp_path)
     fixed = {k: {v} for k, v in names_of(template).items()}
     shapes = {
@@ -436,12 +428,7 @@ def test_kill_materialize(zygote, models, n_kills, tmp_path):
 def test_kill_gc(zygote, models, n_kills, tmp_path):
     refs = References()
 
-    def fill(s):
-        s.add(models["base"], name="base")
-        s.compress(models["ft"], base="base", name="ft")
-        s.compress(models["ft2"], base="base", name="ft2")
-
-    template = _store_with(tmp_path, "garbage", fill)
+    template = _store_with(tmp_path, "garbage", _base_and(models, "ft", "ft2"))
     refs.learn(template, tmp_path)
     with deltahub.Store(template) as s:
         s.rm("ft2")  # its manifest and objects are garbage now

@@ -126,6 +126,14 @@ def _store(ctx: click.Context):
     return obj["store"]
 
 
+def _home_path(value: str | None) -> Path | None:
+    if value is None:
+        return None
+    if not value.strip():  # Path("") would be the current folder, silently made a store
+        raise click.BadParameter("is empty: give the store folder, or leave --home out for the default", param_hint="--home")
+    return Path(value)
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 allow_nonfinite_option = click.option(
     "--allow-nonfinite",
@@ -155,8 +163,9 @@ class DeltaHubGroup(click.Group):
 @click.version_option(__version__, prog_name="deltahub")
 @click.option(
     "--home",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=click.Path(file_okay=False),
     envvar="DELTAHUB_HOME",
+    callback=lambda ctx, param, value: _home_path(value),
     help="The store folder (default: $DELTAHUB_HOME, else ~/.cache/deltahub).",
 )
 @click.option("-v", "--verbose", count=True, help="More log messages on stderr (-vv for debug).")

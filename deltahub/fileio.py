@@ -139,7 +139,8 @@ def free_bytes(path: Path) -> int | None:
     for candidate in (p, *p.parents):
         try:
             if candidate.exists():
-                return shutil.disk_usage(candidate).free
+                usage = shutil.disk_usage(candidate)
+                return usage.free if usage.total > 0 else None  # /proc and friends report no size
         except OSError:
             return None
     return None

@@ -304,7 +304,9 @@ def _read_carried(root: Path, root_real: Path, name: str, path: Path) -> bytes:
 
 
 def _weight_files(root: Path) -> list[Path]:
-    names = {p.name for p in root.iterdir() if p.is_file()}
+    # weight files that are dangling or looping links, or folders, are listed too: they then fail
+    # with their own name and cause, not as "no safetensors weights"
+    names = {p.name for p in root.iterdir() if p.is_file() or p.is_symlink() or p.name.endswith(".safetensors")}
     index_path = root / WEIGHTS_INDEX
 
     def load_index() -> Any:
@@ -336,6 +338,8 @@ def open_checkpoint(src: Path) -> Checkpoint:
     if (root / DELTA_MANIFEST_FILE).exists():
         raise InputError(f"{root} holds {DELTA_MANIFEST_FILE}: it is a deltahub delta, not a checkpoint", PULL_HINT)
     config_path = root / CONFIG_FILE
+    if config_path.is_symlink():
+        _check_inside(root, root_real, config_path, CONFIG_FILE)  # a dangling or looping link: say so
     if not config_path.is_file():
         raise InputError(
             f"{root} has no {CONFIG_FILE}",

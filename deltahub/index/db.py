@@ -218,8 +218,8 @@ class Index:
         #: called before SQLite is opened or written when the disk is nearly full (the store
         #: releases its space reserve there, so that rm, gc and reads keep working)
         self._low_space = low_space
-        #: True when the disk was full and the index could only be opened read-only
-        self.read_only = False
+        #: why the index could only be opened read-only ("full", "not writable"), else "" (writable)
+        self.read_only = ""
         try:
             self.db_path.parent.mkdir(parents=True, exist_ok=True)
             self.lock_path.parent.mkdir(parents=True, exist_ok=True)
@@ -235,7 +235,12 @@ class Index:
             self._ensure_schema()
         except DiskFullError:
             self._engine.dispose()
-            if not self._open_read_only():
+            if not self._open_read_only("full"):
+                raise
+        except StoreError:
+            self._engine.dispose()
+            # a store the user may read but not write (a shared, read-only folder): reads still work
+            if os.access(self.db_path.parent, os.W_OK) or not self._open_read_only("not writable"):
                 raise
         except BaseException:
             self._engine.dispose()
@@ -250,7 +255,7 @@ class Index:
         self._write_engine: Engine = self._engine.execution_options(
             **{_BEGIN_MODE: "IMMEDIATE"}
         )
-        self.read_only = False
+        self.read_only = ""
 
     # ------------------------------------------------------------------------ full disks
 
@@ -281,10 +286,12 @@ class Index:
     def _full_error(self, what: str) -> DiskFullError:
         return disk_full_error(None, self.db_path.parent, what)
 
-    def _open_read_only(self) -> bool:
-        """On a full disk, open the index read-only when that reads everything: SQLite cannot create
-        its -shm file, but when no write-ahead log is pending the database file is complete and is
-        read as immutable. Reads (ls, show, du, verify) then work; writes raise DiskFullError."""
+    def _open_read_only(self, why: str) -> bool:
+        """On a full disk (``why="full"``) or in a folder this user may not write (``"not
+        writable"``), open the index read-only when that reads everything: SQLite cannot create its
+        -shm file, but when no write-ahead log is pending the database file is complete and is read
+        as immutable. Reads (ls, show, du, verify, materialize) then work; writes raise
+        :class:`DiskFullError` or :class:`StoreError`."""
         wal = self.db_path.with_name(self.db_path.name + "-wal")
         try:
             pending = wal.exists() and wal.stat().st_size > 0
@@ -313,13 +320,16 @@ class Index:
         except (StoreError, SQLAlchemyError):
             self._engine.dispose()
             return False
-        self.read_only = True
-        logger.warning("the disk holding %s is full: the index was opened read-only", self.db_path)
+        self.read_only = why
+        if why == "full":
+            logger.warning("the disk holding %s is full: the index was opened read-only", self.db_path)
+        else:
+            logger.info("%s is not writable: the index was opened read-only", self.db_path.parent)
         return True
 
     def reopen(self) -> None:
         """Open the index for writing again (after space was freed), if it was opened read-only."""
-        if not self.read_only:
+        if self.read_only != "full":  # writable already, or a folder this user may not write
             return
         self._engine.dispose()
         self._make_engines()
@@ -448,12 +458,18 @@ class Index:
             StoreError: the index stayed locked by another process past the busy timeout.
         """
         if write:
+            if self.read_only == "not writable":
+                raise StoreError(
+                    f"the store {self.db_path.parent} is read-only for this user: this command writes to it",
+                    "run it as a user who may write the store folder; reading commands (ls, show, du, "
+                    "verify, materialize) work as they are",
+                )
             if self.read_only:
                 raise disk_full_error(
                     None,
                     self.db_path.parent,
                     "updating the store's index (it could only be opened read-only)",
-                    hint="run `deltahub gc` first (it frees what needs no index write), or free space on that disk, "
+                    hint="free a few MB on that disk (`deltahub gc` frees what needs no index write; other files), "
                     "then run the command again; nothing was changed",
                 )
             self._check_space()

@@ -94,6 +94,8 @@ class StoreContext:
     """An open store: objects + index + locks. Cheap to open; safe for several processes."""
 
     def __init__(self, home: Path | str | None = None) -> None:
+        if isinstance(home, str) and not home.strip():  # Path("") would be the current folder
+            raise StoreError("the store folder is an empty string", "give the store folder, or None for the default")
         self.home = Path(home) if home is not None else default_home()
         try:
             self.home.mkdir(parents=True, exist_ok=True)

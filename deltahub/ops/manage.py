@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from deltahub.errors import DeltaHubError, InUseError, NameNotFoundError
+from deltahub.errors import DeltaHubError, DiskFullError, InUseError, NameNotFoundError
 from deltahub.formats.manifest import ModelKind
 from deltahub.formats.paths import validate_name
 from deltahub.index.models import (
@@ -269,20 +269,30 @@ def garbage_collect(ctx: StoreContext, dry_run: bool = False) -> GcReport:
         for oid in on_disk:
             if oid not in linked:  # an orphan of an interrupted or rolled-back write
                 _collect(ctx, report, oid, dry_run)
-        if not dry_run:
-            ctx.index.reopen()  # writable again if the disk was full when the store was opened
-        with ctx.index.session(write=not dry_run) as session:
-            reachable = reachable_manifests(session)
-            report.pruned_manifests = sorted(
-                mid for mid in session.scalars(select(ManifestRow.id)) if mid not in reachable
-            )
+        try:
             if not dry_run:
-                prune_unreachable(session)
-            referenced = set(
-                session.scalars(
-                    select(ManifestObjectRow.object_id).where(ManifestObjectRow.manifest_id.in_(list(reachable)))
+                ctx.index.reopen()  # writable again if the disk was full when the store was opened
+            with ctx.index.session(write=not dry_run) as session:
+                reachable = reachable_manifests(session)
+                report.pruned_manifests = sorted(
+                    mid for mid in session.scalars(select(ManifestRow.id)) if mid not in reachable
                 )
-            )
+                if not dry_run:
+                    prune_unreachable(session)
+                referenced = set(
+                    session.scalars(
+                        select(ManifestObjectRow.object_id).where(ManifestObjectRow.manifest_id.in_(list(reachable)))
+                    )
+                )
+        except DiskFullError as exc:
+            # What needed no index write is done; the objects of removed models need their index
+            # rows pruned first (delete order), and the index cannot grow on this disk.
+            freed = f"freed {len(report.temp_files)} temp files and {len(report.objects)} orphan objects " \
+                f"({report.temp_bytes + report.bytes} bytes), but " if report.temp_files or report.objects else ""
+            raise DiskFullError(
+                f"{freed}{exc.message}; the objects of removed models can be deleted only after their index rows",
+                "free a few MB on that disk (other files), then run `deltahub gc` again; nothing was half-done",
+            ) from None
         for oid in on_disk:
             if oid in linked and oid not in referenced:
                 _collect(ctx, report, oid, dry_run)

@@ -24,7 +24,10 @@ def file_lock(path: Path, exclusive: bool, timeout: float | None = None) -> Iter
     ``timeout=None`` waits forever; otherwise raises :class:`StoreError` after ``timeout`` seconds.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except PermissionError:  # a store this user may only read: flock works on a read-only fd too
+        fd = os.open(path, os.O_RDONLY)
     mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
     try:
         if timeout is None:

@@ -122,7 +122,7 @@ def test_looping_or_dangling_symlink_is_a_one_line_error(based, model_dirs, tmp_
     src = copy_checkpoint(model_dirs["llama"]["ft"], tmp_path / "ft")
     (src / target).unlink()
     os.symlink(target if kind == "loop" else "gone", src / target)
-    _both_refuse(store, src, InputError, target)
+    _both_refuse(store, src, InputError, target, "cannot be read")
     assert_store_unchanged(home, snap)
     _cli_refuses(home, ["add", str(src), "--name", "x"], InputError, target)
     assert_store_unchanged(home, snap)
@@ -721,3 +721,39 @@ def test_a_store_path_with_query_characters_keeps_its_index_inside(tmp_path, mod
     assert sorted(p.name for p in tmp_path.iterdir()) == [home.name]
     with deltahub.Store(home) as store:
         assert [m["name"] for m in store.list()] == ["b"]
+
+
+def test_a_weight_file_that_is_a_folder_names_itself(based, model_dirs, tmp_path):
+    store, home, snap = based
+    src = copy_checkpoint(model_dirs["llama"]["ft"], tmp_path / "ft")
+    (src / "model.safetensors").unlink()
+    (src / "model.safetensors").mkdir()
+    _both_refuse(store, src, InputError, "model.safetensors", "Is a directory")
+    assert_store_unchanged(home, snap)
+
+
+@pytest.mark.parametrize("home_arg", ["", "   "])
+def test_an_empty_home_is_refused_not_the_current_folder(tmp_path, monkeypatch, home_arg):
+    """`--home ""` used to make the current folder a store (index, objects, a reserve)."""
+    from deltahub.errors import StoreError
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["--home", home_arg, "du"])
+    assert result.exit_code == 2 and "--home" in result.stderr and "empty" in result.stderr
+    with pytest.raises(StoreError, match="empty"):
+        deltahub.Store(home_arg)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("bad", ["0", "0.0001B", "５GB", "-1", "abc", "5 XB"])
+def test_shard_sizes_that_make_no_sense_are_refused(based, tmp_path, bad):
+    store, home, snap = based
+    result = CliRunner().invoke(cli, ["--home", str(home), "materialize", BASE, str(tmp_path / "out"), "--max-shard-size", bad])
+    assert result.exit_code == 2 and "--max-shard-size" in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_shard_sizes_in_terabytes_are_understood():
+    from deltahub.formats.hf_writer import parse_size
+
+    assert parse_size("5TB") == 5 * 10**12 and parse_size("2TiB") == 2 * 2**40 and parse_size("1") == 1

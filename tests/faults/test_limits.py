@@ -72,7 +72,7 @@ def _cli(home: Path, *args: str, fsize: int | None = None, env: dict | None = No
             resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 
     # the real default space reserve (the test suite otherwise runs without one: conftest)
-    full_env = dict(os.environ, DELTAHUB_DISABLE_PROGRESS_BARS="1", DELTAHUB_RESERVE_BYTES=str(4 << 20), **(env or {}))
+    full_env = {**os.environ, "DELTAHUB_DISABLE_PROGRESS_BARS": "1", "DELTAHUB_RESERVE_BYTES": str(4 << 20), **(env or {})}
     full_env.pop("DELTAHUB_HOME", None)
     full_env.pop("DELTAHUB_DEBUG", None)
     return subprocess.run(
@@ -635,3 +635,59 @@ def test_materialize_where_flock_is_not_supported(store, home, model_dirs, tmp_p
     store.materialize("base", out)
     assert (out / "model.safetensors").is_file()
     assert not dead.exists() and alive.exists() and legacy.exists()
+
+
+def test_gc_on_a_full_disk_without_reserve_says_what_to_do(tmpfs, llama):
+    """Without a reserve, the objects of a removed model cannot be freed before their index rows
+    are pruned, and the index cannot grow: gc says so in one line (no advice that loops back to
+    gc), changes nothing, and works once a few MB are free."""
+    disk = tmpfs("disk", 12)
+    home = disk / "store"
+    no_reserve = {"DELTAHUB_RESERVE_BYTES": "0"}
+    assert _cli(home, "add", str(llama["base"]), "--name", "base", env=no_reserve).returncode == 0
+    assert _cli(home, "compress", str(llama["ft"]), "--base", "base", "--name", "ft", env=no_reserve).returncode == 0
+    assert _cli(home, "rm", "ft", env=no_reserve).returncode == 0
+    filler = _fill(disk)
+    proc = _cli(home, "gc", env=no_reserve)
+    assert proc.returncode == 10, proc.stderr
+    line = _one_line_error(proc, "the disk is full", "free a few MB")
+    assert "`deltahub gc` removes" not in line  # the store hint would send the user back to gc
+    filler.unlink()
+    _verify_ok(home)
+    proc = _cli(home, "gc", "--json", env=no_reserve)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["n_objects"] > 0, proc.stderr
+    _verify_ok(home)
+
+
+def test_a_read_only_store_still_reads(tmp_path, llama):
+    """A store the user may read but not write (a shared folder): ls, show, du, verify and
+    materialize work (the index is opened read-only); rm says the store is read-only."""
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        pytest.skip("needs root and setpriv to drop the file-permission override")
+    home = tmp_path / "store"
+    assert _cli(home, "add", str(llama["base"]), "--name", "base").returncode == 0
+    subprocess.run(["chmod", "-R", "a-w", str(home)], check=True)
+    drop = [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-dac_override,-dac_read_search"]
+    env = dict(os.environ, DELTAHUB_DISABLE_PROGRESS_BARS="1")
+    env.pop("DELTAHUB_HOME", None)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*drop, sys.executable, "-m", "deltahub.cli", "--home", str(home), *args],
+                              capture_output=True, text=True, timeout=300, env=env)
+
+    try:
+        for args in (["ls"], ["show", "base"], ["du"], ["verify"], ["materialize", "base", str(tmp_path / "out")]):
+            proc = run(*args)
+            assert proc.returncode == 0, (args, proc.stderr)
+        assert (tmp_path / "out" / "model.safetensors").is_file()
+        proc = run("rm", "base")
+        assert proc.returncode == 9
+        _one_line_error(proc, "read-only for this user")
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(home)], check=True)
+    _verify_ok(home)
+
+
+def test_a_file_system_without_sizes_is_not_called_full():
+    assert fileio.free_bytes(Path("/proc")) is None  # /proc reports 0 of 0 bytes: unknown, not full

@@ -111,7 +111,7 @@ def streamed_llama(args: argparse.Namespace, work: Path) -> dict:
                     t = time.perf_counter()
                     info = store.put(tensor_bytes(enc.packed), Compression.NONE)
                     t_put += time.perf_counter() - t
-                    rec = TensorRecord(name, codec, dtype, shape, object=info.sha256, scale=enc.scale)
+                    rec = TensorRecord(name, codec, dtype, shape, parts={"signs": info.sha256}, params={"scale": enc.scale})
                     size = info.stored_size
                     recon_err.append((base.numel(), enc.rel_recon_error))
                     del enc
@@ -119,7 +119,7 @@ def streamed_llama(args: argparse.Namespace, work: Path) -> dict:
                     t = time.perf_counter()
                     info = store.put(tensor_bytes(ft), Compression.AUTO)
                     t_put += time.perf_counter() - t
-                    rec = TensorRecord(name, codec, dtype, shape, object=info.sha256)
+                    rec = TensorRecord(name, codec, dtype, shape, parts={"tensor": info.sha256})
                     size = info.stored_size
                 if rec.object is not None:
                     seen_objects[rec.object] = size
@@ -163,7 +163,7 @@ def streamed_llama(args: argparse.Namespace, work: Path) -> dict:
             tensors=records[mode],
             base=BaseRef(
                 manifest=fake_base_manifest,
-                tensors={n: base_hashes[n] for n, r in records[mode].items() if r.codec is not Codec.DENSE},
+                tensors={n: base_hashes[n] for n, r in records[mode].items() if r.codec != "dense"},
             ),
             packing=PACKING_V1,
         )
@@ -172,7 +172,7 @@ def streamed_llama(args: argparse.Namespace, work: Path) -> dict:
         delta_bytes = cat["sign1 matrices"] + cat["dense 1-D"] + emb[mode] + cfg_info.stored_size + minfo.stored_size
         codecs: dict[str, int] = {}
         for r in records[mode].values():
-            codecs[r.codec.value] = codecs.get(r.codec.value, 0) + 1
+            codecs[r.codec] = codecs.get(r.codec, 0) + 1
         out[mode] = {
             "delta_bytes": delta_bytes,
             "fp16_bytes": fp16_total,

@@ -86,8 +86,10 @@ class Store:
         calibrate: bool = False,
         calibration: _calibrate.CalibrationOptions | None = None,
         allow_nonfinite: bool = False,
+        codec: str = _compress.DEFAULT_CODEC,
     ) -> _compress.CompressResult:
-        """Store the fine-tune at ``src`` as a 1-bit delta against stored base ``base``.
+        """Store the fine-tune at ``src`` as a delta against stored base ``base``; its matrices use
+        ``codec`` (any registered codec that stores a delta, :mod:`deltahub.codec.registry`).
 
         ``src`` that is no local path but looks like ``"REPO_ID[@REVISION]"`` is downloaded from the
         Hub like :meth:`add` does (pinned to its commit, into the HF cache; reused when cached).
@@ -101,12 +103,13 @@ class Store:
         if calibrate:
             result, cal = _calibrate.compress_and_calibrate(
                 self._ctx, src, base, name, embeddings=embeddings, force=force, options=calibration,
-                allow_nonfinite=allow_nonfinite,
+                allow_nonfinite=allow_nonfinite, codec=codec,
             )
             result.calibration = cal
             return result
         return _compress.compress_finetune(
-            self._ctx, Path(src), base, name, embeddings=embeddings, force=force, allow_nonfinite=allow_nonfinite
+            self._ctx, Path(src), base, name, embeddings=embeddings, force=force, allow_nonfinite=allow_nonfinite,
+            codec=codec,
         )
 
     def calibrate(

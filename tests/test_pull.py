@@ -148,9 +148,9 @@ def _commit_file(repo: str, path: str, data: bytes) -> str:
 
 def test_unknown_format_version_and_not_a_delta(pushed, store_b, tmp_path, hub_server):
     hub = json.loads(Path(huggingface_hub.hf_hub_download(REPO, "deltahub.json")).read_bytes())
-    hub["format_version"] = 2
+    hub["format_version"] = 3  # the next version, unknown to this deltahub
     _commit_file(REPO, "deltahub.json", json.dumps(hub).encode())
-    with pytest.raises(UnsupportedFormatError, match="version 2.*upgrade deltahub"):
+    with pytest.raises(UnsupportedFormatError, match="version 3.*upgrade deltahub"):
         store_b.pull(REPO)
     hub["format_version"], hub["format"] = 1, "deltahub.other"
     _commit_file(REPO, "deltahub.json", json.dumps(hub).encode())

@@ -81,7 +81,7 @@ def test_scale_parameter_and_frozen_by_default():
     mod(x).sum().backward()  # x still gets a gradient
     assert x.grad is not None and mod.scale.grad is None
     trainable = DeltaLinear(w, packed, 0.5, trainable_scale=True)
-    assert [n for n, p in trainable.named_parameters() if p.requires_grad] == ["scale"]
+    assert [n for n, p in trainable.named_parameters() if p.requires_grad] == ["delta.scale"]
 
 
 def test_half_precision_cast_keeps_the_scale_fp32():

@@ -78,21 +78,23 @@ class DistillResult:
 
 
 def delta_scales(model: nn.Module, sign1_names: set[str] | None = None) -> dict[str, nn.Parameter]:
-    """Tensor name → scale parameter of every delta module of ``model``.
+    """Key → trainable parameter (a codec's scale) of every delta module of ``model``.
 
-    The name is the module's path plus ``.weight`` (the stored tensor's name). A scale shared by
-    several modules (a tied LM head) appears once, under the name in ``sign1_names`` when given.
+    The key is the stored tensor's name (the module's path plus ``.weight``) for a parameter named
+    ``scale``, ``<tensor>#<param>`` for any other trainable parameter of the module's delta operator.
+    A parameter shared by several modules (a tied LM head) appears once, under the name in
+    ``sign1_names`` (the tensors to train) when given.
     """
     found: dict[int, tuple[str, nn.Parameter]] = {}
     for mname, module in model.named_modules(remove_duplicate=False):
         if not isinstance(module, DeltaLinear | DeltaEmbedding):
             continue
         tname = f"{mname}.weight" if mname else "weight"
-        key = id(module.scale)
         if sign1_names is not None and tname not in sign1_names:
             continue
-        found.setdefault(key, (tname, module.scale))
-    return {tname: p for tname, p in sorted(found.values(), key=lambda item: item[0])}
+        for pname, param in module.delta.trainable().items():
+            found.setdefault(id(param), (tname if pname == "scale" else f"{tname}#{pname}", param))
+    return {key: p for key, p in sorted(found.values(), key=lambda item: item[0])}
 
 
 def freeze_all_but(model: nn.Module, trainable: list[nn.Parameter]) -> None:

@@ -1,9 +1,21 @@
-"""Pure tensor math for deltahub's codecs (BitDelta 1-bit deltas).
+"""Codecs: how each tensor of a stored model is kept, as a registry of one module per codec.
 
-Imports only torch, numpy and the standard library -- nothing from the rest of deltahub.
+* :mod:`~deltahub.codec.base` — :class:`TensorCodec` (name, version, named parts, encode, exact
+  decode, byte count, parameters) and :class:`DeltaOperator` (the inference apply: torch path and
+  kernel hook; :class:`TenantDeltas` for many tenants of one weight).
+* :mod:`~deltahub.codec.registry` — ``register`` / ``get`` / ``names`` (and the ``deltahub.codecs``
+  entry point group).
+* the built-in codecs: :mod:`~deltahub.codec.same`, :mod:`~deltahub.codec.dense`,
+  :mod:`~deltahub.codec.sign1` (BitDelta; its apply in :mod:`~deltahub.codec.sign_apply`).
+
+Pure tensor math: imports only torch, numpy and the standard library -- nothing from the rest of
+deltahub. Nothing outside this package branches on a codec's name.
 """
 
+from . import registry
+from .base import DeltaOperator, DenseDeltaOperator, Encoded, LoopedTenantDeltas, PartSpec, TenantDeltas, TensorCodec
 from .codecs import CODEC_VERSIONS, Codec, CodecError, NonFiniteDeltaError
+from .dense import DenseCodec
 from .packing import (
     PACKING_V1,
     WORD_BITS,
@@ -12,8 +24,11 @@ from .packing import (
     packed_shape,
     unpack_signs,
 )
+from .registry import UnknownCodecError, get, names, register
+from .same import SameCodec
 from .sign1 import (
     DeltaStats,
+    Sign1Codec,
     Sign1Encoded,
     decode_sign1,
     encode_sign1,
@@ -21,14 +36,33 @@ from .sign1 import (
     reference_decode_sign1,
 )
 
+SAME = register(SameCodec())
+DENSE = register(DenseCodec())
+SIGN1 = register(Sign1Codec())
+
 __all__ = [
     "Codec",
     "CODEC_VERSIONS",
     "CodecError",
+    "DENSE",
+    "DeltaOperator",
+    "DenseDeltaOperator",
+    "Encoded",
+    "LoopedTenantDeltas",
     "NonFiniteDeltaError",
     "PackingLayout",
     "PACKING_V1",
+    "PartSpec",
+    "SAME",
+    "SIGN1",
+    "TenantDeltas",
+    "TensorCodec",
+    "UnknownCodecError",
     "WORD_BITS",
+    "get",
+    "names",
+    "register",
+    "registry",
     "packed_shape",
     "pack_signs",
     "unpack_signs",

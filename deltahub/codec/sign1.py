@@ -24,6 +24,9 @@ from typing import Callable
 
 import torch
 
+from collections.abc import Mapping
+
+from .base import DeltaOperator, Encoded, JSONValue, PartSpec, TensorCodec
 from .codecs import CodecError, NonFiniteDeltaError
 from .packing import (
     WORD_BITS,
@@ -484,3 +487,74 @@ def reference_decode_sign1(
     k = base.shape[1]
     signs = unpack_signs(packed, k, torch.float32)
     return (base.to(torch.float32) + s * signs).to(out_dtype)
+
+
+class Sign1Codec(TensorCodec):
+    """Codec ``sign1`` (v1): BitDelta. Part ``signs``: int32 ``[N, ceil(K/32)]`` packed signs of
+    ``Δ = W_ft − W_base`` (layout v1); parameter ``scale``: fp32 ``mean|Δ|`` (trainable).
+    Decoding: ``(W_base.float() + scale·S).to(D)``, exact (:func:`decode_sign1`)."""
+
+    name = "sign1"
+    version = 1
+    part_names = ("signs",)
+    uses_base = True
+    trainable_params = ("scale",)
+
+    def encode(self, base: torch.Tensor | None, finetuned: torch.Tensor) -> Encoded:
+        if base is None:
+            raise CodecError("codec sign1 needs the base tensor")
+        enc = encode_sign1(base, finetuned)
+        norm = enc.stats.rel_delta_norm
+        return Encoded(
+            parts={"signs": enc.packed},
+            params={"scale": enc.scale},
+            rel_recon_error=enc.rel_recon_error,
+            rel_delta_norm=norm if math.isfinite(norm) else None,
+        )
+
+    def check_params(self, params: Mapping[str, JSONValue], shape: tuple[int, ...]) -> dict[str, JSONValue]:
+        if len(shape) != 2:
+            raise CodecError("a sign1 tensor must be 2-D")
+        extra = sorted(set(params) - {"scale"})
+        if extra:
+            raise CodecError(f"sign1 has no parameter {extra[0]!r}")
+        scale = params.get("scale")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise CodecError("a sign1 tensor needs a finite scale")
+        return {"scale": float(scale)}
+
+    def part_specs(self, shape: tuple[int, ...], dtype: torch.dtype,
+                   params: Mapping[str, JSONValue]) -> dict[str, PartSpec]:
+        return {"signs": PartSpec(torch.int32, packed_shape(*shape))}
+
+    def decode(self, base: torch.Tensor | None, parts: Mapping[str, torch.Tensor], params: Mapping[str, JSONValue],
+               out_dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        if base is None or "signs" not in parts:
+            raise CodecError("codec sign1 needs the base tensor and its part 'signs'")
+        return decode_sign1(base, parts["signs"], float(params["scale"]), out_dtype, out=out)
+
+    def rescaled_error(self, params: Mapping[str, JSONValue], initial: Mapping[str, JSONValue],
+                       known: Mapping[str, JSONValue], known_error: float | None) -> float | None:
+        return recon_error_at(float(params["scale"]), float(initial["scale"]), float(known["scale"]), known_error)
+
+    def operator(self, parts: Mapping[str, torch.Tensor], params: Mapping[str, JSONValue],
+                 shape: tuple[int, ...]) -> DeltaOperator:
+        from .sign_apply import SignOperator
+
+        return SignOperator(parts["signs"], float(params["scale"]), shape[1])
+
+
+def recon_error_at(new: float, initial: float, known: float, known_error: float | None) -> float | None:
+    """``|Δ − new·S| / |Δ|`` from the error ``known_error`` at scale ``known``.
+
+    With ``S = sign(Δ)`` and ``initial = mean|Δ|``: ``|Δ − s·S|² = |Δ|² − 2s·N·initial + s²·N``, so
+    ``e(s)² = 1 − (2s·initial − s²)·c`` where ``c = N/|Δ|²`` follows from any known ``(s, e(s))``.
+    Exact up to the fp32 rounding of the stored mean.
+    """
+    if known_error is None or not initial > 0:
+        return None
+    denom = known * (2 * initial - known)
+    if not denom > 0:
+        return None
+    c = (1.0 - known_error**2) / denom
+    return math.sqrt(max(0.0, 1.0 - (2 * new * initial - new * new) * c))

@@ -1,22 +1,15 @@
-"""The manifest: a canonical JSON object describing one model (format ``deltahub.manifest`` v1).
+"""The manifest: a canonical JSON object describing one model (format ``deltahub.manifest`` v1 and v2).
 
 A manifest is stored as an object; its id is the sha256 of its canonical bytes
 (``json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=True)`` in UTF-8). Layout::
 
     {
       "format": "deltahub.manifest",
-      "format_version": 1,
+      "format_version": 1 | 2,
       "kind": "base" | "delta",
       "model": {"model_type": str|null, "architectures": [str], "dtype": "float16"|...},
       "files": {"config.json": "<object id>", "tokenizer.json": "<object id>", ...},
-      "tensors": {
-        "<name>": {"codec": "dense", "codec_version": 1, "dtype": "...", "shape": [...],
-                   "object": "<object id of the raw little-endian tensor bytes>"},
-        "<name>": {"codec": "sign1", "codec_version": 1, "dtype": "...", "shape": [N, K],
-                   "object": "<object id of the packed signs, int32 [N, ceil(K/32)]>",
-                   "scale": <float, exactly an fp32 value>},
-        "<name>": {"codec": "same", "codec_version": 1, "dtype": "...", "shape": [...]}
-      },
+      "tensors": {"<name>": <tensor record>, ...},
       "base": {                        # deltas only
         "manifest": "<base manifest id>",
         "hub": {"repo_id": str, "revision": str} | null,
@@ -25,8 +18,25 @@ A manifest is stored as an object; its id is the sha256 of its canonical bytes
       "packing": {...}                 # deltas only: deltahub.codec.PackingLayout.to_json()
     }
 
+A **v2** tensor record names its codec (any codec of :mod:`deltahub.codec.registry`), the codec's
+parameters and a mapping of the codec's named parts to objects::
+
+    {"codec": "<name>", "codec_version": int, "dtype": "...", "shape": [...],
+     "params": {...}, "parts": {"<part>": "<object id of the part's raw bytes>", ...}}
+
+A **v1** record (the built-in codecs only) keeps the single part in ``object`` and a ``sign1`` scale
+in ``scale``::
+
+    {"codec": "dense", "codec_version": 1, "dtype", "shape", "object": "<id>"}
+    {"codec": "sign1", "codec_version": 1, "dtype", "shape", "object": "<id of the packed signs>", "scale": s}
+    {"codec": "same", "codec_version": 1, "dtype", "shape"}
+
+Both read into the same :class:`TensorRecord`. A manifest is written in the lowest version that holds
+it: v1 whenever every tensor uses a built-in codec (so the same input keeps the same manifest id, and
+older deltahub versions keep reading it), v2 otherwise. A manifest read as v1 writes back as v1 bytes.
+
 A base's tensors all use ``dense`` (the tensor itself). In a delta, ``dtype`` is the fine-tune's dtype
-of that tensor; ``sign1`` and ``same`` tensors reconstruct from the base tensor of the same name.
+of that tensor; tensors whose codec ``uses_base`` reconstruct from the base tensor of the same name.
 """
 
 from __future__ import annotations
@@ -38,15 +48,23 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from deltahub.codec import CODEC_VERSIONS, PACKING_V1, Codec, CodecError, PackingLayout
+from deltahub import codec as codecs
+from deltahub.codec import PACKING_V1, CodecError, PackingLayout, TensorCodec
 from deltahub.errors import CorruptObjectError, UnsupportedFormatError
 from deltahub.formats.checkpoint import AUX_FILES, CONFIG_FILE
 from deltahub.formats import safe_json
 from deltahub.formats.paths import TENSOR_NAME_RULE, is_stored_tensor_name, is_tensor_name, safe_relpath
-from deltahub.formats.safetensors_io import NAME_TO_DTYPE
+from deltahub.formats.safetensors_io import NAME_TO_DTYPE, dtype_from_name
 
 MANIFEST_FORMAT = "deltahub.manifest"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+"""The newest manifest format version this deltahub writes and reads."""
+READABLE_VERSIONS = (1, 2)
+
+#: v1 records: the one part each built-in codec stores (v1 calls it ``object``) and the
+#: parameters v1 holds as top-level keys.
+_V1_PART = {"dense": "tensor", "sign1": "signs", "same": None}
+_V1_PARAMS = {"dense": (), "sign1": ("scale",), "same": ()}
 
 
 class ModelKind(str, enum.Enum):
@@ -56,30 +74,69 @@ class ModelKind(str, enum.Enum):
 
 @dataclass
 class TensorRecord:
-    """One tensor of a manifest."""
+    """One tensor of a manifest: its codec, dtype, shape, the codec's parameters and its parts
+    (part name → object id)."""
 
     name: str
-    codec: Codec
+    codec: str
     dtype: str
     shape: tuple[int, ...]
-    object: str | None = None
-    scale: float | None = None
+    parts: dict[str, str] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    codec_version: int | None = None  # None: the registered codec's version
+
+    def __post_init__(self) -> None:
+        self.codec = str(getattr(self.codec, "value", self.codec))  # accept the old Codec enum
+        self.shape = tuple(self.shape)
+        if self.codec_version is None:
+            self.codec_version = codecs.get(self.codec).version
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    def to_json(self) -> dict[str, Any]:
+    @property
+    def impl(self) -> TensorCodec:
+        """The registered codec of this record."""
+        return codecs.get(self.codec)
+
+    @property
+    def object(self) -> str | None:
+        """The object of a one-part codec (``None`` for ``same``); see :attr:`parts`."""
+        if len(self.parts) > 1:
+            raise AttributeError(f"tensor {self.name!r} ({self.codec}) has several parts: use .parts")
+        return next(iter(self.parts.values()), None)
+
+    @property
+    def scale(self) -> float | None:
+        """The ``scale`` parameter of codecs that have one (``sign1``), else ``None``."""
+        value = self.params.get("scale")
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    def fits_v1(self) -> bool:
+        return (
+            self.codec in _V1_PART
+            and self.codec_version == 1
+            and set(self.params) <= set(_V1_PARAMS[self.codec])
+            and set(self.parts) <= ({_V1_PART[self.codec]} if _V1_PART[self.codec] else set())
+        )
+
+    def to_json(self, version: int = MANIFEST_VERSION) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "codec": self.codec.value,
-            "codec_version": CODEC_VERSIONS[self.codec],
+            "codec": self.codec,
+            "codec_version": self.codec_version,
             "dtype": self.dtype,
             "shape": list(self.shape),
         }
-        if self.object is not None:
-            out["object"] = self.object
-        if self.scale is not None:
-            out["scale"] = self.scale
+        if version == 1:
+            if not self.fits_v1():
+                raise ValueError(f"tensor {self.name!r} ({self.codec}) cannot be written in manifest v1")
+            if self.parts:
+                out["object"] = next(iter(self.parts.values()))
+            out.update(self.params)
+        else:
+            out["parts"] = dict(sorted(self.parts.items()))
+            out["params"] = dict(sorted(self.params.items()))
         return out
 
 
@@ -109,12 +166,21 @@ class Manifest:
     tensors: dict[str, TensorRecord] = field(default_factory=dict)
     base: BaseRef | None = None
     packing: PackingLayout | None = None
-    format_version: int = MANIFEST_VERSION
+    format_version: int | None = None
+    """``None`` (new manifests): written in the lowest version that holds them; a parsed manifest
+    keeps the version it was read in, so it writes back as the same bytes."""
+
+    def version(self) -> int:
+        """The format version this manifest is written in."""
+        if self.format_version is not None:
+            return self.format_version
+        return 1 if all(rec.fits_v1() for rec in self.tensors.values()) else MANIFEST_VERSION
 
     def to_json(self) -> dict[str, Any]:
+        version = self.version()
         out: dict[str, Any] = {
             "format": MANIFEST_FORMAT,
-            "format_version": self.format_version,
+            "format_version": version,
             "kind": self.kind.value,
             "model": {
                 "model_type": self.model_type,
@@ -122,7 +188,7 @@ class Manifest:
                 "dtype": self.dtype,
             },
             "files": dict(self.files),
-            "tensors": {name: rec.to_json() for name, rec in self.tensors.items()},
+            "tensors": {name: rec.to_json(version) for name, rec in self.tensors.items()},
         }
         if self.kind is ModelKind.DELTA:
             assert self.base is not None and self.packing is not None
@@ -143,8 +209,8 @@ class Manifest:
         """Every object the manifest references (object id -> role: 'tensor' or 'file')."""
         ids: dict[str, str] = {}
         for rec in self.tensors.values():
-            if rec.object is not None:
-                ids[rec.object] = "tensor"
+            for oid in rec.parts.values():
+                ids[oid] = "tensor"
         for oid in self.files.values():
             ids.setdefault(oid, "file")
         return ids
@@ -183,6 +249,59 @@ def _carried_file(name: str) -> str:
     return name
 
 
+def _tensor_record(name: str, spec: Any, version: int) -> TensorRecord:
+    """One tensor record of a v1 or v2 manifest, checked against its codec."""
+    if not isinstance(spec, dict):
+        raise _corrupt(f"tensor {name!r} is not an object")
+    codec_name = spec["codec"]
+    try:
+        impl = codecs.get(codec_name) if isinstance(codec_name, str) else None
+    except CodecError:
+        impl = None
+    if impl is None or (version == 1 and codec_name not in _V1_PART):
+        raise UnsupportedFormatError(
+            f"tensor {name!r} uses codec {codec_name!r}, unknown to this deltahub",
+            "upgrade deltahub, or install the package that provides that codec",
+        )
+    codec_version = spec.get("codec_version")
+    if codec_version != impl.version or isinstance(codec_version, bool):
+        raise UnsupportedFormatError(
+            f"tensor {name!r} uses {impl.name} version {codec_version!r}; this deltahub reads version {impl.version}",
+            "upgrade deltahub",
+        )
+    if spec["dtype"] not in NAME_TO_DTYPE:
+        raise _corrupt(f"tensor {name!r} has unknown dtype {spec['dtype']!r}")
+    raw_shape = spec["shape"]
+    if not isinstance(raw_shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw_shape
+    ):
+        raise _corrupt(f"tensor {name!r} has an invalid shape {raw_shape!r}")
+    shape = tuple(raw_shape)
+    known = {"codec", "codec_version", "dtype", "shape"}
+    if version == 1:
+        part = _V1_PART[impl.name]
+        raw_parts = {part: spec.get("object")} if part else {}
+        raw_params = {k: spec[k] for k in _V1_PARAMS[impl.name] if k in spec}
+    else:
+        raw_parts, raw_params = spec.get("parts"), spec.get("params")
+        if not isinstance(raw_parts, dict) or not isinstance(raw_params, dict):
+            raise _corrupt(f"tensor {name!r} has no parts/params objects")
+        extra = sorted(set(spec) - known - {"parts", "params"})
+        if extra:
+            raise _corrupt(f"tensor {name!r} has an unknown field {extra[0]!r}")
+    if set(raw_parts) != set(impl.part_names):
+        raise _corrupt(
+            f"{impl.name} tensor {name!r} has parts {sorted(raw_parts)}, expected {sorted(impl.part_names)}"
+        )
+    parts = {p: _object_id(oid, f"tensor {name!r} part {p!r}") for p, oid in raw_parts.items()}
+    try:
+        params = impl.check_params(raw_params, shape)
+        impl.part_specs(shape, dtype_from_name(spec["dtype"]), params)  # the shape suits the codec
+    except CodecError as exc:
+        raise _corrupt(f"{impl.name} tensor {name!r}: {exc}") from None
+    return TensorRecord(name, impl.name, spec["dtype"], shape, parts=parts, params=params, codec_version=impl.version)
+
+
 def parse_manifest(data: bytes | bytearray, strict_names: bool = False) -> Manifest:
     """Parse and validate manifest bytes; refuses unknown formats and versions.
 
@@ -195,10 +314,10 @@ def parse_manifest(data: bytes | bytearray, strict_names: bool = False) -> Manif
     if not isinstance(obj, dict) or obj.get("format") != MANIFEST_FORMAT:
         raise _corrupt("not a deltahub manifest")
     version = obj.get("format_version")
-    if version != MANIFEST_VERSION:
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
         raise UnsupportedFormatError(
             f"manifest format version {version!r} is not supported by this deltahub "
-            f"(it reads version {MANIFEST_VERSION})",
+            f"(it reads versions {', '.join(map(str, READABLE_VERSIONS))})",
             "upgrade deltahub (pip install -U deltahub)",
         )
     try:
@@ -211,39 +330,9 @@ def parse_manifest(data: bytes | bytearray, strict_names: bool = False) -> Manif
         tensors: dict[str, TensorRecord] = {}
         for name, spec in obj["tensors"].items():
             _tensor_name(name, strict_names)
-            try:
-                codec = Codec(spec["codec"])
-            except ValueError:
-                raise UnsupportedFormatError(
-                    f"tensor {name!r} uses codec {spec['codec']!r}, unknown to this deltahub",
-                    "upgrade deltahub",
-                ) from None
-            if spec.get("codec_version") != CODEC_VERSIONS[codec]:
-                raise UnsupportedFormatError(
-                    f"tensor {name!r} uses {codec.value} version {spec.get('codec_version')!r}; "
-                    f"this deltahub reads version {CODEC_VERSIONS[codec]}",
-                    "upgrade deltahub",
-                )
-            if spec["dtype"] not in NAME_TO_DTYPE:
-                raise _corrupt(f"tensor {name!r} has unknown dtype {spec['dtype']!r}")
-            raw_shape = spec["shape"]
-            if not isinstance(raw_shape, list) or not all(
-                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw_shape
-            ):
-                raise _corrupt(f"tensor {name!r} has an invalid shape {raw_shape!r}")
-            shape = tuple(raw_shape)
-            rec = TensorRecord(name, codec, spec["dtype"], shape)
-            if codec in (Codec.DENSE, Codec.SIGN1):
-                rec.object = _object_id(spec.get("object"), f"tensor {name!r}")
-            if codec is Codec.SIGN1:
-                if len(shape) != 2:
-                    raise _corrupt(f"sign1 tensor {name!r} is not 2-D")
-                scale = spec.get("scale")
-                if not isinstance(scale, (int, float)) or not math.isfinite(scale):
-                    raise _corrupt(f"sign1 tensor {name!r} has no finite scale")
-                rec.scale = float(scale)
-            if kind is ModelKind.BASE and codec is not Codec.DENSE:
-                raise _corrupt(f"base tensor {name!r} uses codec {codec.value}")
+            rec = _tensor_record(name, spec, version)
+            if kind is ModelKind.BASE and rec.codec != codecs.DENSE.name:
+                raise _corrupt(f"base tensor {name!r} uses codec {rec.codec}")
             tensors[name] = rec
         base = packing = None
         if kind is ModelKind.DELTA:
@@ -257,9 +346,7 @@ def parse_manifest(data: bytes | bytearray, strict_names: bool = False) -> Manif
                 hub_repo_id=_optional_str(hub.get("repo_id"), "base.hub.repo_id"),
                 hub_revision=_optional_str(hub.get("revision"), "base.hub.revision"),
             )
-            unanchored = sorted(
-                n for n, rec in tensors.items() if rec.codec is not Codec.DENSE and n not in base.tensors
-            )
+            unanchored = sorted(n for n, rec in tensors.items() if rec.impl.uses_base and n not in base.tensors)
             if unanchored:
                 raise _corrupt(f"tensor {unanchored[0]!r} is not pinned to a base tensor hash")
             try:
@@ -278,6 +365,7 @@ def parse_manifest(data: bytes | bytearray, strict_names: bool = False) -> Manif
             tensors=tensors,
             base=base,
             packing=packing,
+            format_version=version,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         if isinstance(exc, (UnsupportedFormatError, CorruptObjectError)):

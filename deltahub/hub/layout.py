@@ -49,7 +49,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from deltahub.codec import Codec, packed_shape
 from deltahub.errors import (
     CorruptObjectError,
     DiskFullError,
@@ -62,20 +61,24 @@ from deltahub.errors import (
 from deltahub.fileio import disk_full_error, is_disk_full
 from deltahub.formats import safe_json
 from deltahub.formats.checkpoint import DELTA_MANIFEST_FILE
-from deltahub.formats.manifest import MANIFEST_FORMAT, MANIFEST_VERSION, Manifest, ModelKind, parse_manifest
-from deltahub.formats.safetensors_io import TensorSpec, dtype_from_name
+from deltahub.formats.manifest import MANIFEST_FORMAT, Manifest, ModelKind, parse_manifest
+from deltahub.formats.safetensors_io import TensorSpec, dtype_from_name, dtype_name
 from deltahub.progress import quiet_hf_progress_bars
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 HUB_FORMAT = "deltahub.hub"
-HUB_FORMAT_VERSION = 1
+HUB_FORMAT_VERSION = 2
+"""The newest Hub format this deltahub writes: a delta is pushed in the Hub format version equal to
+its manifest's format version (v1 for deltas of the built-in codecs, so older deltahub versions
+pull them)."""
+HUB_READABLE_VERSIONS = (1, 2)
 HUB_MANIFEST_FILE = DELTA_MANIFEST_FILE  # "deltahub.json": also what `add` refuses as a checkpoint
 CARD_FILE = "README.md"
 DELTA_STEM = "delta"
 #: safetensors header metadata of every delta file.
-DELTA_FILE_METADATA = {"format": HUB_FORMAT, "format_version": str(HUB_FORMAT_VERSION)}
+DELTA_FILE_METADATA = {"format": HUB_FORMAT, "format_version": "1"}  # the delta files' own layout: unchanged
 
 
 def delta_file_names(n: int) -> list[str]:
@@ -94,12 +97,17 @@ def is_delta_file(path: str) -> bool:
 
 @dataclass(frozen=True)
 class StoredTensor:
-    """One tensor as stored in a delta file: the manifest tensor ``name``'s object, as is."""
+    """One stored part of a manifest tensor, as an entry of a delta file: the part's object, as is.
+
+    ``name`` is the safetensors key: the tensor's name in Hub format v1 (one part per tensor),
+    ``<tensor>:<part>`` in v2 (``:`` never occurs in a tensor name)."""
 
     name: str
     object: str
     dtype: str
     shape: tuple[int, ...]
+    tensor: str = ""
+    part: str = ""
 
     @property
     def spec(self) -> TensorSpec:
@@ -117,17 +125,20 @@ class HubLayout:
         return {t.name: fname for fname, ts in self.shards.items() for t in ts}
 
 
+def part_key(manifest: Manifest, tensor: str, part: str) -> str:
+    """The safetensors key of ``part`` of ``tensor``: the tensor's name in v1, ``tensor:part`` in v2."""
+    return tensor if manifest.version() == 1 else f"{tensor}:{part}"
+
+
 def stored_tensors(manifest: Manifest) -> list[StoredTensor]:
-    """The tensors of ``manifest`` that have bytes (dense and sign1), sorted by name."""
+    """Every stored part of ``manifest``'s tensors (as its codec lays it out), sorted by key."""
     out = []
     for name, rec in sorted(manifest.tensors.items()):
-        if rec.object is None:
-            continue
-        if rec.codec is Codec.SIGN1:
-            out.append(StoredTensor(name, rec.object, "int32", packed_shape(*rec.shape)))
-        else:
-            out.append(StoredTensor(name, rec.object, rec.dtype, tuple(rec.shape)))
-    return out
+        specs = rec.impl.part_specs(rec.shape, dtype_from_name(rec.dtype), rec.params)
+        for part, oid in sorted(rec.parts.items()):
+            spec = specs[part]
+            out.append(StoredTensor(part_key(manifest, name, part), oid, dtype_name(spec.dtype), spec.shape, name, part))
+    return sorted(out, key=lambda t: t.name)
 
 
 def plan_layout(manifest: Manifest, max_shard_bytes: int) -> HubLayout:
@@ -161,21 +172,26 @@ def hub_manifest(
     """The ``deltahub.json`` object for ``manifest`` laid out as ``layout``."""
     assert manifest.base is not None and manifest.packing is not None
     where = layout.file_of()
-    stored = {t.name: t for ts in layout.shards.values() for t in ts}
+    stored = {(t.tensor, t.part): t for ts in layout.shards.values() for t in ts}
+    version = manifest.version()  # Hub format v1 holds manifest v1, v2 holds v2
     tensors: dict[str, Any] = {}
     for name, rec in sorted(manifest.tensors.items()):
-        spec = rec.to_json()
-        spec.pop("object", None)
-        if name in stored:
-            t = stored[name]
-            spec.update(
-                file=where[name], key=name, stored_dtype=t.dtype, stored_shape=list(t.shape), sha256=t.object
-            )
+        spec = rec.to_json(version)
+        placed = {}
+        for part in rec.parts:
+            t = stored[(name, part)]
+            placed[part] = dict(file=where[t.name], key=t.name, stored_dtype=t.dtype, stored_shape=list(t.shape), sha256=t.object)
+        if version == 1:
+            spec.pop("object", None)
+            for entry in placed.values():
+                spec.update(entry)
+        else:
+            spec["parts"] = placed
         tensors[name] = spec
     hub = {"repo_id": base_repo_id, "revision": base_revision} if base_repo_id else None
     return {
         "format": HUB_FORMAT,
-        "format_version": HUB_FORMAT_VERSION,
+        "format_version": version,
         "kind": manifest.kind.value,
         "manifest": manifest_id,
         "model": {
@@ -529,10 +545,10 @@ def parse_hub_manifest(data: bytes) -> HubManifest:
             "upgrade deltahub (pip install -U deltahub)",
         )
     version = obj.get("format_version")
-    if version != HUB_FORMAT_VERSION:
+    if version not in HUB_READABLE_VERSIONS or isinstance(version, bool):
         raise UnsupportedFormatError(
             f"deltahub.json format version {version!r} is not supported by this deltahub "
-            f"(it reads {HUB_FORMAT} version {HUB_FORMAT_VERSION})",
+            f"(it reads {HUB_FORMAT} versions {', '.join(map(str, HUB_READABLE_VERSIONS))})",
             "upgrade deltahub (pip install -U deltahub)",
         )
     if obj.get("kind") != ModelKind.DELTA.value:
@@ -544,18 +560,28 @@ def parse_hub_manifest(data: bytes) -> HubManifest:
         expected = obj["manifest"]
         files = {k: v["sha256"] for k, v in obj["files"].items()}
         tensors: dict[str, Any] = {}
-        where: dict[str, tuple[str, str, str, list[int]]] = {}
+        where: dict[tuple[str, str], tuple[str, str, str, list[int]]] = {}
         for name, spec in obj["tensors"].items():
             spec = dict(spec)
-            if "sha256" in spec:
-                where[name] = (spec.pop("file"), spec.pop("key"), spec.pop("stored_dtype"), spec.pop("stored_shape"))
-                spec["object"] = spec.pop("sha256")
+            if version == 1:
+                if "sha256" in spec:  # the one part of a v1 codec; its name is known once parsed
+                    where[(name, "")] = (spec.pop("file"), spec.pop("key"), spec.pop("stored_dtype"), spec.pop("stored_shape"))
+                    spec["object"] = spec.pop("sha256")
+            else:
+                parts = {}
+                for part, entry in dict(spec.get("parts", {})).items():
+                    entry = dict(entry)
+                    where[(name, part)] = (entry.pop("file"), entry.pop("key"), entry.pop("stored_dtype"), entry.pop("stored_shape"))
+                    parts[part] = entry.pop("sha256")
+                    if entry:
+                        raise ValueError(f"unknown field {sorted(entry)[0]!r} in part {part!r} of {name!r}")
+                spec["parts"] = parts
             tensors[name] = spec
         base = dict(obj["base"])
         hub = base.get("hub")
         store_obj = {
             "format": MANIFEST_FORMAT,
-            "format_version": MANIFEST_VERSION,
+            "format_version": version,
             "kind": ModelKind.DELTA.value,
             "model": obj["model"],
             "files": files,
@@ -578,14 +604,15 @@ def parse_hub_manifest(data: bytes) -> HubManifest:
         raise _hub_corrupt(f"its content does not rebuild manifest {str(expected)[:12]} (it hashes to {manifest.manifest_id()[:12]})")
     pulled = []
     for st in stored_tensors(manifest):
-        if st.name not in where:  # an "object" given directly instead of file/key/sha256
-            raise _hub_corrupt(f"tensor {st.name!r} does not say where its bytes are (file, key, sha256)")
-        file, key, sdtype, sshape = where[st.name]
+        loc = where.get((st.tensor, st.part if version != 1 else ""))
+        if loc is None:  # an "object" given directly instead of file/key/sha256
+            raise _hub_corrupt(f"tensor {st.tensor!r} does not say where its bytes are (file, key, sha256)")
+        file, key, sdtype, sshape = loc
         if not (isinstance(file, str) and is_delta_file(file) and isinstance(key, str)):
-            raise _hub_corrupt(f"tensor {st.name!r} lies in {file!r}, not a delta file")
+            raise _hub_corrupt(f"tensor {st.tensor!r} lies in {file!r}, not a delta file")
         if sdtype != st.dtype or not isinstance(sshape, list) or tuple(sshape) != st.shape:
-            raise _hub_corrupt(f"tensor {st.name!r} is stored as {sdtype}{sshape}, expected {st.dtype}{list(st.shape)}")
-        pulled.append(PulledTensor(st.name, file, key, st))
+            raise _hub_corrupt(f"tensor {st.tensor!r} is stored as {sdtype}{sshape}, expected {st.dtype}{list(st.shape)}")
+        pulled.append(PulledTensor(st.tensor, file, key, st))
     hub = hub if isinstance(hub, dict) else {}
     return HubManifest(
         manifest_id=expected,

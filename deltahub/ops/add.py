@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from deltahub.codec import Codec
+from deltahub import codec as codecs
 from deltahub.config import hf_hub_cache
 from deltahub.formats.checkpoint import open_checkpoint
 from deltahub.formats.manifest import Manifest, ModelKind, TensorRecord
@@ -108,8 +108,9 @@ def add_base(
                 del tensor
                 dtype, shape = dtype_name(entry.dtype), tuple(entry.shape)
                 objects[info.sha256] = info
-                records[tname] = TensorRecord(tname, Codec.DENSE, dtype, shape, object=info.sha256)
-                stats.append(TensorStat(tname, Codec.DENSE.value, dtype, shape, info.stored_size))
+                dense = codecs.DENSE  # a base stores every tensor as it is
+                records[tname] = TensorRecord(tname, dense.name, dtype, shape, parts={dense.part_names[0]: info.sha256})
+                stats.append(TensorStat(tname, dense.name, dtype, shape, info.stored_size))
                 bar.update(info.size)
         manifest = Manifest(
             kind=ModelKind.BASE,

@@ -32,7 +32,7 @@ from sqlalchemy import select
 from deltahub.calibrate.data import load_samples
 from deltahub.calibrate.distill import DistillConfig, calibrate_scales, delta_scales
 from deltahub.calibrate.targets import DEFAULT_TOP_K, TeacherTargets, score_model
-from deltahub.codec import Codec, unpack_signs
+from deltahub.codec.sign1 import recon_error_at  # noqa: F401  (kept importable from here)
 from deltahub.errors import (
     DeltaHubError,
     IncompatibleBaseError,
@@ -41,7 +41,8 @@ from deltahub.errors import (
     NameExistsError,
 )
 from deltahub.formats.checkpoint import open_checkpoint
-from deltahub.formats.manifest import Manifest, ModelKind
+from deltahub.formats.manifest import Manifest, ModelKind, TensorRecord
+from deltahub.formats.safetensors_io import dtype_from_name
 from deltahub.formats.paths import validate_name
 from deltahub.index.models import (
     CalibrationRow,
@@ -198,10 +199,10 @@ def _finetune_tensors(ctx: StoreContext, ref: FinetuneRef) -> tuple[str | None, 
     man = ctx.resolve(ref.name).manifest
     shapes = {n: rec.shape for n, rec in man.tensors.items()}
 
+    source = ModelSource(ctx, ctx.resolve(ref.name), None)
+
     def read(n: str) -> torch.Tensor:
-        rec = man.tensors[n]
-        assert rec.object is not None
-        return ctx.read_tensor(rec.object, rec.dtype, rec.shape, owned=False)
+        return source.tensor(n, dtype_from_name(man.tensors[n].dtype))
 
     return man.model_type, man.architectures, shapes, read
 
@@ -238,14 +239,20 @@ def check_finetune_matches(
                 f"{list(rec.shape)} in {delta.name!r}",
                 hint,
             )
-    sign1 = sorted((rec.numel, n) for n, rec in man.tensors.items() if rec.codec is Codec.SIGN1)
-    smallest = {n for _numel, n in sign1[:n_checked]}
+    approx = sorted((rec.numel, n) for n, rec in man.tensors.items() if _trainable(rec))
+    smallest = {n for _numel, n in approx[:n_checked]}
     source = ModelSource(ctx, delta, base)
     checked = [spec for spec in source.specs(None) if spec.name in smallest]
-    for spec, (packed, w_base) in zip(checked, source.iter_inputs(checked)):  # the stored bits, the base tensor
+    for spec, inputs in zip(checked, source.iter_inputs(checked)):  # the stored parts, the base tensor
         tname = spec.name
-        assert packed is not None and w_base is not None
-        stored = unpack_signs(packed, spec.shape[1], torch.int8) > 0
+        rec = man.tensors[tname]
+        w_base = inputs.base
+        assert w_base is not None
+        op = rec.impl.operator(inputs.parts, rec.params, rec.shape)
+        if op is not None:  # the stored delta's signs (sign1: exactly S)
+            stored = op.dense() >= 0
+        else:
+            stored = (source.fill_new(tname, inputs, torch.float32) - w_base.to(torch.float32)) >= 0
         mine = (read(tname).to(torch.float32) - w_base.to(torch.float32)) >= 0
         agree = float((stored == mine).float().mean())
         if agree < MIN_SIGN_AGREEMENT:
@@ -276,8 +283,8 @@ def _delta_of(ctx: StoreContext, name: str) -> tuple[Resolved, Manifest]:
     resolved = ctx.resolve(name)
     if resolved.manifest.kind is not ModelKind.DELTA:
         raise InputError(f"{name!r} is a base model: only deltas have scales to calibrate", "give a delta's name")
-    if not any(rec.codec is Codec.SIGN1 for rec in resolved.manifest.tensors.values()):
-        raise InputError(f"{name!r} has no sign1 tensor: nothing to calibrate", "compress it with sign1 tensors")
+    if not any(_trainable(rec) for rec in resolved.manifest.tensors.values()):
+        raise InputError(f"{name!r} has no tensor with scales: nothing to calibrate", "compress it with sign1 (or another codec with scales)")
     _base_id, base = ctx.base_of(resolved.manifest)
     return resolved, base
 
@@ -324,16 +331,16 @@ def calibrate(
     targets = teacher_targets(ctx, ref, samples.tokens, options)
 
     student = load_model(ctx, name, dtype=options.dtype, device=options.device, mode="delta", trainable_scales=True)
-    sign1 = {n for n, rec in resolved.manifest.tensors.items() if rec.codec is Codec.SIGN1}
-    scales = delta_scales(student, sign1)
+    with_scale = {n for n, rec in resolved.manifest.tensors.items() if _trainable(rec)}
+    scales = delta_scales(student, with_scale)
     if not scales:
         raise InputError(
-            f"none of the sign1 tensors of {name!r} sits in a Linear or Embedding layer: nothing to calibrate",
+            f"none of the tensors with scales of {name!r} sits in a Linear or Embedding layer: nothing to calibrate",
             "this architecture is not supported by calibration",
         )
-    skipped = sorted(sign1 - set(scales))
+    skipped = sorted(with_scale - {key_tensor(k) for k in scales})
     if skipped:
-        logger.warning("%d sign1 tensor(s) keep their scale (not in a Linear/Embedding): %s", len(skipped), ", ".join(skipped[:3]))
+        logger.warning("%d tensor(s) keep their scales (not in a Linear/Embedding): %s", len(skipped), ", ".join(skipped[:3]))
     config = DistillConfig(
         steps=options.steps, lr=options.lr, batch_size=options.batch_size, seed=options.seed, device=options.device
     )
@@ -366,34 +373,32 @@ def calibrate(
     return result
 
 
+def _trainable(rec: TensorRecord) -> bool:
+    """Whether ``rec``'s codec has parameters calibration trains (``sign1``: its scale)."""
+    return bool(rec.impl.trainable_params) and bool(rec.parts)
+
+
+def key_tensor(key: str) -> str:
+    """The tensor of a scale key (:func:`deltahub.calibrate.distill.delta_scales`)."""
+    return key.partition("#")[0]
+
+
 def with_scales(manifest: Manifest, scales: dict[str, float]) -> Manifest:
-    """A copy of ``manifest`` whose ``sign1`` tensors named in ``scales`` carry those scales."""
+    """A copy of ``manifest`` whose tensors named in ``scales`` carry those trained parameters
+    (key ``tensor`` for a codec's ``scale``, ``tensor#param`` for another trainable parameter)."""
     tensors = dict(manifest.tensors)
-    for tname, value in scales.items():
+    updates: dict[str, dict[str, float]] = {}
+    for key, value in scales.items():
+        tname, _, pname = key.partition("#")
+        updates.setdefault(tname, {})[pname or "scale"] = value
+    for tname, values in updates.items():
         rec = tensors[tname]
-        if rec.codec is not Codec.SIGN1:
-            raise DeltaHubError(f"tensor {tname!r} is {rec.codec.value}, not sign1")
-        fp32 = float(torch.tensor(value, dtype=torch.float32))
-        if not math.isfinite(fp32):
+        if not _trainable(rec) or not set(values) <= set(rec.impl.trainable_params):
+            raise DeltaHubError(f"tensor {tname!r} ({rec.codec}) has no trainable {', '.join(sorted(values))}")
+        if not all(math.isfinite(float(torch.tensor(v, dtype=torch.float32))) for v in values.values()):
             raise DeltaHubError(f"calibration gave tensor {tname!r} a non-finite scale", "lower --calib-lr")
-        tensors[tname] = dataclasses.replace(rec, scale=fp32)
+        tensors[tname] = dataclasses.replace(rec, params=rec.impl.with_params(rec.params, values))
     return dataclasses.replace(manifest, tensors=tensors)
-
-
-def recon_error_at(new: float, initial: float, known: float, known_error: float | None) -> float | None:
-    """``|Δ − new·S| / |Δ|`` from the error ``known_error`` at scale ``known``.
-
-    With ``S = sign(Δ)`` and ``initial = mean|Δ|``: ``|Δ − s·S|² = |Δ|² − 2s·N·initial + s²·N``, so
-    ``e(s)² = 1 − (2s·initial − s²)·c`` where ``c = N/|Δ|²`` follows from any known ``(s, e(s))``.
-    Exact up to the fp32 rounding of the stored mean.
-    """
-    if known_error is None or not initial > 0:
-        return None
-    denom = known * (2 * initial - known)
-    if not denom > 0:
-        return None
-    c = (1.0 - known_error**2) / denom
-    return math.sqrt(max(0.0, 1.0 - (2 * new * initial - new * new) * c))
 
 
 def _publish(ctx: StoreContext, resolved: Resolved, scales: dict[str, float], result: CalibrateResult) -> str:
@@ -472,9 +477,10 @@ def _index_manifest(session, new: Manifest, new_id: str, manifest_stored: int, o
     for st in session.scalars(select(TensorStatRow).where(TensorStatRow.manifest_id == old_row.id)):
         initial = st.initial_scale if st.initial_scale is not None else st.scale
         scale, error = st.scale, st.rel_recon_error
-        if st.name in scales and st.codec == Codec.SIGN1.value and initial is not None and st.scale is not None:
-            scale = new.tensors[st.name].scale
-            error = recon_error_at(scale, initial, st.scale, st.rel_recon_error)  # type: ignore[arg-type]
+        rec = new.tensors.get(st.name)
+        if st.name in scales and rec is not None and _trainable(rec) and initial is not None and st.scale is not None:
+            scale = rec.scale
+            error = rec.impl.rescaled_error(rec.params, {"scale": initial}, {"scale": st.scale}, st.rel_recon_error)
         session.add(
             TensorStatRow(
                 manifest_id=new_id,
@@ -485,7 +491,7 @@ def _index_manifest(session, new: Manifest, new_id: str, manifest_stored: int, o
                 numel=st.numel,
                 stored_bytes=st.stored_bytes,
                 scale=scale,
-                initial_scale=initial if st.codec == Codec.SIGN1.value else None,
+                initial_scale=initial if rec is not None and _trainable(rec) else None,
                 rel_delta_norm=st.rel_delta_norm,
                 rel_recon_error=error,
             )
@@ -502,6 +508,7 @@ def compress_and_calibrate(
     force: bool,
     options: CalibrationOptions | None = None,
     allow_nonfinite: bool = False,
+    codec: str = "sign1",
 ) -> tuple[Any, CalibrateResult]:
     """``compress --calibrate``: compress ``src`` against ``base_name``, then calibrate with ``src``
     as the teacher. The calibration input is checked (tokenized with the fine-tune's tokenizer) before
@@ -527,7 +534,7 @@ def compress_and_calibrate(
         raise InputError(f"cannot load the tokenizer of {src}: {exc}", "calibration needs the fine-tune's tokenizer files") from None
     load_samples(options.data, tokenizer, options.samples, options.seq_len, "calibration", options.seed)
     compressed = compress_finetune(
-        ctx, src, base_name, name, embeddings=embeddings, force=force, allow_nonfinite=allow_nonfinite
+        ctx, src, base_name, name, embeddings=embeddings, force=force, allow_nonfinite=allow_nonfinite, codec=codec
     )
     if hub is not None:
         compressed.hub_repo_id, compressed.hub_revision = hub

@@ -1,10 +1,11 @@
-"""``compress``: store a fine-tune as a 1-bit delta against a stored base.
+"""``compress``: store a fine-tune as a delta against a stored base.
 
-Per tensor, in name order:
+Per tensor, in name order, the codec (:mod:`deltahub.codec.registry`) is:
 
 * ``same``  – bit-identical to the base tensor (same dtype and bytes): nothing stored;
-* ``sign1`` – 2-D floating weight matrices of the same shape as the base (embeddings and the LM head
-  too unless ``embeddings="dense"``): packed signs of Δ = W_ft − W_base and scale = mean(|Δ|) in fp32;
+* the matrix codec (``codec``, default ``sign1``: packed signs of Δ = W_ft − W_base and
+  scale = mean(|Δ|) in fp32) – every tensor that codec ``accepts`` (for ``sign1``: 2-D floating
+  weight matrices of the base's shape), embeddings and the LM head too unless ``embeddings="dense"``;
 * ``dense`` – everything else (1-D tensors, non-float tensors, embeddings with ``"dense"``, a resized
   vocabulary, tensors the base does not have): the fine-tuned tensor itself.
 
@@ -24,7 +25,8 @@ from typing import Any
 
 import torch
 
-from deltahub.codec import PACKING_V1, Codec, CodecError, NonFiniteDeltaError, encode_sign1
+from deltahub import codec as codecs
+from deltahub.codec import PACKING_V1, CodecError, NonFiniteDeltaError, TensorCodec
 from deltahub.errors import CodecError as DeltaCodecError
 from deltahub.errors import IncompatibleBaseError, InputError
 from deltahub.formats.checkpoint import Checkpoint, open_checkpoint
@@ -47,7 +49,8 @@ EMBEDDING_NAME_RE = re.compile(
 
 
 class EmbeddingsMode(str, enum.Enum):
-    """How token/position embeddings and the LM head are stored."""
+    """How token/position embeddings and the LM head are stored: ``dense``, or with the matrix codec
+    (``sign1`` is kept as the name of that choice: it is what every release before codecs meant)."""
 
     DENSE = "dense"
     SIGN1 = "sign1"
@@ -56,6 +59,8 @@ class EmbeddingsMode(str, enum.Enum):
 #: Measured on SmolLM2-135M + a Shakespeare fine-tune (docs/design.md): sign1 embeddings keep
 #: 94% of the fine-tune's perplexity gain at 15.3x smaller, dense ones 96% at 2.3x.
 DEFAULT_EMBEDDINGS = EmbeddingsMode.SIGN1
+#: The codec of a delta's matrices (any registered codec that stores a delta).
+DEFAULT_CODEC = "sign1"
 
 
 @dataclass
@@ -82,9 +87,20 @@ def is_embedding(name: str, shape: tuple[int, ...], vocab_size: int | None) -> b
     return bool(vocab_size) and len(shape) == 2 and shape[0] == vocab_size
 
 
+def matrix_codec(name: str) -> TensorCodec:
+    """The registered codec ``name`` as the codec of a delta's matrices (it must store deltas)."""
+    try:
+        impl = codecs.get(name)
+    except CodecError as exc:
+        raise InputError(str(exc), "pick one of the codecs listed, or register yours first") from None
+    if impl is codecs.SAME or not impl.uses_base:
+        raise InputError(f"codec {name!r} does not store a delta", f"use --codec {codecs.SIGN1.name} or another delta codec")
+    return impl
+
+
 def plan_codecs(
-    ft: Checkpoint, base: Resolved, embeddings: EmbeddingsMode
-) -> dict[str, Codec]:
+    ft: Checkpoint, base: Resolved, embeddings: EmbeddingsMode, matrix: TensorCodec | None = None
+) -> dict[str, TensorCodec]:
     """The codec each fine-tune tensor *may* use (``same`` is decided later, from the bytes).
 
     Raises :class:`IncompatibleBaseError` when the fine-tune does not fit the base.
@@ -106,13 +122,14 @@ def plan_codecs(
             f"{', '.join(missing[:3])}{more}",
             "check that this is a complete checkpoint fine-tuned from that base",
         )
+    matrix = matrix or codecs.SIGN1
     vocab = ft.config.get("vocab_size")
-    plan: dict[str, Codec] = {}
+    plan: dict[str, TensorCodec] = {}
     for name in sorted(ft.tensors):
         shape = ft.shape(name)
         rec = bman.tensors.get(name)
         if rec is None:
-            plan[name] = Codec.DENSE  # a tensor the base does not have
+            plan[name] = codecs.DENSE  # a tensor the base does not have
             continue
         if rec.shape != shape:
             resized_vocab = (
@@ -126,15 +143,13 @@ def plan_codecs(
                     f"in base {base.name!r}",
                     "compress against the base model this was fine-tuned from",
                 )
-            plan[name] = Codec.DENSE
+            plan[name] = codecs.DENSE
             continue
-        floating = ft.dtype(name).is_floating_point and dtype_from_name(rec.dtype).is_floating_point
-        if len(shape) == 2 and floating and (
-            embeddings is EmbeddingsMode.SIGN1 or not is_embedding(name, shape, vocab)
-        ):
-            plan[name] = Codec.SIGN1
+        fits = matrix.accepts(shape, ft.dtype(name), rec.shape, dtype_from_name(rec.dtype))
+        if fits and (embeddings is not EmbeddingsMode.DENSE or not is_embedding(name, shape, vocab)):
+            plan[name] = matrix
         else:
-            plan[name] = Codec.DENSE
+            plan[name] = codecs.DENSE
     return plan
 
 
@@ -162,10 +177,10 @@ def _rel_norm(ft: torch.Tensor, base: torch.Tensor) -> float | None:
     return math.sqrt(delta_sq / base_sq)
 
 
-def _encode_sign1(tname: str, base_t: torch.Tensor, tensor: torch.Tensor, allow_nonfinite: bool):
-    """``encode_sign1``, or None for a non-finite delta when ``allow_nonfinite`` (stored dense then)."""
+def _encode_delta(impl: TensorCodec, tname: str, base_t: torch.Tensor, tensor: torch.Tensor, allow_nonfinite: bool):
+    """``impl.encode``, or None for a non-finite delta when ``allow_nonfinite`` (stored dense then)."""
     try:
-        return encode_sign1(base_t, tensor)
+        return impl.encode(base_t, tensor)
     except CodecError as exc:
         if not isinstance(exc, NonFiniteDeltaError):
             raise DeltaCodecError(f"cannot compress tensor {tname!r}: {exc}") from None
@@ -191,6 +206,7 @@ def compress_finetune(
     force: bool = False,
     verify_base: bool = True,
     allow_nonfinite: bool = False,
+    codec: str = DEFAULT_CODEC,
 ) -> CompressResult:
     """Compress the checkpoint at ``src`` against stored base ``base_name`` and name it ``name``.
 
@@ -204,6 +220,7 @@ def compress_finetune(
     from deltahub.ops.hub_source import fetch_checkpoint, looks_like_hub_id
 
     embeddings = EmbeddingsMode(embeddings)
+    matrix = matrix_codec(codec)
     validate_name(name)
     hub: tuple[str, str] | None = None
     if looks_like_hub_id(src):
@@ -212,7 +229,7 @@ def compress_finetune(
     # The writer lock is taken before the base is resolved, so gc cannot remove the base's objects
     # between the lookup and the reads (gc waits for writers).
     with ctx.writing():
-        result = _compress_locked(ctx, Path(src), base_name, name, embeddings, force, verify_base, allow_nonfinite)
+        result = _compress_locked(ctx, Path(src), base_name, name, embeddings, force, verify_base, allow_nonfinite, matrix)
     if hub is not None:
         result.hub_repo_id, result.hub_revision = hub
     return result
@@ -227,6 +244,7 @@ def _compress_locked(
     force: bool,
     verify_base: bool,
     allow_nonfinite: bool = False,
+    matrix: TensorCodec | None = None,
 ) -> CompressResult:
     base = ctx.resolve(base_name)
     if base.manifest.kind is not ModelKind.BASE:
@@ -235,7 +253,7 @@ def _compress_locked(
             "pass the base model with --base (see `deltahub ls`)",
         )
     ft = open_checkpoint(Path(src))
-    plan = plan_codecs(ft, base, embeddings)
+    plan = plan_codecs(ft, base, embeddings, matrix)
     ctx.check_name_free(name, force)
 
     bman = base.manifest
@@ -265,47 +283,43 @@ def _compress_locked(
             shape = tuple(tensor.shape)
             dtype = dtype_name(tensor.dtype)
             brec = bman.tensors.get(tname)
-            stat = TensorStat(tname, planned.value, dtype, shape, 0)
+            stat = TensorStat(tname, planned.name, dtype, shape, 0)
+            chosen: TensorCodec = planned
             enc = None
-            codec: Codec | None = None
             if base_t is not None and _bit_identical(tensor, base_t):
                 if not allow_nonfinite:
                     check_finite(tensor, tname, "the fine-tune")
-                codec = Codec.SAME
-                records[tname] = TensorRecord(tname, codec, dtype, shape)
-                stat.rel_delta_norm = 0.0
-                stat.rel_recon_error = 0.0
-            elif planned is Codec.SIGN1:
+                chosen = codecs.SAME
+                enc = chosen.encode(base_t, tensor)
+            elif planned.uses_base:
                 assert base_t is not None
-                enc = _encode_sign1(tname, base_t, tensor, allow_nonfinite)
-            if codec is None and planned is Codec.SIGN1 and enc is not None:
-                codec = Codec.SIGN1
-                info = ctx.put(tensor_bytes(enc.packed), Compression.NONE)
-                objects[info.sha256] = info
-                records[tname] = TensorRecord(tname, codec, dtype, shape, object=info.sha256, scale=enc.scale)
-                stat.stored_bytes = info.stored_size
-                stat.scale = enc.scale
-                norm = enc.stats.rel_delta_norm
-                stat.rel_delta_norm = norm if math.isfinite(norm) else None
-                stat.rel_recon_error = enc.rel_recon_error
-            elif codec is None:  # dense, or a sign1 matrix whose delta is not finite (allowed)
-                if planned is not Codec.SIGN1 and not allow_nonfinite:
+                enc = _encode_delta(planned, tname, base_t, tensor, allow_nonfinite)
+                if enc is None:  # a matrix whose delta is not finite (allowed): stored dense
+                    chosen = codecs.DENSE
+            if enc is None:
+                if chosen is planned and not allow_nonfinite:
                     check_finite(tensor, tname, "the fine-tune")
-                codec = Codec.DENSE
-                info = ctx.put(tensor_bytes(tensor), Compression.AUTO)
-                objects[info.sha256] = info
-                records[tname] = TensorRecord(tname, codec, dtype, shape, object=info.sha256)
-                stat.stored_bytes = info.stored_size
+                chosen = codecs.DENSE
+                enc = chosen.encode(None, tensor)
                 if base_t is not None and tensor.is_floating_point() and base_t.is_floating_point():
                     norm = _rel_norm(tensor, base_t)
-                    stat.rel_delta_norm = norm if norm is not None and math.isfinite(norm) else None
-                stat.rel_recon_error = 0.0
-            stat.codec = codec.value
-            if codec in (Codec.SAME, Codec.SIGN1):
+                    enc.rel_delta_norm = norm if norm is not None and math.isfinite(norm) else None
+            parts: dict[str, str] = {}
+            for part in chosen.part_names:
+                info = ctx.put(tensor_bytes(enc.parts[part]), Compression.AUTO if chosen.compressible else Compression.NONE)
+                objects[info.sha256] = info
+                parts[part] = info.sha256
+                stat.stored_bytes += info.stored_size
+            records[tname] = TensorRecord(tname, chosen.name, dtype, shape, parts=parts, params=dict(enc.params))
+            stat.codec = chosen.name
+            stat.scale = records[tname].scale
+            stat.rel_delta_norm = enc.rel_delta_norm
+            stat.rel_recon_error = enc.rel_recon_error
+            if chosen.uses_base:
                 assert brec is not None and brec.object is not None
                 used_base[tname] = brec.object
             stats.append(stat)
-            result.codecs[codec.value] = result.codecs.get(codec.value, 0) + 1
+            result.codecs[chosen.name] = result.codecs.get(chosen.name, 0) + 1
             bar.update(tensor.numel() * tensor.element_size())
             del tensor, base_t
     manifest = Manifest(

@@ -353,7 +353,7 @@ class StoreContext:
                     ManifestRow(
                         id=manifest_id,
                         kind=manifest.kind.value,
-                        format_version=manifest.format_version,
+                        format_version=manifest.version(),
                         base_id=manifest.base.manifest if manifest.base else None,
                         model_type=manifest.model_type,
                         dtype=manifest.dtype,

@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 
-from deltahub.codec import Codec
 from deltahub.errors import DeltaHubError, InputError
 from deltahub.fileio import disk_full_as, write_file
 from deltahub.formats.checkpoint import AUX_FILES
@@ -21,7 +20,8 @@ from deltahub.ops.materialize import parse_output_dtype
 from deltahub.ops.reconstruct import ModelSource
 from deltahub.progress import progress_bar
 from deltahub.runtime import DeltaEmbedding, DeltaLinear, choose_backend
-from deltahub.runtime.patch import SignDelta, install_sign_deltas
+from deltahub.codec import DeltaOperator
+from deltahub.runtime.patch import install_deltas
 
 logger = logging.getLogger(__name__)
 
@@ -145,22 +145,22 @@ def _load_delta_mode(source: ModelSource, name: str, out_dtype: torch.dtype, tra
     manifest = source.manifest
     specs = source.specs(out_dtype)
     state_dict: dict[str, torch.Tensor] = {}
-    deltas: dict[str, SignDelta] = {}
+    deltas: dict[str, DeltaOperator] = {}
     with progress_bar(len(specs), f"load {name} (delta mode)", unit="tensor") as bar:
-        for spec, (stored, base) in zip(specs, source.iter_inputs(specs)):
+        for spec, inputs in zip(specs, source.iter_inputs(specs)):
             rec = manifest.tensors[spec.name]
-            if rec.codec is Codec.SIGN1:
-                assert stored is not None and base is not None and rec.scale is not None
-                deltas[spec.name] = SignDelta(stored.clone(), rec.scale)
-                state_dict[spec.name] = _owned(base, spec.dtype)
+            op = None
+            if inputs.base is not None and inputs.parts:  # a codec with a delta to apply
+                op = rec.impl.operator({p: t.clone() for p, t in inputs.parts.items()}, rec.params, rec.shape)
+            if op is not None:
+                deltas[spec.name] = op
+                state_dict[spec.name] = _owned(inputs.base, spec.dtype)
             else:  # dense: the fine-tune's tensor; same: the base's
-                src = stored if stored is not None else base
-                assert src is not None
-                state_dict[spec.name] = _owned(src, spec.dtype)
+                state_dict[spec.name] = source.fill_new(spec.name, inputs, spec.dtype)
             bar.update(1)
     model = build_model(source, name, out_dtype, state_dict)
     del state_dict
-    leftover = install_sign_deltas(model, deltas, trainable_scales=trainable_scales)
+    leftover = install_deltas(model, deltas, trainable_scales=trainable_scales)
     params = dict(model.named_parameters(remove_duplicate=False))
     for tname in leftover:
         target = params.get(tname)
@@ -172,8 +172,9 @@ def _load_delta_mode(source: ModelSource, name: str, out_dtype: torch.dtype, tra
         logger.info("delta mode: %s is not a Linear/Embedding weight; materializing that tensor", tname)
         with torch.no_grad():
             target.copy_(source.tensor(tname, target.dtype))
-    for pname, p in model.named_parameters():
-        p.requires_grad_(trainable_scales and pname.endswith(".scale"))
+    trainable = {id(p) for m in model.modules() if isinstance(m, DeltaLinear | DeltaEmbedding) for p in m.delta.trainable().values()}
+    for p in model.parameters():
+        p.requires_grad_(trainable_scales and id(p) in trainable)
     n_modules = sum(isinstance(m, DeltaLinear | DeltaEmbedding) for m in model.modules())
     logger.info("loaded %s in delta mode: %d delta module(s), %d tensor(s) materialized", name, n_modules, len(leftover))
     return model

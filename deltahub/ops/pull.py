@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deltahub.codec import Codec
 from deltahub.errors import (
     CorruptObjectError,
     HubConnectionError,
@@ -236,8 +235,8 @@ def pull(ctx: StoreContext, repo: str, name: str | None = None, force: bool = Fa
                         if entry is None or entry.dtype != dtype_from_name(t.stored.dtype) or entry.shape != t.stored.shape:
                             raise _corrupt(f"tensor {t.name!r} (file {shard})", at)
                         view = tensor_bytes(reader.read(t.key, copy=False))
-                        codec = manifest.tensors[t.name].codec
-                        tinfo = ctx.put(view, Compression.NONE if codec is Codec.SIGN1 else Compression.AUTO)
+                        compressible = manifest.tensors[t.name].impl.compressible
+                        tinfo = ctx.put(view, Compression.AUTO if compressible else Compression.NONE)
                         if tinfo.sha256 != t.stored.object:  # hashed while written; rolled back
                             raise _corrupt(f"tensor {t.name!r} (file {shard})", at)
                         objects[tinfo.sha256] = tinfo
@@ -249,10 +248,10 @@ def pull(ctx: StoreContext, repo: str, name: str | None = None, force: bool = Fa
         stats = [
             TensorStat(
                 tname,
-                rec.codec.value,
+                rec.codec,
                 rec.dtype,
                 tuple(rec.shape),
-                objects[rec.object].stored_size if rec.object is not None else 0,
+                sum(objects[oid].stored_size for oid in rec.parts.values()),
                 scale=rec.scale,
             )
             for tname, rec in manifest.tensors.items()

@@ -1,13 +1,10 @@
 """Rebuilding a stored model's tensors one at a time (shared by ``materialize`` and ``load_model``).
 
-For a delta, tensor ``name`` in output dtype ``D`` is:
-
-* ``same``:  ``W_base.to(D)``
-* ``dense``: ``W_ft.to(D)``
-* ``sign1``: ``(W_base.to(float32) + scale * S).to(D)``, S ∈ {−1, +1} from the packed bits
-  (see :func:`deltahub.codec.decode_sign1`); exact and deterministic.
-
-Non-floating tensors keep their own dtype.
+For a delta, tensor ``name`` in output dtype ``D`` is its codec's exact decode
+(:meth:`deltahub.codec.TensorCodec.decode`) of the parts stored for it and, when the codec
+``uses_base``, the base tensor of the same name; e.g. ``same``: ``W_base.to(D)``, ``dense``:
+``W_ft.to(D)``, ``sign1``: ``(W_base.to(float32) + scale * S).to(D)``. Every part and base tensor is
+hash-verified as it is read. Non-floating tensors keep their own dtype.
 """
 
 from __future__ import annotations
@@ -19,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from deltahub.codec import Codec, decode_sign1, packed_shape
+from deltahub.codec import CodecError
 from deltahub.errors import CorruptObjectError
 from deltahub.formats import safe_json
 from deltahub.formats.manifest import Manifest, ModelKind, TensorRecord
@@ -28,6 +25,16 @@ from deltahub.ops.context import Resolved, StoreContext
 from deltahub.ops.prefetch import prefetched
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Inputs:
+    """What one tensor is rebuilt from: its stored parts and (codecs that use it) the base tensor.
+    ``name`` says whose they are, so inputs can never be applied to another tensor."""
+
+    name: str
+    parts: dict[str, torch.Tensor]
+    base: torch.Tensor | None
 
 
 @dataclass
@@ -74,59 +81,52 @@ class ModelSource:
         assert brec.object is not None
         return self.ctx.read_tensor(brec.object, brec.dtype, brec.shape, verify=self.verify, owned=False)
 
-    def _inputs(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Read (and hash-verify) what tensor ``name`` is rebuilt from: (stored object, base tensor)."""
-        rec = self.manifest.tensors[name]
-        if rec.codec is Codec.DENSE:
-            assert rec.object is not None
-            return self.ctx.read_tensor(rec.object, rec.dtype, rec.shape, verify=self.verify, owned=False), None
-        if rec.codec is Codec.SAME:
-            return None, self._base_tensor(name)
-        if rec.codec is Codec.SIGN1:
-            assert rec.object is not None
-            n, k = rec.shape
-            packed = self.ctx.read_tensor(rec.object, "int32", packed_shape(n, k), verify=self.verify, owned=False)
-            return packed, self._base_tensor(name)
-        raise CorruptObjectError(f"tensor {name!r} has codec {rec.codec}", "run `deltahub verify`")
+    def parts(self, rec: TensorRecord, owned: bool = False) -> dict[str, torch.Tensor]:
+        """The stored parts of ``rec`` (part name → tensor, laid out as its codec says), each
+        hash-verified when this source verifies. ``owned``: writable copies, else read-only views."""
+        specs = rec.impl.part_specs(rec.shape, dtype_from_name(rec.dtype), rec.params)
+        return {
+            part: self.ctx.read_tensor(oid, dtype_name(specs[part].dtype), specs[part].shape, verify=self.verify, owned=owned)
+            for part, oid in rec.parts.items()
+        }
 
-    def _finish(
-        self,
-        name: str,
-        inputs: tuple[torch.Tensor | None, torch.Tensor | None],
-        out_dtype: torch.dtype,
-    ) -> torch.Tensor:
+    def _inputs(self, name: str) -> Inputs:
+        """Read (and hash-verify) what tensor ``name`` is rebuilt from: its parts and, when its
+        codec uses it, the base tensor."""
         rec = self.manifest.tensors[name]
-        stored, base = inputs
-        if rec.codec is Codec.SIGN1:
-            assert stored is not None and base is not None and rec.scale is not None
-            return decode_sign1(base, stored, rec.scale, out_dtype)
-        t = stored if stored is not None else base
-        assert t is not None
-        # Inputs may be read-only views of memory-mapped objects: always hand out a new tensor.
-        return t.to(out_dtype) if t.dtype != out_dtype else t.clone()
+        base = self._base_tensor(name) if rec.impl.uses_base and self.base is not None else None
+        return Inputs(name, self.parts(rec), base)
+
+    def _decode(self, name: str, inputs: Inputs, out_dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        rec = self.manifest.tensors[name]
+        if inputs.name != name:  # the inputs of another tensor (equal shapes: q/k/v) must never be used
+            raise CorruptObjectError(f"tensor {name!r} was given the inputs of {inputs.name!r}", "report this bug")
+        try:
+            return rec.impl.decode(inputs.base, inputs.parts, rec.params, out_dtype, out=out)
+        except CodecError as exc:
+            raise CorruptObjectError(f"tensor {name!r} cannot be rebuilt: {exc}", "run `deltahub verify`") from None
+
+    def _finish(self, name: str, inputs: Inputs, out_dtype: torch.dtype) -> torch.Tensor:
+        return self._decode(name, inputs, out_dtype)
 
     def _input_bytes(self, spec: TensorSpec) -> int:
-        """Bytes read to rebuild ``spec`` (base tensor + stored object), for the prefetch budget."""
+        """Bytes read to rebuild ``spec`` (base tensor + stored parts), for the prefetch budget."""
         rec = self.manifest.tensors[spec.name]
-        own = math.prod(rec.shape) * dtype_from_name(rec.dtype).itemsize
-        if rec.codec is Codec.DENSE or self.base is None:
+        own = rec.impl.stored_nbytes(rec.shape, dtype_from_name(rec.dtype), rec.params)
+        if not rec.impl.uses_base or self.base is None:
             return own
         brec = self.base.tensors[spec.name]
-        return math.prod(brec.shape) * dtype_from_name(brec.dtype).itemsize + own // 16
+        return math.prod(brec.shape) * dtype_from_name(brec.dtype).itemsize + own
 
-    def fill(self, name: str, inputs: tuple[torch.Tensor | None, torch.Tensor | None], out: torch.Tensor) -> None:
+    def fill_new(self, name: str, inputs: Inputs, out_dtype: torch.dtype) -> torch.Tensor:
+        """Tensor ``name`` rebuilt from its read ``inputs`` in ``out_dtype`` (a new tensor)."""
+        return self._decode(name, inputs, out_dtype)
+
+    def fill(self, name: str, inputs: Inputs, out: torch.Tensor) -> None:
         """Rebuild tensor ``name`` from its read ``inputs`` straight into ``out`` (its dtype)."""
-        rec = self.manifest.tensors[name]
-        stored, base = inputs
-        if rec.codec is Codec.SIGN1:
-            assert stored is not None and base is not None and rec.scale is not None
-            decode_sign1(base, stored, rec.scale, out.dtype, out=out)
-            return
-        src = stored if stored is not None else base
-        assert src is not None
-        out.copy_(src)  # the dtype conversion rounds exactly like .to()
+        self._decode(name, inputs, out.dtype, out=out)
 
-    def iter_inputs(self, specs: list[TensorSpec]) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None]]:
+    def iter_inputs(self, specs: list[TensorSpec]) -> Iterator[Inputs]:
         """The read, hash-verified inputs of ``specs`` in order, read one tensor ahead."""
         for _spec, inputs in prefetched(specs, lambda spec: self._inputs(spec.name), size=self._input_bytes):
             yield inputs

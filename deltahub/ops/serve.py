@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from sqlalchemy import select
 
-from deltahub.codec import Codec, packed_shape
 from deltahub.errors import IncompatibleBaseError, InputError, NameNotFoundError, WrongBaseError
 from deltahub.formats.manifest import ModelKind
+from deltahub.formats.safetensors_io import dtype_from_name
 from deltahub.index.models import NameRow
 from deltahub.ops.context import Resolved, StoreContext
 from deltahub.ops.load import (
@@ -264,29 +264,26 @@ def _load_multi_tenant(
 
 
 def _changes(ctx: StoreContext, r: Resolved, base_manifest: Any, verify: bool) -> dict[str, TensorChange]:
-    """The tensors of delta ``r`` that differ from its base (packed signs stay packed)."""
+    """The tensors of delta ``r`` that differ from its base: a codec's operator (packed signs stay
+    packed), or the tenant's own tensor for codecs without one (``dense``)."""
     out: dict[str, TensorChange] = {}
+    source = ModelSource(ctx, r, base_manifest, verify)
     for name, rec in sorted(r.manifest.tensors.items()):
-        if rec.codec is Codec.SAME:
+        if not rec.parts:  # same: the base's tensor
             continue
-        assert rec.object is not None
-        if rec.codec is Codec.SIGN1:
-            n, k = rec.shape
-            packed = ctx.read_tensor(rec.object, "int32", packed_shape(n, k), verify=verify)
-            out[name] = TensorChange(packed=packed.clone(), scale=rec.scale)
-        elif rec.codec is Codec.DENSE:
-            brec = base_manifest.tensors.get(name)
-            if brec is None or tuple(brec.shape) != tuple(rec.shape):
-                raise IncompatibleBaseError(
-                    f"{r.name!r}: tensor {name!r} has shape {list(rec.shape)}, the base "
-                    f"{list(brec.shape) if brec else 'lacks it'}",
-                    "a fine-tune with a resized vocabulary or new tensors cannot share the base's "
-                    "batch; use `deltahub generate --mode materialize` or load_model(mode='delta')",
-                )
-            t = ctx.read_tensor(rec.object, rec.dtype, rec.shape, verify=verify)
-            out[name] = TensorChange(tensor=t.clone())
+        brec = base_manifest.tensors.get(name)
+        if brec is None or tuple(brec.shape) != tuple(rec.shape):
+            raise IncompatibleBaseError(
+                f"{r.name!r}: tensor {name!r} has shape {list(rec.shape)}, the base "
+                f"{list(brec.shape) if brec else 'lacks it'}",
+                "a fine-tune with a resized vocabulary or new tensors cannot share the base's "
+                "batch; use `deltahub generate --mode materialize` or load_model(mode='delta')",
+            )
+        op = rec.impl.operator(source.parts(rec, owned=True), rec.params, rec.shape) if rec.impl.uses_base else None
+        if op is not None:
+            out[name] = TensorChange(op=op)
         else:
-            raise InputError(f"{r.name!r}: codec {rec.codec} cannot be served", "upgrade deltahub")
+            out[name] = TensorChange(tensor=source.tensor(name, dtype_from_name(rec.dtype)))
     return out
 
 

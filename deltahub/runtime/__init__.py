@@ -9,7 +9,8 @@
 Imports only torch, transformers, :mod:`deltahub.codec` and :mod:`deltahub.kernels`.
 """
 
+from deltahub.codec import signs  # the sign1 torch path (it moved to the codec; the old name stays)
 from deltahub.runtime.backend import Backend, choose_backend, reset_backend_choice
 from deltahub.runtime.delta_linear import DeltaEmbedding, DeltaLinear
 
-__all__ = ["Backend", "DeltaEmbedding", "DeltaLinear", "choose_backend", "reset_backend_choice"]
+__all__ = ["signs", "Backend", "DeltaEmbedding", "DeltaLinear", "choose_backend", "reset_backend_choice"]

@@ -1,19 +1,18 @@
-"""``DeltaLinear`` and ``DeltaEmbedding``: a frozen base weight plus a 1-bit delta applied on the fly.
+"""``DeltaLinear`` and ``DeltaEmbedding``: a frozen base weight plus a codec's delta applied on the fly.
 
-For a base weight ``W`` ``[N, K]``, packed signs ``S`` (int32 ``[N, ceil(K/32)]``, layout v1) and a
-scale ``s``::
+For a base weight ``W`` ``[N, K]`` and the delta ``Δ`` of a codec's :class:`~deltahub.codec.DeltaOperator`
+(for ``sign1``: ``Δ = s·S``, packed signs ``S`` int32 ``[N, ceil(K/32)]`` and a scale ``s``)::
 
-    DeltaLinear(x)    = x·Wᵀ + s·(x·Sᵀ) + bias          x [..., K] -> [..., N]
-    DeltaEmbedding(i) = W[i] + s·S[i]                    i [...] int -> [..., K]
+    DeltaLinear(x)    = x·Wᵀ + x·Δᵀ + bias          x [..., K] -> [..., N]
+    DeltaEmbedding(i) = W[i] + Δ[i]                 i [...] int -> [..., K]
 
-which equals the materialized fine-tune ``(W + s·S)`` up to rounding, without ever building the
-``[N, K]`` delta. On a CUDA device with a working Triton the forward pass runs
-:func:`deltahub.kernels.sign_matmul`; elsewhere the chunked torch path of
-:mod:`deltahub.runtime.signs` (the choice is logged once, see :mod:`deltahub.runtime.backend`).
+which equals the materialized fine-tune ``(W + Δ)`` up to rounding, without ever building the
+``[N, K]`` delta. On a CUDA device with a working Triton the operator's kernel hook runs (``sign1``:
+:func:`deltahub.kernels.sign_matmul`, one fused call); elsewhere its torch path (``sign1``: the chunked
+products of :mod:`deltahub.codec.signs`; the choice is logged once, see :mod:`deltahub.runtime.backend`).
 
-Gradients: ``x`` and the scale (when ``trainable_scale``) get gradients; ``W``, ``bias`` and the
-packed signs never do. ``grad_scale = Σ grad_y ⊙ (x·Sᵀ) = Σ x ⊙ (grad_y·S)``, computed from the
-same chunked ``grad_y·S`` that gives ``grad_x``, so backward saves no unpacked signs.
+Gradients: ``x`` and the operator's trainable parameters (the scale, when ``trainable_scale``) get
+gradients; ``W``, ``bias`` and the stored parts never do.
 """
 
 from __future__ import annotations
@@ -25,18 +24,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deltahub.codec import DeltaOperator
 from deltahub.codec.codecs import CodecError
-from deltahub.codec.packing import WORD_BITS
-from deltahub.runtime import signs
+from deltahub.codec.sign_apply import SignOperator, check_packed, sign_delta as _sign_delta
 from deltahub.runtime.backend import Backend, choose_backend
 
-__all__ = ["DeltaLinear", "DeltaEmbedding", "sign_delta", "check_delta_args"]
+__all__ = ["DeltaLinear", "DeltaEmbedding", "sign_delta", "check_delta_args", "as_operator"]
 
 logger = logging.getLogger(__name__)
 
 
-def check_delta_args(weight: Tensor, packed: Tensor, bias: Tensor | None = None) -> None:
-    """Validate a base weight ``[N, K]``, its packed signs int32 ``[N, ceil(K/32)]`` and a bias ``[N]``.
+def check_delta_args(weight: Tensor, packed: Tensor | DeltaOperator, bias: Tensor | None = None) -> None:
+    """Validate a base weight ``[N, K]``, its delta (an operator of shape ``[N, K]``, or packed signs
+    int32 ``[N, ceil(K/32)]``) and a bias ``[N]``.
 
     Raises:
         CodecError: wrong rank, dtype, shape or device.
@@ -44,15 +44,30 @@ def check_delta_args(weight: Tensor, packed: Tensor, bias: Tensor | None = None)
     if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
         raise CodecError(f"the base weight must be a 2-D float tensor, got {_describe(weight)}")
     n, k = weight.shape
-    want = (n, -(-k // WORD_BITS))
-    if not isinstance(packed, Tensor) or packed.dtype != torch.int32 or tuple(packed.shape) != want:
-        raise CodecError(
-            f"packed signs for a [{n}, {k}] weight must be int32 {list(want)}, got {_describe(packed)}"
-        )
-    if packed.device != weight.device:
-        raise CodecError(f"packed signs are on {packed.device} but the weight is on {weight.device}")
+    if isinstance(packed, DeltaOperator):
+        if (packed.out_features, packed.in_features) != (n, k):
+            raise CodecError(
+                f"a delta of shape [{packed.out_features}, {packed.in_features}] does not fit a [{n}, {k}] weight"
+            )
+    else:
+        check_packed(packed, n, k)
+        if packed.device != weight.device:
+            raise CodecError(f"packed signs are on {packed.device} but the weight is on {weight.device}")
     if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (n,)):
         raise CodecError(f"the bias must have shape [{n}], got {_describe(bias)}")
+
+
+def as_operator(delta: Tensor | DeltaOperator, scale: float | Tensor | None, k: int, trainable: bool) -> DeltaOperator:
+    """``delta`` itself, or for packed signs and a scale the ``sign1`` operator."""
+    if isinstance(delta, DeltaOperator):
+        if scale is not None:
+            raise CodecError("a scale is given with a delta operator (it holds its own parameters)")
+        for p in delta.trainable().values():
+            p.requires_grad_(trainable)
+        return delta
+    if scale is None:
+        raise CodecError("packed signs need a scale")
+    return SignOperator(delta, scale, k, trainable=trainable)
 
 
 def _describe(t: Any) -> str:
@@ -61,84 +76,58 @@ def _describe(t: Any) -> str:
     return type(t).__name__
 
 
-def _kernels() -> Any:
+def _kernels_for(x: Tensor) -> Any:
+    """The ``deltahub.kernels`` module when the kernels run on ``x``'s device, else None."""
+    if choose_backend(x.device) is not Backend.TRITON:
+        return None
     from deltahub import kernels
 
     return kernels
 
 
-class _SignDelta(torch.autograd.Function):
-    """``d = scale·(x·Sᵀ)`` with gradients for ``x`` and ``scale`` (none for the packed signs)."""
-
-    @staticmethod
-    def forward(ctx: Any, x2d: Tensor, packed: Tensor, scale: Tensor, k: int, use_kernel: bool) -> Tensor:
-        ctx.save_for_backward(x2d, packed, scale)
-        ctx.k = k
-        if use_kernel:
-            return _kernels().sign_matmul(x2d, packed, scale.to(torch.float32)).to(x2d.dtype)
-        z = signs.sign_matmul_torch(x2d, packed, k)
-        return (z * scale.to(z.dtype)).to(x2d.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None, None, None]:
-        x2d, packed, scale = ctx.saved_tensors
-        need_x, _, need_scale = ctx.needs_input_grad[:3]
-        if not (need_x or need_scale):
-            return None, None, None, None, None
-        gs = signs.sign_matmul_t_torch(grad, packed, ctx.k)  # grad·S, [M, K]
-        grad_x = (gs * scale.to(gs.dtype)).to(x2d.dtype) if need_x else None
-        grad_scale = None
-        if need_scale:
-            grad_scale = (gs.to(torch.float32) * x2d.to(torch.float32)).sum().to(scale.dtype)
-        return grad_x, None, grad_scale, None, None
-
-
 def sign_delta(x2d: Tensor, packed: Tensor, scale: Tensor, k: int) -> Tensor:
-    """``scale·(x·Sᵀ)`` in ``x``'s dtype, differentiable in ``x`` and ``scale``.
+    """``scale·(x·Sᵀ)`` in ``x``'s dtype, differentiable in ``x`` and ``scale`` (the ``sign1``
+    operator's product, on the backend chosen for ``x``'s device).
 
     Args:
         x2d: ``[M, K]`` float. packed: int32 ``[N, ceil(K/32)]``. scale: 0-d fp32. k: ``K``.
-
-    Returns:
-        ``[M, N]`` in ``x2d.dtype``.
     """
-    use_kernel = choose_backend(x2d.device) is Backend.TRITON
-    return _SignDelta.apply(x2d, packed, scale, k, use_kernel)
+    return _sign_delta(x2d, packed, scale, k, _kernels_for(x2d))
 
 
-class _KeepFp32Scale(nn.Module):
-    """Keeps the ``scale`` parameter in fp32 through ``.to(dtype)``/``.half()`` (devices still move)."""
+class _HasDelta(nn.Module):
+    """``delta`` (a :class:`DeltaOperator` submodule) with the ``sign1`` attribute names kept:
+    ``packed`` and ``scale`` are the operator's, when it has them."""
 
-    scale: nn.Parameter
+    delta: DeltaOperator
 
-    def _init_scale(self, scale: float | Tensor, device: torch.device, trainable: bool) -> None:
-        """Set ``self.scale``: a 0-d fp32 parameter on ``device`` (a copy of ``scale``)."""
-        s = torch.as_tensor(scale, dtype=torch.float32).detach().clone().reshape(())
-        self.scale = nn.Parameter(s.to(device), requires_grad=trainable)
+    @property
+    def packed(self) -> Tensor:
+        return self.delta.packed  # type: ignore[return-value]
 
-    def _apply(self, fn: Any, recurse: bool = True) -> Any:  # type: ignore[override]
-        before = self.scale.data
-        out = super()._apply(fn, recurse)
-        if self.scale.dtype != torch.float32:
-            self.scale.data = before.to(device=self.scale.device, dtype=torch.float32)
-        return out
+    @property
+    def scale(self) -> nn.Parameter:
+        return self.delta.scale  # type: ignore[return-value]
 
 
-class DeltaLinear(_KeepFp32Scale):
-    """A linear layer ``x·Wᵀ + s·(x·Sᵀ) + bias`` whose delta stays packed.
+class DeltaLinear(_HasDelta):
+    """A linear layer ``x·Wᵀ + x·Δᵀ + bias`` whose delta stays in its codec's stored form.
+
+    ``DeltaLinear(weight, op, bias=...)`` takes a codec's :class:`DeltaOperator`;
+    ``DeltaLinear(weight, packed, scale, bias=...)`` builds the ``sign1`` one.
 
     Attributes:
         weight: frozen base weight ``[N, K]`` (``nn.Parameter`` with ``requires_grad=False``).
         bias: frozen ``[N]`` or ``None``.
-        packed: buffer, int32 ``[N, ceil(K/32)]`` packed signs (layout v1).
-        scale: ``nn.Parameter``, 0-d fp32; ``requires_grad=trainable_scale``.
+        delta: the operator (for ``sign1``, ``packed`` int32 ``[N, ceil(K/32)]`` and ``scale`` 0-d
+            fp32, also reachable as ``self.packed`` / ``self.scale``).
     """
 
     def __init__(
         self,
         weight: Tensor,
-        packed: Tensor,
-        scale: float | Tensor,
+        packed: Tensor | DeltaOperator,
+        scale: float | Tensor | None = None,
         bias: Tensor | None = None,
         trainable_scale: bool = False,
     ) -> None:
@@ -147,12 +136,12 @@ class DeltaLinear(_KeepFp32Scale):
         self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
         self.weight = nn.Parameter(weight.detach(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
-        self.register_buffer("packed", packed.detach())
-        self._init_scale(scale, weight.device, trainable_scale)
+        self.delta = as_operator(packed, scale, self.in_features, trainable_scale)
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, packed: Tensor, scale: float | Tensor, trainable_scale: bool = False
+        cls, linear: nn.Linear, packed: Tensor | DeltaOperator, scale: float | Tensor | None = None,
+        trainable_scale: bool = False,
     ) -> DeltaLinear:
         """Wrap ``linear`` (its weight and bias become the frozen base; no copy)."""
         return cls(linear.weight, packed, scale, bias=linear.bias, trainable_scale=trainable_scale)
@@ -163,21 +152,20 @@ class DeltaLinear(_KeepFp32Scale):
             raise CodecError(f"DeltaLinear expects inputs [..., {self.in_features}], got {list(x.shape)}")
         lead = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features)
-        grad = torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad)
-        if not grad and choose_backend(x.device) is Backend.TRITON:
-            xw = x2d if x2d.dtype == self.weight.dtype else x2d.to(self.weight.dtype)  # never copy W
-            y = _kernels().sign_matmul(xw, self.packed, self.scale, self.weight, self.bias)
-            return y.to(x.dtype).reshape(*lead, self.out_features)
+        kernels = _kernels_for(x)
+        grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.delta.trainable().values())
+        )
+        if not grad and kernels is not None:
+            y = self.delta.kernel_linear(kernels, x2d, self.weight, self.bias)
+            if y is not None:
+                return y.to(x.dtype).reshape(*lead, self.out_features)
         y = _base_linear(x2d, self.weight, self.bias)
-        y = y + sign_delta(x2d, self.packed, self.scale, self.in_features)
+        y = y + self.delta.matmul(x2d, kernels)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, scale={float(self.scale):.4g}, "
-            f"trainable_scale={self.scale.requires_grad}"
-        )
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 def _base_linear(x2d: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -187,19 +175,20 @@ def _base_linear(x2d: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return F.linear(x2d.to(weight.dtype), weight, bias).to(x2d.dtype)
 
 
-class DeltaEmbedding(_KeepFp32Scale):
-    """An embedding ``W[i] + s·S[i]`` (base rows plus scaled sign rows; nothing materialized).
+class DeltaEmbedding(_HasDelta):
+    """An embedding ``(W[i].float() + Δ[i]).to(dtype)`` (base rows plus the delta's rows; nothing
+    materialized): bit-identical to the materialized row.
 
     Attributes:
-        weight: frozen base table ``[V, H]``; packed: int32 ``[V, ceil(H/32)]``;
-        scale: ``nn.Parameter`` 0-d fp32; padding_idx as in :class:`torch.nn.Embedding`.
+        weight: frozen base table ``[V, H]``; delta: the operator (``sign1``: ``packed`` int32
+        ``[V, ceil(H/32)]`` and ``scale``); padding_idx as in :class:`torch.nn.Embedding`.
     """
 
     def __init__(
         self,
         weight: Tensor,
-        packed: Tensor,
-        scale: float | Tensor,
+        packed: Tensor | DeltaOperator,
+        scale: float | Tensor | None = None,
         padding_idx: int | None = None,
         trainable_scale: bool = False,
     ) -> None:
@@ -208,12 +197,12 @@ class DeltaEmbedding(_KeepFp32Scale):
         self.num_embeddings, self.embedding_dim = int(weight.shape[0]), int(weight.shape[1])
         self.padding_idx = padding_idx
         self.weight = nn.Parameter(weight.detach(), requires_grad=False)
-        self.register_buffer("packed", packed.detach())
-        self._init_scale(scale, weight.device, trainable_scale)
+        self.delta = as_operator(packed, scale, self.embedding_dim, trainable_scale)
 
     @classmethod
     def from_embedding(
-        cls, emb: nn.Embedding, packed: Tensor, scale: float | Tensor, trainable_scale: bool = False
+        cls, emb: nn.Embedding, packed: Tensor | DeltaOperator, scale: float | Tensor | None = None,
+        trainable_scale: bool = False,
     ) -> DeltaEmbedding:
         return cls(emb.weight, packed, scale, padding_idx=emb.padding_idx, trainable_scale=trainable_scale)
 
@@ -221,9 +210,8 @@ class DeltaEmbedding(_KeepFp32Scale):
         """``ids`` int ``[...]`` → ``[..., H]`` in the weight's dtype."""
         flat = ids.reshape(-1)
         base = F.embedding(flat, self.weight, self.padding_idx)
-        rows = signs.sign_rows(self.packed, flat, self.embedding_dim, torch.float32)
-        out = base.to(torch.float32) + self.scale * rows
+        out = base.to(torch.float32) + self.delta.rows(flat)
         return out.to(self.weight.dtype).reshape(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, scale={float(self.scale):.4g}"
+        return f"{self.num_embeddings}, {self.embedding_dim}"

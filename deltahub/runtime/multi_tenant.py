@@ -4,12 +4,13 @@ A model is loaded once with the base's tensors; :func:`install_tenants` then rep
 whose tensors differ in at least one tenant:
 
 * ``Linear`` / GPT-2 ``Conv1D`` → :class:`MultiTenantLinear`: the shared base GEMM for all rows, plus
-  per row ``scale_t·(x·S_tᵀ)`` from the stacked packed signs ``[T, N, W]``
-  (:func:`deltahub.kernels.multi_tenant_sign_matmul` on a GPU; on the CPU a memory-bounded torch path
-  grouping rows by tenant). Per-tenant biases are gathered per row; a tenant whose weight is stored
-  dense has its rows computed with that weight.
-* ``Embedding`` → :class:`MultiTenantEmbedding`: base rows plus the tenant's scaled sign rows (exactly
-  the materialized ``(W + s·S).to(dtype)`` row), or the tenant's dense table.
+  per row ``x[r]·Δ_tᵀ`` from the tenants' deltas, stacked per codec by the codec's own
+  :meth:`~deltahub.codec.DeltaOperator.stack` (``sign1``: packed signs ``[T, N, W]`` and scales,
+  :func:`deltahub.kernels.multi_tenant_sign_matmul` on a GPU; on the CPU a memory-bounded torch path
+  grouping rows by tenant; other codecs: each tenant's rows through its operator). Per-tenant biases
+  are gathered per row; a tenant whose weight is stored dense has its rows computed with that weight.
+* ``Embedding`` → :class:`MultiTenantEmbedding`: base rows plus the tenant's delta rows (exactly
+  the materialized ``(W.float() + Δ).to(dtype)`` row), or the tenant's dense table.
 * anything else with per-tenant tensors (norm weights and biases, …) → :class:`MultiTenantModule`:
   the module is run with each tenant's tensors (``torch.func.functional_call``) on that tenant's rows.
 
@@ -30,16 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deltahub.codec import DeltaOperator, TenantDeltas
 from deltahub.codec.codecs import CodecError
-from deltahub.codec.packing import WORD_BITS
-from deltahub.runtime import signs
 from deltahub.runtime.backend import Backend, choose_backend
-from deltahub.runtime.patch import is_conv1d, module_owners, set_module, transpose_packed
+from deltahub.runtime.patch import is_conv1d, module_owners, set_module
 
 __all__ = [
     "TenantError",
     "TenantState",
     "TensorChange",
+    "build_stacks",
     "MultiTenantLinear",
     "MultiTenantEmbedding",
     "MultiTenantModule",
@@ -59,16 +60,15 @@ class TenantError(ValueError):
 
 @dataclass
 class TensorChange:
-    """How one tensor of one tenant differs from the base: ``sign1`` (``packed`` int32 ``[R, ceil(C/32)]``
-    of the stored ``[R, C]`` tensor, and ``scale``) or ``dense`` (``tensor``, the tenant's own)."""
+    """How one tensor of one tenant differs from the base: a delta (``op``, its codec's operator of
+    the stored ``[R, C]`` tensor) or ``tensor`` (the tenant's own, stored dense)."""
 
-    packed: Tensor | None = None
-    scale: float | None = None
+    op: DeltaOperator | None = None
     tensor: Tensor | None = None
 
     @property
-    def is_sign1(self) -> bool:
-        return self.packed is not None
+    def is_delta(self) -> bool:
+        return self.op is not None
 
 
 @dataclass
@@ -109,43 +109,15 @@ class TenantState:
         return hit
 
 
-@dataclass
-class SignStack:
-    """The ``sign1`` deltas of one weight ``[N, K]`` for several tenants.
-
-    Attributes:
-        packed: int32 ``[T_s, N, ceil(K/32)]`` (the tenants that have a sign delta, in id order).
-        scales: fp32 ``[T_s]``.
-        slot: int64 ``[T]``: tenant → index into ``packed``, ``-1`` for tenants without one.
-    """
-
-    packed: Tensor
-    scales: Tensor
-    slot: Tensor
-
-    @classmethod
-    def build(cls, sign: dict[int, tuple[Tensor, float]], n_tenants: int, n: int, k: int,
-              device: torch.device) -> SignStack:
-        tenants = sorted(sign)
-        w = -(-k // WORD_BITS)
-        for t in tenants:
-            if tuple(sign[t][0].shape) != (n, w) or sign[t][0].dtype != torch.int32:
-                raise CodecError(f"tenant {t}: packed signs {list(sign[t][0].shape)} do not fit [{n}, {k}]")
-        slot = torch.full((n_tenants,), -1, dtype=torch.int64)
-        for i, t in enumerate(tenants):
-            slot[t] = i
-        if tenants:
-            packed = torch.stack([sign[t][0] for t in tenants])
-        else:
-            packed = torch.zeros((0, n, w), dtype=torch.int32)
-        scales = torch.tensor([sign[t][1] for t in tenants], dtype=torch.float32)
-        return cls(packed.to(device), scales.to(device), slot.to(device))
-
-
-def _kernel_ids(slot: Tensor, row_tenant: Tensor) -> Tensor:
-    """Tenant of each row (int64 ``[R]``) → index into the stacked signs via ``slot`` (int64 ``[T]``,
-    see :class:`SignStack`), ``-1`` for base-only rows: int64 ``[R]``, for the kernel."""
-    return torch.where(row_tenant >= 0, slot[row_tenant.clamp(min=0)], -1)
+def build_stacks(ops: dict[int, DeltaOperator], n_tenants: int, n: int, k: int) -> list[TenantDeltas]:
+    """The tenants' operators of one ``[N, K]`` weight, stacked per operator type (per codec)."""
+    by_type: dict[type, dict[int, DeltaOperator]] = {}
+    for t in sorted(ops):
+        op = ops[t]
+        if (op.out_features, op.in_features) != (n, k):
+            raise CodecError(f"tenant {t}: a delta of shape [{op.out_features}, {op.in_features}] does not fit [{n}, {k}]")
+        by_type.setdefault(type(op), {})[t] = op
+    return [cls.stack(group, n_tenants) for cls, group in by_type.items()]
 
 
 def _batch_of_rows(ids: Tensor, x: Tensor) -> Tensor:
@@ -155,13 +127,12 @@ def _batch_of_rows(ids: Tensor, x: Tensor) -> Tensor:
 
 
 class MultiTenantLinear(nn.Module):
-    """``y[r] = x[r]·Wᵀ + s_t·(x[r]·S_tᵀ) + b_t`` for ``t`` = the tenant of row ``r``.
+    """``y[r] = x[r]·Wᵀ + x[r]·Δ_tᵀ + b_t`` for ``t`` = the tenant of row ``r``.
 
     Attributes:
         weight: frozen shared base ``[N, K]``.
-        packed: int32 ``[T_s, N, ceil(K/32)]``: signs of the tenants with a ``sign1`` weight.
-        scales: fp32 ``[T_s]``.
-        slot: int64 ``[T]``: tenant → index into ``packed`` (``-1``: no sign delta for this tenant).
+        stacks: the tenants' deltas of this weight, one :class:`~deltahub.codec.TenantDeltas` per
+            codec present (``sign1``: packed ``[T_s, N, ceil(K/32)]``, scales ``[T_s]``, slot ``[T]``).
         bias: ``[N]`` shared base bias, or ``None``; bias_stack: ``[T+1, N]`` (row 0 = base,
             row ``t+1`` = tenant ``t``) when some tenant's bias differs, else ``None``.
         dense weights: tenant ``t`` whose weight is stored dense has buffer ``dense_weight_{t}``
@@ -173,7 +144,7 @@ class MultiTenantLinear(nn.Module):
         weight: Tensor,
         bias: Tensor | None,
         state: TenantState,
-        stack: SignStack,
+        stacks: list[TenantDeltas],
         dense: dict[int, Tensor],
         biases: dict[int, Tensor],
     ) -> None:
@@ -183,12 +154,7 @@ class MultiTenantLinear(nn.Module):
         self.state = state
         self.weight = nn.Parameter(weight.detach(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
-        if tuple(stack.packed.shape[1:]) != (n, -(-k // WORD_BITS)):
-            raise CodecError(f"packed signs {list(stack.packed.shape)} do not fit a [{n}, {k}] weight")
-        self.register_buffer("packed", stack.packed)
-        self.register_buffer("scales", stack.scales)
-        self.register_buffer("slot", stack.slot)
-        self._slots: list[int] = stack.slot.tolist()  # host copy: no device sync per forward
+        self.stacks = nn.ModuleList(stacks)
         self.dense_tenants = sorted(dense)
         for t in self.dense_tenants:
             if tuple(dense[t].shape) != (n, k):
@@ -210,20 +176,17 @@ class MultiTenantLinear(nn.Module):
             raise TenantError(f"input dtype {x.dtype} does not match the model's {w.dtype}")
         row_tenant = _batch_of_rows(ids, x)
         per = x2d.shape[0] // max(1, x.shape[0])  # rows of x2d per batch row
-        if self.packed.shape[0] and choose_backend(x.device) is Backend.TRITON and not torch.is_grad_enabled():
+        y = None
+        if len(self.stacks) == 1 and choose_backend(x.device) is Backend.TRITON and not torch.is_grad_enabled():
             from deltahub import kernels
 
-            kernel_ids = _kernel_ids(self.slot, row_tenant)
-            y = kernels.multi_tenant_sign_matmul(x2d, w, self.packed, self.scales, kernel_ids, validate=False)
-        else:
+            y = self.stacks[0].kernel_linear(kernels, x2d, w, row_tenant)
+        if y is None:
             y = F.linear(x2d, w)
-            for t, brows in self.state.groups(x.device):
-                if t == BASE or self._slots[t] < 0:
-                    continue
-                s = self._slots[t]
-                rows = _expand(brows, per)
-                z = signs.sign_matmul_torch(x2d.index_select(0, rows), self.packed[s], self.in_features)
-                y.index_add_(0, rows, (z * self.scales[s].to(z.dtype)).to(y.dtype))
+            if len(self.stacks):
+                groups = [(t, _expand(brows, per)) for t, brows in self.state.groups(x.device) if t != BASE]
+                for stack in self.stacks:
+                    stack.add_matmul(y, x2d, groups)
         if self.bias_stack is not None:
             y = y + self.bias_stack.index_select(0, row_tenant + 1)
         elif self.bias is not None:
@@ -239,7 +202,7 @@ class MultiTenantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"sign_tenants={self.packed.shape[0]}, dense_tenants={len(self.dense_tenants)}, "
+            f"delta_tenants={sum(len(st.tenants) for st in self.stacks)}, dense_tenants={len(self.dense_tenants)}, "
             f"per_tenant_bias={self.bias_stack is not None}"
         )
 
@@ -252,10 +215,11 @@ def _expand(batch_rows: Tensor, per: int) -> Tensor:
 
 
 class MultiTenantEmbedding(nn.Module):
-    """``out[b, l] = E_t[ids[b, l]]`` with ``E_t`` tenant ``t``'s table: ``(W + s_t·S_t)`` (rows built on
-    lookup, rounded like the materialized table) or its dense table; the base ``W`` for ``-1``.
+    """``out[b, l] = E_t[ids[b, l]]`` with ``E_t`` tenant ``t``'s table: ``(W.float() + Δ_t).to(dtype)``
+    (rows built on lookup, rounded like the materialized table) or its dense table; the base ``W``
+    for ``-1``.
 
-    Attributes: weight ``[V, H]`` (frozen base), packed/scales/slot as in :class:`SignStack`,
+    Attributes: weight ``[V, H]`` (frozen base), stacks as in :class:`MultiTenantLinear`,
     ``dense_weight_{t}`` ``[V, H]`` for tenants stored dense.
     """
 
@@ -264,7 +228,7 @@ class MultiTenantEmbedding(nn.Module):
         weight: Tensor,
         padding_idx: int | None,
         state: TenantState,
-        stack: SignStack,
+        stacks: list[TenantDeltas],
         dense: dict[int, Tensor],
     ) -> None:
         super().__init__()
@@ -272,10 +236,8 @@ class MultiTenantEmbedding(nn.Module):
         self.padding_idx = padding_idx
         self.state = state
         self.weight = nn.Parameter(weight.detach(), requires_grad=False)
-        self.register_buffer("packed", stack.packed)
-        self.register_buffer("scales", stack.scales)
-        self.register_buffer("slot", stack.slot)
-        self._slots: list[int] = stack.slot.tolist()
+        self.stacks = nn.ModuleList(stacks)
+        self._stack_of = {t: i for i, st in enumerate(stacks) for t in st.tenants}
         self.dense_tenants = sorted(dense)
         for t in self.dense_tenants:
             if tuple(dense[t].shape) != tuple(weight.shape):
@@ -290,11 +252,10 @@ class MultiTenantEmbedding(nn.Module):
         for t, brows in self.state.groups(ids_tok.device):
             if t in self.dense_tenants:
                 out[brows] = F.embedding(ids_tok[brows], getattr(self, f"dense_weight_{t}"), self.padding_idx)
-            elif t != BASE and self._slots[t] >= 0:
-                i = self._slots[t]
+            elif t != BASE and t in self._stack_of:
                 tok = ids_tok[brows].reshape(-1)
-                s = signs.sign_rows(self.packed[i], tok, self.embedding_dim, torch.float32)
-                rows = self.weight.index_select(0, tok).to(torch.float32) + self.scales[i] * s
+                delta = self.stacks[self._stack_of[t]].rows(t, tok)
+                rows = self.weight.index_select(0, tok).to(torch.float32) + delta
                 out[brows] = rows.to(out.dtype).reshape(*ids_tok[brows].shape, self.embedding_dim)
         return out
 
@@ -362,7 +323,7 @@ def install_tenants(model: nn.Module, tenants: Sequence[dict[str, TensorChange]]
                 )
             for mname, attr in owners.get(id(target), []):
                 plan.setdefault(mname, {}).setdefault(attr, {})[t] = change
-    stacks: dict[int, SignStack] = {}  # id(base weight) -> its stack, shared by tied owners
+    stacks: dict[int, list[TenantDeltas]] = {}  # id(base weight) -> its stacks, shared by tied owners
     for mname, attrs in plan.items():
         module = model.get_submodule(mname) if mname else model
         set_module(model, mname, _multi_tenant_module(module, attrs, state, mname, stacks))
@@ -371,14 +332,14 @@ def install_tenants(model: nn.Module, tenants: Sequence[dict[str, TensorChange]]
 
 
 def _dense_of(module: nn.Module, attr: str, change: TensorChange, conv: bool) -> Tensor:
-    """The tenant's full tensor for ``attr`` (a ``sign1`` change on a non-linear module is decoded)."""
+    """The tenant's full tensor for ``attr`` (a delta on a module that cannot apply it is decoded:
+    ``(W.float() + Δ).to(dtype)``, like materialize)."""
     if change.tensor is not None:
         t = change.tensor.to(getattr(module, attr).dtype)
     else:
         base = getattr(module, attr)
-        assert change.packed is not None and change.scale is not None
-        s = signs.unpack_rows(change.packed, base.shape[-1], torch.float32)
-        t = (base.to(torch.float32) + change.scale * s).to(base.dtype)
+        assert change.op is not None
+        t = (base.to(torch.float32) + change.op.dense().to(base.device)).to(base.dtype)
     return t.t().contiguous() if conv and attr == "weight" else t
 
 
@@ -387,7 +348,7 @@ def _multi_tenant_module(
     attrs: dict[str, dict[int, TensorChange]],
     state: TenantState,
     mname: str,
-    stacks: dict[int, SignStack],
+    stacks: dict[int, list[TenantDeltas]],
 ) -> nn.Module:
     conv = is_conv1d(module)
     linear = isinstance(module, nn.Linear) or conv
@@ -395,17 +356,16 @@ def _multi_tenant_module(
     if (linear and set(attrs) <= {"weight", "bias"}) or (embedding and set(attrs) == {"weight"}):
         weight = module.weight.detach().t().contiguous() if conv else module.weight
         n, k = weight.shape
-        sign: dict[int, tuple[Tensor, float]] = {}
+        ops: dict[int, DeltaOperator] = {}
         dense: dict[int, Tensor] = {}
         for t, ch in attrs.get("weight", {}).items():
-            if ch.is_sign1:
-                assert ch.packed is not None and ch.scale is not None
-                sign[t] = (transpose_packed(ch.packed, k, n) if conv else ch.packed, ch.scale)
+            if ch.op is not None:
+                ops[t] = (ch.op.transposed() if conv else ch.op).to(weight.device)
             else:
                 dense[t] = _dense_of(module, "weight", ch, conv)
         stack = None if conv else stacks.get(id(module.weight))
         if stack is None:
-            stack = SignStack.build(sign, state.n_tenants, n, k, weight.device)
+            stack = build_stacks(ops, state.n_tenants, n, k) if ops else []
             if not conv:
                 stacks[id(module.weight)] = stack
         if embedding:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from deltahub.codec.packing import WORD_BITS, sign_lut
+from .packing import WORD_BITS, sign_lut
 
 __all__ = [
     "CHUNK_BYTES",

@@ -189,9 +189,9 @@ class ManifestObjectRow(Base):
 
 def _default_initial_scale(context: Any) -> float | None:
     """``initial_scale`` of a new ``tensor_stats`` row that does not give one: its own ``scale``
-    for ``sign1`` tensors (a freshly compressed delta's scales are its initial scales)."""
+    for tensors whose codec has a scale (a freshly compressed delta's scales are its initial scales)."""
     params = context.get_current_parameters()
-    return params.get("scale") if params.get("codec") == "sign1" else None
+    return params.get("scale")
 
 
 class TensorStatRow(Base):

@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from deltahub import codec as codecs
 from deltahub.errors import DeltaHubError, DiskFullError, InUseError, NameNotFoundError
 from deltahub.formats.manifest import ModelKind
 from deltahub.formats.paths import validate_name
@@ -96,7 +97,7 @@ def _show_model(ctx: StoreContext, name: str, tensors: bool) -> dict[str, Any]:
             c["tensors"] += 1
             c["params"] += st.numel
             c["stored_bytes"] += st.stored_bytes
-        sign1 = [st for st in stats if st.codec == "sign1"]
+        sign1 = [st for st in stats if _stores_delta(st.codec)]
         summary: dict[str, Any] = {
             "name": name,
             "kind": m.kind,
@@ -124,7 +125,8 @@ def _show_model(ctx: StoreContext, name: str, tensors: bool) -> dict[str, Any]:
                 weights = [st.numel for st in sign1]
                 total = sum(weights)
                 summary["statistics"] = {
-                    "sign1_tensors": len(sign1),
+                    "delta_tensors": len(sign1),
+                    "sign1_tensors": len(sign1),  # the name before codecs: tensors stored as a delta
                     "mean_rel_delta_norm": sum((st.rel_delta_norm or 0.0) * w for st, w in zip(sign1, weights)) / total,
                     "max_rel_delta_norm": max(st.rel_delta_norm or 0.0 for st in sign1),
                     "mean_rel_recon_error": sum((st.rel_recon_error or 0.0) * w for st, w in zip(sign1, weights)) / total,
@@ -398,3 +400,12 @@ def _verify(ctx: StoreContext, report: VerifyReport) -> None:
 def count_names(ctx: StoreContext) -> int:
     with ctx.index.session() as session:
         return int(session.scalar(select(func.count()).select_from(NameRow)) or 0)
+
+
+def _stores_delta(codec_name: str) -> bool:
+    """Whether tensors of that codec are stored as an (approximate) delta to the base."""
+    try:
+        impl = codecs.get(codec_name)
+    except codecs.CodecError:
+        return False
+    return impl.uses_base and bool(impl.part_names)

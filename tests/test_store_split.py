@@ -20,7 +20,6 @@ import zstandard
 from conftest import BASE
 from safetensors.torch import load_file
 
-import deltahub
 from deltahub.errors import CorruptObjectError, DeltaHubError, DiskFullError, StoreError, UnsupportedFormatError
 from deltahub.store import HEADER_SIZE, Compression, Encoding, ObjectStore
 from deltahub.store import format as fmt
@@ -322,3 +321,25 @@ def test_calibration_refuses_to_train_anything_but_the_scales(optimize):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "refused: calibration would train 0 parameters of the model, which are not exactly its 1 sign1 scales" in proc.stdout
+
+
+def test_every_read_path_reports_a_damaged_payload(objs):
+    """Each encoding's reader turns damage into CorruptObjectError on every path that reads it."""
+    content = b"abc" * 1000
+    oid = hashlib.sha256(content).hexdigest()
+    _place(objs, oid, _header(1, len(content)) + b"\x28\xb5\x2f\xfd garbage")
+    for read in (objs.read, objs.read_view, objs.hash_content):
+        with pytest.raises(CorruptObjectError, match="does not decompress"):
+            read(oid)
+    objs.delete(oid)
+    _place(objs, oid, _header(0, len(content) + 1) + content)  # raw, shorter than its header says
+    for read in (objs.read, objs.read_view):
+        with pytest.raises(CorruptObjectError, match="wrong length"):
+            read(oid)
+    with pytest.raises(CorruptObjectError, match="corrupt"):
+        objs.check_digest(oid, bytes(objs.mmap_raw(oid)[0])[16:] + b"x")
+    objs.delete(oid)
+    _place(objs, oid, _header(2, len(content)) + b'{"root": "hf_hub_cache", "path": "../x", "offset": 0, "length": 3000}')
+    for read in (objs.read, objs.read_view, objs.hash_content, objs.mmap_raw, objs.external_ref):
+        with pytest.raises(CorruptObjectError, match="unsafe reference"):
+            read(oid)

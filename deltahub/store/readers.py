@@ -105,14 +105,16 @@ class ZstdReader(PayloadReader):
         size = obj.size
         chunks: list[bytes] = []
         pos = 0
-        with _decompress_errors(obj.object_id):
-            with zstandard.ZstdDecompressor().stream_reader(obj.fh, read_across_frames=True) as reader:
-                while pos <= size:
-                    chunk = reader.read(min(CHUNK, size + 1 - pos))
-                    if not chunk:
-                        break
-                    chunks.append(chunk)
-                    pos += len(chunk)
+        with (
+            _decompress_errors(obj.object_id),
+            zstandard.ZstdDecompressor().stream_reader(obj.fh, read_across_frames=True) as reader,
+        ):
+            while pos <= size:
+                chunk = reader.read(min(CHUNK, size + 1 - pos))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                pos += len(chunk)
         if pos != size:
             raise obj.wrong_length()
         return bytearray(b"".join(chunks))
@@ -121,10 +123,12 @@ class ZstdReader(PayloadReader):
         raise StoreError(f"object {obj.object_id} is compressed and cannot be memory-mapped")
 
     def chunks(self, obj: OpenObject) -> Iterator[bytes]:
-        with _decompress_errors(obj.object_id):
-            with zstandard.ZstdDecompressor().stream_reader(obj.fh, read_across_frames=True) as reader:
-                while chunk := reader.read(CHUNK):
-                    yield chunk
+        with (
+            _decompress_errors(obj.object_id),
+            zstandard.ZstdDecompressor().stream_reader(obj.fh, read_across_frames=True) as reader,
+        ):
+            while chunk := reader.read(CHUNK):
+                yield chunk
 
 
 @contextmanager

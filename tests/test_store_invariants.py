@@ -161,7 +161,7 @@ def test_clean_store_verifies(filled):
 
 # ----------------------------------------------------------------------------- write protocol
 def test_objects_written_via_tmp_and_no_temp_left(store, home, model_dirs, monkeypatch):
-    import deltahub.store.objects as objects_mod
+    import deltahub.store.writer as writer_mod
 
     renames: list[tuple[Path, Path]] = []
     real_replace = os.replace
@@ -170,7 +170,7 @@ def test_objects_written_via_tmp_and_no_temp_left(store, home, model_dirs, monke
         renames.append((Path(src), Path(dst)))
         return real_replace(src, dst, *a, **k)
 
-    monkeypatch.setattr(objects_mod.os, "replace", spy)
+    monkeypatch.setattr(writer_mod.os, "replace", spy)
     store.add(model_dirs["llama"]["base"], name=BASE)
     store.compress(model_dirs["llama"]["ft"], base=BASE, name=DELTA)
     assert renames, "no object was published by rename"

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from deltahub.calibrate.targets import TeacherTargets, kl_from_targets, run_pass
+from deltahub.errors import DeltaHubError
 from deltahub.progress import progress_bar
 from deltahub.runtime import DeltaEmbedding, DeltaLinear
 
@@ -142,7 +143,12 @@ def calibrate_scales(
     params = list(scales.values())
     freeze_all_but(student, params)
     trainable = [p for p in student.parameters() if p.requires_grad]
-    assert {id(p) for p in trainable} == {id(p) for p in params}, "only the scales may be trained"
+    if {id(p) for p in trainable} != {id(p) for p in params}:  # a real check: asserts vanish under -O
+        raise DeltaHubError(
+            f"calibration would train {len(trainable)} parameters of the model, which are not exactly "
+            f"its {len(params)} sign1 scales",
+            "only the sign1 scales may be trained; report this as a bug in deltahub",
+        )
     initial = {name: float(p.detach()) for name, p in scales.items()}
     base_lrs = [config.lr * max(abs(initial[name]), 1e-12) for name in scales]
     opt = torch.optim.Adam(

@@ -15,14 +15,14 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from deltahub.errors import InputError, OutputExistsError
+from deltahub.errors import DeltaHubError, InputError, OutputExistsError
 from deltahub.fileio import OUTPUT_HINT, disk_full_as, disk_full_error, free_bytes, write_file
 from deltahub.formats.hf_writer import DEFAULT_MAX_SHARD_BYTES, write_sharded
 from deltahub.formats.paths import join_inside
@@ -31,7 +31,7 @@ from deltahub.ops.context import StoreContext
 from deltahub.ops.reconstruct import ModelSource
 from deltahub.progress import progress_bar
 from deltahub.store import fsync_dir
-from deltahub.store.objects import pid_alive
+from deltahub.store.temp import pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -152,16 +152,48 @@ def write_checkpoint(
         target.parent.mkdir(parents=True, exist_ok=True)
         write_file(target, config if rel == "config.json" and config is not None else source.file_bytes(rel))
         files.append(rel)
-    inputs = source.iter_inputs(specs)
+    inputs = NamedInputs((spec.name for spec in specs), source.iter_inputs(specs))
     with progress_bar(sum(spec.nbytes for spec in specs), desc, unit="B", unit_scale=True) as bar:
         files += write_sharded(
             out,
             specs,
-            lambda spec, dst: source.fill(spec.name, next(inputs), dst),
+            lambda spec, dst: source.fill(spec.name, inputs.take(spec.name), dst),
             max_shard_bytes=max_shard_bytes,
             on_tensor=lambda spec: bar.update(spec.nbytes),
         )
+    inputs.finish()
     return files
+
+
+class NamedInputs:
+    """Read inputs, each under the name of the tensor it was read for.
+
+    The shard writer asks for the tensor it is about to write, by name, and gets that tensor's
+    inputs or an error: never another tensor's. Tensors of equal shape (q/k/v projections) would
+    otherwise be swapped silently if the writer's order ever differed from the order read.
+    """
+
+    def __init__(self, names: Iterable[str], inputs: Iterable) -> None:
+        self._pairs = zip(names, inputs)
+
+    def take(self, name: str):
+        """The inputs read for tensor ``name``, which must be the next one read."""
+        read_name, inputs = next(self._pairs, (None, None))
+        if read_name != name:
+            raise DeltaHubError(
+                f"internal error: writing tensor {name!r} but the next tensor read is {read_name!r}",
+                "report this as a bug in deltahub",
+            )
+        return inputs
+
+    def finish(self) -> None:
+        """Raise unless every tensor read was taken."""
+        left = next(self._pairs, None)
+        if left is not None:
+            raise DeltaHubError(
+                f"internal error: tensor {left[0]!r} was read but never written",
+                "report this as a bug in deltahub",
+            )
 
 
 def materialize(

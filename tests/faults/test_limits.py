@@ -493,7 +493,7 @@ def test_materialize_reservation_failure_leaves_nothing(home, llama, tmp_path, m
 
 def test_syncfs_failure_publishes_nothing(home, llama, monkeypatch):
     """A batch whose write-back fails (syncfs reports EIO/ENOSPC) is not published."""
-    import deltahub.store.objects as objects
+    import deltahub.store.writer as writer
 
     calls = {"n": 0}
 
@@ -505,7 +505,7 @@ def test_syncfs_failure_publishes_nothing(home, llama, monkeypatch):
             ctypes.set_errno(errno.ENOSPC)
             return -1
 
-    monkeypatch.setattr(objects, "_SYNCFS", FailingSyncfs())
+    monkeypatch.setattr(writer, "_SYNCFS", FailingSyncfs())
     with pytest.raises(DiskFullError):
         with deltahub.Store(home) as s:
             s.add(llama["base"], name="base")

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from sqlalchemy import select
 
+from deltahub import defaults
 from deltahub.calibrate.data import load_samples
 from deltahub.calibrate.distill import DistillConfig, calibrate_scales, delta_scales
 from deltahub.calibrate.targets import DEFAULT_TOP_K, TeacherTargets, score_model
@@ -73,15 +74,15 @@ class CalibrationOptions:
     """
 
     data: Path | None = None
-    samples: int = 64
-    seq_len: int = 128
-    steps: int = 100
-    lr: float = 0.01
-    device: str = "cpu"
-    seed: int = 0
-    batch_size: int = 4
+    samples: int = defaults.CALIB_SAMPLES
+    seq_len: int = defaults.CALIB_SEQ_LEN
+    steps: int = defaults.CALIB_STEPS
+    lr: float = defaults.CALIB_LR
+    device: str = defaults.DEFAULT_DEVICE
+    seed: int = defaults.CALIB_SEED
+    batch_size: int = defaults.CALIB_BATCH_SIZE
     top_k: int = DEFAULT_TOP_K
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype = getattr(torch, defaults.COMPUTE_DTYPE)
 
     def check(self) -> None:
         check_minimums(
@@ -502,6 +503,7 @@ def compress_and_calibrate(
     force: bool,
     options: CalibrationOptions | None = None,
     allow_nonfinite: bool = False,
+    codec: str = defaults.DEFAULT_CODEC,
 ) -> tuple[Any, CalibrateResult]:
     """``compress --calibrate``: compress ``src`` against ``base_name``, then calibrate with ``src``
     as the teacher. The calibration input is checked (tokenized with the fine-tune's tokenizer) before
@@ -527,7 +529,7 @@ def compress_and_calibrate(
         raise InputError(f"cannot load the tokenizer of {src}: {exc}", "calibration needs the fine-tune's tokenizer files") from None
     load_samples(options.data, tokenizer, options.samples, options.seq_len, "calibration", options.seed)
     compressed = compress_finetune(
-        ctx, src, base_name, name, embeddings=embeddings, force=force, allow_nonfinite=allow_nonfinite
+        ctx, src, base_name, name, embeddings=embeddings, force=force, allow_nonfinite=allow_nonfinite, codec=codec
     )
     if hub is not None:
         compressed.hub_repo_id, compressed.hub_revision = hub

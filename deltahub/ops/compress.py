@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from deltahub import defaults
 from deltahub.codec import PACKING_V1, Codec, CodecError, NonFiniteDeltaError, encode_sign1
 from deltahub.errors import CodecError as DeltaCodecError
 from deltahub.errors import IncompatibleBaseError, InputError
@@ -55,7 +56,7 @@ class EmbeddingsMode(str, enum.Enum):
 
 #: Measured on SmolLM2-135M + a Shakespeare fine-tune (docs/design.md): sign1 embeddings keep
 #: 94% of the fine-tune's perplexity gain at 15.3x smaller, dense ones 96% at 2.3x.
-DEFAULT_EMBEDDINGS = EmbeddingsMode.SIGN1
+DEFAULT_EMBEDDINGS = EmbeddingsMode(defaults.DEFAULT_EMBEDDINGS)
 
 
 @dataclass
@@ -191,6 +192,7 @@ def compress_finetune(
     force: bool = False,
     verify_base: bool = True,
     allow_nonfinite: bool = False,
+    codec: str = defaults.DEFAULT_CODEC,  # implemented by the codec registry
 ) -> CompressResult:
     """Compress the checkpoint at ``src`` against stored base ``base_name`` and name it ``name``.
 
@@ -203,6 +205,8 @@ def compress_finetune(
     """
     from deltahub.ops.hub_source import fetch_checkpoint, looks_like_hub_id
 
+    if codec != defaults.DEFAULT_CODEC:  # until the codec registry lands
+        raise InputError(f"unknown codec {codec!r}", f"use {defaults.DEFAULT_CODEC}")
     embeddings = EmbeddingsMode(embeddings)
     validate_name(name)
     hub: tuple[str, str] | None = None

@@ -121,7 +121,7 @@ ERROR_TABLE: list[tuple[type[BaseException], int, Callable[[BaseException], str]
     (StoreError, 9, str),
     (DeltaHubError, 1, str),
     # Not DeltaHubErrors: the codec, kernels and runtime import nothing of deltahub's errors.
-    (CodecValueError, 1, lambda e: f"{e} (a stored delta does not fit its model: run `deltahub verify`)"),
+    (CodecValueError, 1, lambda e: f"{e} (the codec refused this tensor data; `deltahub verify` checks the store)"),
     (TenantError, 5, str),
     (KernelInputError, 5, lambda e: f"a kernel refused its input: {e}"),
     (TritonUnavailableError, 16, str),
@@ -146,9 +146,10 @@ def _row(exc: BaseException) -> tuple[type[BaseException], int, Callable[[BaseEx
 
 
 def error_message(exc: BaseException) -> str:
-    """One line for any handled exception."""
+    """One line for any exception: its row's message, line breaks folded."""
     row = _row(exc)
-    return str(exc) if row is None else row[2](exc)
+    text = str(exc) if row is None else row[2](exc)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def exit_code_for(exc: BaseException) -> int:

@@ -45,6 +45,7 @@ def _foreign_errors() -> dict[str, tuple[BaseException, int, str]]:
         "permission": (PermissionError(errno.EACCES, "Permission denied", "/root/x"), 10, "Permission denied: /root/x"),
         "memory": (MemoryError(), 11, "out of memory"),
         "bug": (ZeroDivisionError("division by zero\nsecond line"), 70, "ZeroDivisionError: division by zero ("),
+        "multi-line": (TenantError("tenant ids\n  do not match"), 5, "tenant ids do not match"),
         "plain-value-error": (ValueError("expected REPO_ID, got 'a b'"), 70, "ValueError: expected REPO_ID"),
     }
 

@@ -12,32 +12,74 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from deltahub import __version__, defaults
+from deltahub.config import debug_enabled
+from deltahub.errors import DeltaHubError
+from deltahub.fileio import disk_full_error, human_bytes, is_disk_full, parse_size
 
-from deltahub.formats.hf_writer import DEFAULT_MAX_SHARD_BYTES, parse_size
-from deltahub.ops import add as _add
-from deltahub.ops import calibrate as _calibrate
-from deltahub.ops import compress as _compress
-from deltahub.ops import evaluate as _evaluate
-from deltahub.ops import load as _load
-from deltahub.ops import manage as _manage
-from deltahub.ops import materialize as _materialize
-from deltahub.ops import pull as _pull
-from deltahub.ops import push as _push
-from deltahub.ops import serve as _serve
-from deltahub.ops.context import StoreContext
+if TYPE_CHECKING:  # pragma: no cover - the operations import torch; they load on first use
+    import torch
 
-EmbeddingsMode = _compress.EmbeddingsMode
-CalibrationOptions = _calibrate.CalibrationOptions
-EvalOptions = _evaluate.EvalOptions
+    from deltahub.ops.add import AddResult
+    from deltahub.ops.calibrate import CalibrateResult, CalibrationOptions
+    from deltahub.ops.compress import CompressResult, EmbeddingsMode
+    from deltahub.ops.evaluate import EvalOptions, EvalResult
+    from deltahub.ops.manage import GcReport, VerifyReport
+    from deltahub.ops.materialize import MaterializeResult
+    from deltahub.ops.pull import PullResult
+    from deltahub.ops.push import PushResult
+    from deltahub.ops.serve import Generation, MultiTenantModel
+
+__all__ = [
+    "CalibrationOptions",
+    "DeltaHubError",
+    "EmbeddingsMode",
+    "EvalOptions",
+    "Store",
+    "__version__",
+    "debug_enabled",
+    "defaults",
+    "disk_full_error",
+    "human_bytes",
+    "is_disk_full",
+    "load_model",
+    "load_multi_tenant",
+    "load_tokenizer",
+    "parse_size",
+]
+
+#: Public names defined by the operations, imported on first use: ``import deltahub.api`` (and
+#: ``deltahub --help``, ``deltahub ls``) must not import torch.
+_LAZY = {
+    "EmbeddingsMode": ("deltahub.ops.compress", "EmbeddingsMode"),
+    "CalibrationOptions": ("deltahub.ops.calibrate", "CalibrationOptions"),
+    "EvalOptions": ("deltahub.ops.evaluate", "EvalOptions"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'deltahub.api' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 class Store:
     """A deltahub store on disk. Several processes may use one store at once."""
 
     def __init__(self, home: str | Path | None = None) -> None:
+        from deltahub.ops.context import StoreContext
+
         self._ctx = StoreContext(home)
 
     @property
@@ -60,7 +102,7 @@ class Store:
         force: bool = False,
         copy: bool = False,
         allow_nonfinite: bool = False,
-    ) -> _add.AddResult:
+    ) -> AddResult:
         """Import a base model from a local Hugging Face checkpoint directory, or from the Hub.
 
         ``src`` that is no local path but looks like ``"REPO_ID[@REVISION]"`` is downloaded at that
@@ -74,20 +116,22 @@ class Store:
         ``name=None`` derives the name from the folder or repo (``""`` is refused like any invalid
         name). NaN/Inf in any floating tensor is refused unless ``allow_nonfinite=True``.
         """
-        return _add.add_base(self._ctx, Path(src), name=name, force=force, copy=copy, allow_nonfinite=allow_nonfinite)
+        from deltahub.ops.add import add_base
+
+        return add_base(self._ctx, Path(src), name=name, force=force, copy=copy, allow_nonfinite=allow_nonfinite)
 
     def compress(
         self,
         src: str | Path,
         base: str,
         name: str,
-        embeddings: str = _compress.DEFAULT_EMBEDDINGS.value,
+        embeddings: str = defaults.DEFAULT_EMBEDDINGS,
         force: bool = False,
         calibrate: bool = False,
-        calibration: _calibrate.CalibrationOptions | None = None,
+        calibration: CalibrationOptions | None = None,
         allow_nonfinite: bool = False,
-        codec: str = _compress.DEFAULT_CODEC,
-    ) -> _compress.CompressResult:
+        codec: str = defaults.DEFAULT_CODEC,
+    ) -> CompressResult:
         """Store the fine-tune at ``src`` as a delta against stored base ``base``; its matrices use
         ``codec`` (any registered codec that stores a delta, :mod:`deltahub.codec.registry`).
 
@@ -96,25 +140,31 @@ class Store:
         ``calibrate=True`` then calibrates the scales with ``src`` as the teacher (see
         :meth:`calibrate`; ``result.calibration`` holds what it did).
 
+        ``codec`` names the codec of the 2-D weight matrices (default ``"sign1"``).
+
         NaN/Inf in any floating tensor of the fine-tune (or in a delta) is refused unless
         ``allow_nonfinite=True``: then dense tensors keep them as they are and a matrix whose delta is
         not finite is stored dense instead of sign1.
         """
         if calibrate:
-            result, cal = _calibrate.compress_and_calibrate(
+            from deltahub.ops.calibrate import compress_and_calibrate
+
+            result, cal = compress_and_calibrate(
                 self._ctx, src, base, name, embeddings=embeddings, force=force, options=calibration,
                 allow_nonfinite=allow_nonfinite, codec=codec,
             )
             result.calibration = cal
             return result
-        return _compress.compress_finetune(
+        from deltahub.ops.compress import compress_finetune
+
+        return compress_finetune(
             self._ctx, Path(src), base, name, embeddings=embeddings, force=force, allow_nonfinite=allow_nonfinite,
             codec=codec,
         )
 
     def calibrate(
-        self, name: str, finetune: str | Path, options: _calibrate.CalibrationOptions | None = None, **kwargs: Any
-    ) -> _calibrate.CalibrateResult:
+        self, name: str, finetune: str | Path, options: CalibrationOptions | None = None, **kwargs: Any
+    ) -> CalibrateResult:
         """Calibrate the scales of stored delta ``name`` by distillation from its fine-tune.
 
         ``finetune`` is the fine-tune's checkpoint folder, a Hub ``"REPO_ID[@REVISION]"`` or a stored
@@ -122,6 +172,8 @@ class Store:
         other object. Settings: ``options`` or keyword arguments of :class:`CalibrationOptions`
         (``data``, ``samples``, ``seq_len``, ``steps``, ``lr``, ``device``, ``seed``).
         """
+        from deltahub.ops import calibrate as _calibrate
+
         options = options or _calibrate.CalibrationOptions(**kwargs)
         return _calibrate.calibrate(self._ctx, name, finetune, options)
 
@@ -129,12 +181,14 @@ class Store:
         self,
         name: str,
         finetune: str | Path | None = None,
-        options: _evaluate.EvalOptions | None = None,
+        options: EvalOptions | None = None,
         **kwargs: Any,
-    ) -> _evaluate.EvalResult:
+    ) -> EvalResult:
         """Perplexity of base / fine-tune / delta, KL(fine-tune || delta) and the improvement kept, on
         held-out text; recorded in the index (``show`` prints the latest). Settings: ``options`` or
         keyword arguments of :class:`EvalOptions` (``data``, ``samples``, ``seq_len``, ``device``)."""
+        from deltahub.ops import evaluate as _evaluate
+
         options = options or _evaluate.EvalOptions(**kwargs)
         return _evaluate.evaluate(self._ctx, name, finetune, options)
 
@@ -144,10 +198,12 @@ class Store:
         out_dir: str | Path,
         dtype: str | torch.dtype | None = None,
         force: bool = False,
-        max_shard_size: str | int = DEFAULT_MAX_SHARD_BYTES,
-    ) -> _materialize.MaterializeResult:
+        max_shard_size: str | int = defaults.DEFAULT_MAX_SHARD_BYTES,
+    ) -> MaterializeResult:
         """Write ``name`` as an ordinary Hugging Face checkpoint into ``out_dir``."""
-        return _materialize.materialize(
+        from deltahub.ops.materialize import materialize
+
+        return materialize(
             self._ctx, name, Path(out_dir), dtype=dtype, force=force, max_shard_bytes=parse_size(max_shard_size)
         )
 
@@ -159,9 +215,9 @@ class Store:
         private: bool = False,
         message: str | None = None,
         base_repo: str | None = None,
-        max_shard_size: str | int = DEFAULT_MAX_SHARD_BYTES,
+        max_shard_size: str | int = defaults.DEFAULT_MAX_SHARD_BYTES,
         with_base: bool = False,
-    ) -> _push.PushResult:
+    ) -> PushResult:
         """Publish stored model ``name`` as Hub model repo ``repo_id`` in one commit (none if unchanged).
 
         A delta is pushed in the deltahub layout; a base as an ordinary checkpoint (and its Hub id
@@ -169,7 +225,9 @@ class Store:
         base lives when the store does not know; ``with_base`` pushes the base there first (default
         repo ``REPO_ID-base``).
         """
-        return _push.push(
+        from deltahub.ops.push import push
+
+        return push(
             self._ctx,
             name,
             repo_id,
@@ -181,70 +239,90 @@ class Store:
             with_base=with_base,
         )
 
-    def pull(self, repo: str, name: str | None = None, force: bool = False) -> _pull.PullResult:
+    def pull(self, repo: str, name: str | None = None, force: bool = False) -> PullResult:
         """Fetch the delta in Hub repo ``repo`` (``"REPO_ID[@REVISION]"``), verify every byte and store it.
 
         The revision is pinned to its commit id first. A base the store lacks is added from the Hub
         repo and revision ``deltahub.json`` names (``result.base_fetched``) and checked.
         ``name`` defaults to the repo's name part; ``force`` re-points a name that is taken.
         """
-        return _pull.pull(self._ctx, repo, name=name, force=force)
+        from deltahub.ops.pull import pull
+
+        return pull(self._ctx, repo, name=name, force=force)
 
     def list(self) -> list[dict[str, Any]]:
-        return _manage.list_models(self._ctx)
+        from deltahub.ops.manage import list_models
+
+        return list_models(self._ctx)
 
     def show(self, name: str, tensors: bool = False) -> dict[str, Any]:
-        return _manage.show_model(self._ctx, name, tensors=tensors)
+        from deltahub.ops.manage import show_model
+
+        return show_model(self._ctx, name, tensors=tensors)
 
     def du(self) -> dict[str, Any]:
-        return _manage.disk_usage(self._ctx)
+        from deltahub.ops.manage import disk_usage
+
+        return disk_usage(self._ctx)
 
     def rm(self, name: str, force: bool = False) -> dict[str, Any]:
-        return _manage.remove(self._ctx, name, force=force)
+        from deltahub.ops.manage import remove
 
-    def gc(self, dry_run: bool = False) -> _manage.GcReport:
-        return _manage.garbage_collect(self._ctx, dry_run=dry_run)
+        return remove(self._ctx, name, force=force)
 
-    def verify(self) -> _manage.VerifyReport:
-        return _manage.verify_store(self._ctx)
+    def gc(self, dry_run: bool = False) -> GcReport:
+        from deltahub.ops.manage import garbage_collect
+
+        return garbage_collect(self._ctx, dry_run=dry_run)
+
+    def verify(self) -> VerifyReport:
+        from deltahub.ops.manage import verify_store
+
+        return verify_store(self._ctx)
 
     def load_model(
         self,
         name: str,
         dtype: str | torch.dtype | None = None,
-        device: str = "cpu",
-        mode: str = "materialize",
+        device: str = defaults.DEFAULT_DEVICE,
+        mode: str = defaults.DEFAULT_LOAD_MODE,
         trainable_scales: bool = False,
     ) -> Any:
         """A transformers model for ``name``. ``mode="delta"`` keeps the deltas packed and applies
         them at inference (``DeltaLinear``); ``trainable_scales`` makes their scales trainable."""
-        return _load.load_model(
-            self._ctx, name, dtype=dtype, device=device, mode=mode, trainable_scales=trainable_scales
-        )
+        from deltahub.ops.load import load_model
+
+        return load_model(self._ctx, name, dtype=dtype, device=device, mode=mode, trainable_scales=trainable_scales)
 
     def load_tokenizer(self, name: str) -> Any:
-        return _load.load_tokenizer(self._ctx, name)
+        from deltahub.ops.load import load_tokenizer
+
+        return load_tokenizer(self._ctx, name)
 
     def load_multi_tenant(
-        self, names: list[str], dtype: str | torch.dtype | None = None, device: str = "cpu"
-    ) -> _serve.MultiTenantModel:
+        self, names: list[str], dtype: str | torch.dtype | None = None, device: str = defaults.DEFAULT_DEVICE
+    ) -> MultiTenantModel:
         """One base plus the packed deltas of ``names`` (fine-tunes of that base; the base's own name
         means base rows); every batch row picks its fine-tune. See :class:`deltahub.ops.serve.MultiTenantModel`."""
-        return _serve.load_multi_tenant(self._ctx, names, dtype=dtype, device=device)
+        from deltahub.ops.serve import load_multi_tenant
+
+        return load_multi_tenant(self._ctx, names, dtype=dtype, device=device)
 
     def generate(
         self,
         pairs: list[tuple[str, str]],
         mode: str | None = None,
-        max_new_tokens: int = _serve.DEFAULT_MAX_NEW_TOKENS,
+        max_new_tokens: int = defaults.DEFAULT_MAX_NEW_TOKENS,
         dtype: str | torch.dtype | None = None,
-        device: str = "cpu",
+        device: str = defaults.DEFAULT_DEVICE,
         **kwargs: Any,
-    ) -> list[_serve.Generation]:
+    ) -> list[Generation]:
         """Generate for each ``(name, prompt)``: ``mode="delta"`` (default for several pairs) in one
         multi-tenant batch, ``"materialize"`` (default for one) each model rebuilt in full. Greedy
         unless ``do_sample=True``; other ``kwargs`` go to transformers' ``generate``."""
-        return _serve.generate(
+        from deltahub.ops.serve import generate
+
+        return generate(
             self._ctx, pairs, mode=mode, max_new_tokens=max_new_tokens, dtype=dtype, device=device, **kwargs
         )
 
@@ -252,9 +330,9 @@ class Store:
 def load_model(
     name: str,
     dtype: str | torch.dtype | None = None,
-    device: str = "cpu",
+    device: str = defaults.DEFAULT_DEVICE,
     home: str | Path | None = None,
-    mode: str = "materialize",
+    mode: str = defaults.DEFAULT_LOAD_MODE,
     trainable_scales: bool = False,
 ) -> Any:
     """A transformers model for stored model ``name``, built without writing a checkpoint.
@@ -271,8 +349,11 @@ def load_tokenizer(name: str, home: str | Path | None = None) -> Any:
 
 
 def load_multi_tenant(
-    names: list[str], dtype: str | torch.dtype | None = None, device: str = "cpu", home: str | Path | None = None
-) -> _serve.MultiTenantModel:
+    names: list[str],
+    dtype: str | torch.dtype | None = None,
+    device: str = defaults.DEFAULT_DEVICE,
+    home: str | Path | None = None,
+) -> MultiTenantModel:
     """One base model serving the stored fine-tunes ``names`` row by row (``.generate(pairs)``)."""
     with Store(home) as store:
         return store.load_multi_tenant(names, dtype=dtype, device=device)

@@ -1,8 +1,11 @@
 """The ``deltahub`` command line: a thin layer over :mod:`deltahub.api`.
 
-Results go to stdout (``--json`` for scripts), messages and progress bars to stderr. Errors are
-mapped to one-line messages and exit codes by :data:`ERROR_EXIT_CODES`; ``DELTAHUB_DEBUG=1`` adds
-the traceback.
+Results go to stdout (``--json`` for scripts), messages and progress bars to stderr. Every
+exception is mapped to a one-line message and an exit code by one table, :data:`ERROR_TABLE`;
+``DELTAHUB_DEBUG=1`` adds the traceback.
+
+This module imports :mod:`deltahub.api` and :mod:`deltahub.errors` only, and neither imports torch
+until a command needs it: ``deltahub --help`` and ``deltahub ls`` stay fast.
 """
 
 from __future__ import annotations
@@ -12,15 +15,15 @@ import logging
 import math
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
-from sqlalchemy.exc import SQLAlchemyError
 
-from deltahub import __version__
-from deltahub.config import debug_enabled
+from deltahub import api
 from deltahub.errors import (
+    CodecError,
     CorruptObjectError,
     DeltaHubError,
     DiskFullError,
@@ -32,70 +35,130 @@ from deltahub.errors import (
     InputError,
     InUseError,
     InvalidNameError,
+    InvalidSizeError,
+    MalformedSafetensorsError,
     NameExistsError,
     NameNotFoundError,
     OutputExistsError,
+    PickleCheckpointError,
     StoreError,
     UnsupportedFormatError,
     WrongBaseError,
 )
 
-#: Exception type -> exit code. The first matching entry (in order) wins.
-ERROR_EXIT_CODES: list[tuple[type[BaseException], int]] = [
-    (InvalidNameError, 2),
-    (NameNotFoundError, 3),
-    (NameExistsError, 4),
-    (OutputExistsError, 4),
-    (InUseError, 4),
-    (InputError, 5),
-    (IncompatibleBaseError, 6),
-    (WrongBaseError, 6),
-    (CorruptObjectError, 7),
-    (UnsupportedFormatError, 8),
-    (HubAuthError, 12),
-    (HubNotFoundError, 13),
-    (HubConnectionError, 14),
-    (HubError, 15),
-    (DiskFullError, 10),  # like OSError: the file system refused
-    (StoreError, 9),
-    (DeltaHubError, 1),
-    (SQLAlchemyError, 9),  # the index failed (locked for too long, disk full, damaged file)
-    (OSError, 10),  # the file system refused (disk full, permissions, a file in the way)
-    (MemoryError, 11),
+
+class _ByName(type):
+    """Metaclass of :func:`foreign` stand-ins: ``isinstance``/``issubclass`` match by the class's name
+    and package, so the CLI names error classes of modules it must not import (they import torch, or
+    lie outside the API). No import is needed to match: an instance exists only once its module is."""
+
+    package: str
+
+    def __instancecheck__(cls, obj: object) -> bool:
+        return cls.__subclasscheck__(type(obj))
+
+    def __subclasscheck__(cls, sub: type) -> bool:
+        return any(
+            k.__name__ == cls.__name__ and (k.__module__ == cls.package or k.__module__.startswith(cls.package + "."))
+            for k in getattr(sub, "__mro__", ())
+        )
+
+
+def foreign(package: str, name: str) -> type[Exception]:
+    """A stand-in for exception class ``name`` defined in ``package`` (or a module under it)."""
+    return _ByName(name, (Exception,), {"package": package, "__module__": package, "__qualname__": name})
+
+
+#: Errors of deltahub's lower layers that import nothing of deltahub (so are no DeltaHubError), of
+#: the runtime, and of libraries: matched by name (see :func:`foreign`).
+CodecValueError = foreign("deltahub.codec", "CodecError")  # a ValueError: bad shapes, packed bits, layouts
+TenantError = foreign("deltahub.runtime", "TenantError")  # a ValueError: bad tenant ids for a batch
+KernelInputError = foreign("deltahub.kernels", "KernelInputError")  # a ValueError: bad kernel arguments
+TritonUnavailableError = foreign("deltahub.kernels", "TritonUnavailableError")  # a RuntimeError
+SQLAlchemyError = foreign("sqlalchemy", "SQLAlchemyError")
+
+#: The library's user-facing defaults (:mod:`deltahub.defaults`); options show them, never retype them.
+defaults = api.defaults
+
+
+def _os_error(exc: BaseException) -> str:
+    assert isinstance(exc, OSError)
+    if api.is_disk_full(exc):  # a write site that did not say what it was writing
+        folder = Path(exc.filename).parent if exc.filename else Path.cwd()
+        return str(api.disk_full_error(exc, folder, f"writing {exc.filename or 'a file'}"))
+    where = f": {exc.filename}" if exc.filename else ""
+    return f"{exc.strerror or exc}{where} (check free disk space and permissions)"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+#: THE error table: exception type -> (exit code, one-line message). The first matching row (in
+#: order) wins; an exception no row matches is a bug, reported on one line too. ``DELTAHUB_DEBUG=1``
+#: adds the traceback. docs/usage.md lists every row.
+ERROR_TABLE: list[tuple[type[BaseException], int, Callable[[BaseException], str]]] = [
+    (InvalidNameError, 2, str),
+    (NameNotFoundError, 3, str),
+    (NameExistsError, 4, str),
+    (OutputExistsError, 4, str),
+    (InUseError, 4, str),
+    (PickleCheckpointError, 5, str),
+    (MalformedSafetensorsError, 5, str),
+    (InvalidSizeError, 5, str),
+    (InputError, 5, str),
+    (IncompatibleBaseError, 6, str),
+    (WrongBaseError, 6, str),
+    (CorruptObjectError, 7, str),
+    (UnsupportedFormatError, 8, str),
+    (HubAuthError, 12, str),
+    (HubNotFoundError, 13, str),
+    (HubConnectionError, 14, str),
+    (HubError, 15, str),
+    (CodecError, 1, str),
+    (DiskFullError, 10, str),  # like OSError: the file system refused
+    (StoreError, 9, str),
+    (DeltaHubError, 1, str),
+    # Not DeltaHubErrors: the codec, kernels and runtime import nothing of deltahub's errors.
+    (CodecValueError, 1, lambda e: f"{e} (the codec refused this tensor data; `deltahub verify` checks the store)"),
+    (TenantError, 5, str),
+    (KernelInputError, 5, lambda e: f"a kernel refused its input: {e}"),
+    (TritonUnavailableError, 16, str),
+    # the index failed (locked for too long, disk full, damaged file)
+    (SQLAlchemyError, 9, lambda e: f"the store's index failed: {type(e).__name__}: {_first_line(e)}"),
+    (OSError, 10, _os_error),  # the file system refused (disk full, permissions, a file in the way)
+    (MemoryError, 11, lambda e: "out of memory (close other programs or use a machine with more memory)"),
+    (
+        Exception,
+        70,
+        lambda e: f"internal error: {type(e).__name__}: {_first_line(e)} "
+        "(a bug in deltahub: run again with DELTAHUB_DEBUG=1 for the traceback and report it)",
+    ),
 ]
 
-#: Exceptions the CLI turns into a one-line message instead of a traceback.
-HANDLED: tuple[type[BaseException], ...] = tuple(cls for cls, _code in ERROR_EXIT_CODES)
+#: Exception type -> exit code: the codes of :data:`ERROR_TABLE`, in its order.
+ERROR_EXIT_CODES: list[tuple[type[BaseException], int]] = [(cls, code) for cls, code, _ in ERROR_TABLE]
+
+
+def _row(exc: BaseException) -> tuple[type[BaseException], int, Callable[[BaseException], str]] | None:
+    return next((row for row in ERROR_TABLE if isinstance(exc, row[0])), None)
 
 
 def error_message(exc: BaseException) -> str:
-    """One line for any handled exception."""
-    if isinstance(exc, DeltaHubError):
-        return str(exc)
-    if isinstance(exc, SQLAlchemyError):
-        return f"the store's index failed: {exc.__class__.__name__}: {str(exc).splitlines()[0]}"
-    if isinstance(exc, OSError):
-        from deltahub.fileio import disk_full_error, is_disk_full
-
-        if is_disk_full(exc):  # a write site that did not say what it was writing
-            folder = Path(exc.filename).parent if exc.filename else Path.cwd()
-            return str(disk_full_error(exc, folder, f"writing {exc.filename or 'a file'}"))
-        where = f": {exc.filename}" if exc.filename else ""
-        return f"{exc.strerror or exc}{where} (check free disk space and permissions)"
-    return "out of memory (close other programs or use a machine with more memory)"
+    """One line for any exception: its row's message, line breaks folded."""
+    row = _row(exc)
+    text = str(exc) if row is None else row[2](exc)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def exit_code_for(exc: BaseException) -> int:
-    for cls, code in ERROR_EXIT_CODES:
-        if isinstance(exc, cls):
-            return code
-    return 1
+    row = _row(exc)
+    return 1 if row is None else row[1]
 
 
 def _human(n: float | None) -> str:
-    from deltahub.fileio import human_bytes
-
-    return human_bytes(n, unknown="-")
+    return api.human_bytes(n, unknown="-")
 
 
 def _json_safe(data: Any) -> Any:
@@ -116,14 +179,19 @@ def _emit(data: Any, as_json: bool, text: str) -> None:
         click.echo(text)
 
 
-def _store(ctx: click.Context):
-    from deltahub.api import Store
-
+def _store(ctx: click.Context) -> api.Store:
     obj = ctx.find_root().obj
     if obj.get("store") is None:
-        obj["store"] = Store(obj.get("home"))
+        obj["store"] = api.Store(obj.get("home"))
         ctx.find_root().call_on_close(obj["store"].close)
     return obj["store"]
+
+
+def _shard_size(value: str) -> int:
+    try:
+        return api.parse_size(value)
+    except InvalidSizeError as exc:
+        raise click.BadParameter(str(exc), param_hint="--max-shard-size") from None
 
 
 def _home_path(value: str | None) -> Path | None:
@@ -149,8 +217,10 @@ class DeltaHubGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except HANDLED as exc:
-            if debug_enabled():
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise  # usage errors and ctx.exit(): click prints and exits as usual
+        except Exception as exc:  # noqa: BLE001 - every exception goes through ERROR_TABLE
+            if api.debug_enabled():
                 traceback.print_exc()
             click.echo(f"Error: {error_message(exc)}", err=True)
             ctx.exit(exit_code_for(exc))
@@ -160,7 +230,7 @@ class DeltaHubGroup(click.Group):
 
 
 @click.group(cls=DeltaHubGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="deltahub")
+@click.version_option(api.__version__, prog_name="deltahub")
 @click.option(
     "--home",
     type=click.Path(file_okay=False),
@@ -230,9 +300,8 @@ def add(
 
 
 def calibration_options(func: Any) -> Any:
-    """The ``--calib-*``, ``--device`` and ``--seed`` options of ``compress`` and ``calibrate``."""
-    from deltahub.ops.calibrate import CalibrationOptions as Defaults
-
+    """The ``--calib-*``, ``--device`` and ``--seed`` options of ``compress`` and ``calibrate``
+    (defaults: :mod:`deltahub.defaults`, as :class:`deltahub.api.CalibrationOptions` has them)."""
     options = [
         click.option(
             "--calib-data",
@@ -241,17 +310,17 @@ def calibration_options(func: Any) -> Any:
             help="Calibration text: a UTF-8 text file, or JSONL of {\"text\": ...} or {\"messages\": [...]} "
             "(rendered with the chat template). Default: a bundled public-domain corpus.",
         ),
-        click.option("--calib-samples", type=int, default=Defaults.samples, show_default=True,
+        click.option("--calib-samples", type=int, default=defaults.CALIB_SAMPLES, show_default=True,
                      help="Number of token sequences to calibrate on."),
-        click.option("--calib-seq-len", type=int, default=Defaults.seq_len, show_default=True,
+        click.option("--calib-seq-len", type=int, default=defaults.CALIB_SEQ_LEN, show_default=True,
                      help="Tokens per calibration sequence."),
-        click.option("--calib-steps", type=int, default=Defaults.steps, show_default=True,
-                     help="Optimizer steps (batches of 4 sequences)."),
-        click.option("--calib-lr", type=float, default=Defaults.lr, show_default=True,
+        click.option("--calib-steps", type=int, default=defaults.CALIB_STEPS, show_default=True,
+                     help=f"Optimizer steps (batches of {defaults.CALIB_BATCH_SIZE} sequences)."),
+        click.option("--calib-lr", type=float, default=defaults.CALIB_LR, show_default=True,
                      help="Adam learning rate, relative to each scale (0.01: steps of about 1% of it)."),
-        click.option("--device", default=Defaults.device, show_default=True,
+        click.option("--device", default=defaults.DEFAULT_DEVICE, show_default=True,
                      help="Torch device for the teacher and the student, e.g. cuda."),
-        click.option("--seed", type=int, default=Defaults.seed, show_default=True,
+        click.option("--seed", type=int, default=defaults.CALIB_SEED, show_default=True,
                      help="Seed of the sample choice and batch order (same seed, same scales)."),
     ]
     for option in reversed(options):
@@ -260,9 +329,7 @@ def calibration_options(func: Any) -> Any:
 
 
 def _calibration(calib_data, calib_samples, calib_seq_len, calib_steps, calib_lr, device, seed):
-    from deltahub.api import CalibrationOptions
-
-    return CalibrationOptions(
+    return api.CalibrationOptions(
         data=calib_data, samples=calib_samples, seq_len=calib_seq_len, steps=calib_steps, lr=calib_lr,
         device=device, seed=seed,
     )
@@ -287,11 +354,18 @@ def _calibration_text(cal: Any) -> str:
 @click.option("--name", required=True, help="Name for the compressed fine-tune.")
 @click.option(
     "--embeddings",
-    type=click.Choice(["sign1", "dense"]),
-    default="sign1",
+    type=click.Choice(defaults.EMBEDDINGS_MODES),
+    default=defaults.DEFAULT_EMBEDDINGS,
     show_default=True,
-    help="Store embeddings and the LM head as 1-bit deltas (default; much smaller) or dense (exact, "
+    help="Store embeddings and the LM head as 1-bit deltas (sign1: much smaller) or dense (exact, "
     "keeps slightly more of the fine-tune's quality).",
+)
+@click.option(
+    "--codec",
+    metavar="NAME",
+    default=defaults.DEFAULT_CODEC,
+    show_default=True,
+    help="Codec of the 2-D weight matrices.",
 )
 @click.option("--force", is_flag=True, help="Re-point NAME if it already exists.")
 @click.option(
@@ -310,6 +384,7 @@ def compress(
     base: str,
     name: str,
     embeddings: str,
+    codec: str,
     force: bool,
     calibrate_: bool,
     allow_nonfinite: bool,
@@ -329,7 +404,7 @@ def compress(
     options = _calibration(**calib) if calibrate_ else None
     result = _store(ctx).compress(
         src, base=base, name=name, embeddings=embeddings, force=force, calibrate=calibrate_, calibration=options,
-        allow_nonfinite=allow_nonfinite,
+        allow_nonfinite=allow_nonfinite, codec=codec,
     )
     data = dict(result.__dict__, ratio=result.ratio)
     codecs = ", ".join(f"{n} {c}" for c, n in sorted(result.codecs.items()))
@@ -409,9 +484,9 @@ def _eval_lines(e: dict[str, Any]) -> list[str]:
     help="The fine-tune to compare with: checkpoint folder, Hub REPO_ID[@REVISION] or stored dense copy. "
     "Without it only the base's and the delta's perplexities are measured.",
 )
-@click.option("--samples", type=int, default=64, show_default=True, help="Number of token sequences.")
-@click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per sequence.")
-@click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cuda.")
+@click.option("--samples", type=int, default=defaults.EVAL_SAMPLES, show_default=True, help="Number of token sequences.")
+@click.option("--seq-len", type=int, default=defaults.EVAL_SEQ_LEN, show_default=True, help="Tokens per sequence.")
+@click.option("--device", default=defaults.DEFAULT_DEVICE, show_default=True, help="Torch device, e.g. cuda.")
 @json_option
 @click.pass_context
 def eval_(
@@ -425,10 +500,8 @@ def eval_(
     fine-tune's improvement over the base that the delta keeps. Models are loaded one at a time.
     The figures are stored in the index; `deltahub show NAME` prints the latest.
     """
-    from deltahub.api import EvalOptions
-
     result = _store(ctx).evaluate(
-        name, finetune, EvalOptions(data=data, samples=samples, seq_len=seq_len, device=device)
+        name, finetune, api.EvalOptions(data=data, samples=samples, seq_len=seq_len, device=device)
     )
     data_out = result.to_json()
     _emit(data_out, as_json, "\n".join([f"evaluated {name} ({result.n_tokens} tokens scored)"] + _eval_lines(data_out)))
@@ -439,11 +512,11 @@ def eval_(
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
     "--dtype",
-    type=click.Choice(["float16", "bfloat16", "float32"]),
+    type=click.Choice(defaults.DTYPE_CHOICES),
     default=None,
     help="Dtype of the floating tensors (default: each tensor keeps its own dtype).",
 )
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
+@click.option("--max-shard-size", default=defaults.DEFAULT_MAX_SHARD_SIZE, show_default=True, help="Largest safetensors shard.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it is not empty.")
 @json_option
 @click.pass_context
@@ -455,12 +528,7 @@ def materialize(
     The result loads with transformers' from_pretrained. It is written to a temporary folder and
     renamed at the end; the same store content always gives the same bytes.
     """
-    try:
-        from deltahub.formats.hf_writer import parse_size
-
-        shard = parse_size(max_shard_size)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--max-shard-size") from None
+    shard = _shard_size(max_shard_size)
     result = _store(ctx).materialize(name, out_dir, dtype=dtype, force=force, max_shard_size=shard)
     data = {
         "name": result.name,
@@ -475,7 +543,9 @@ def materialize(
 @cli.command()
 @click.argument("name")
 @click.argument("repo_id")
-@click.option("--revision", default=None, help="Branch to push to (created if missing; default: main).")
+@click.option(
+    "--revision", default=None, help=f"Branch to push to (created if missing; default: {defaults.DEFAULT_REVISION})."
+)
 @click.option("--private", is_flag=True, help="Create the repo as private (an existing repo keeps its visibility).")
 @click.option("--message", default=None, help="Commit message (default: 'Push deltahub delta NAME').")
 @click.option(
@@ -490,7 +560,7 @@ def materialize(
     is_flag=True,
     help="Push the delta's base too, as an ordinary checkpoint, to --base-repo (default REPO_ID-base).",
 )
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors file.")
+@click.option("--max-shard-size", default=defaults.DEFAULT_MAX_SHARD_SIZE, show_default=True, help="Largest safetensors file.")
 @json_option
 @click.pass_context
 def push(
@@ -513,12 +583,7 @@ def push(
     Pushing the same content again makes no commit. Uses your Hugging Face login (HF_TOKEN,
     HF_ENDPOINT).
     """
-    try:
-        from deltahub.formats.hf_writer import parse_size
-
-        shard = parse_size(max_shard_size)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--max-shard-size") from None
+    shard = _shard_size(max_shard_size)
     result = _store(ctx).push(
         name,
         repo_id,
@@ -741,19 +806,25 @@ def verify(ctx: click.Context, as_json: bool) -> None:
 )
 @click.option(
     "--mode",
-    type=click.Choice(["materialize", "delta"]),
+    type=click.Choice(defaults.LOAD_MODES),
     default=None,
     help="materialize: rebuild each model in full; delta: keep the deltas packed and apply them at "
     "inference (default: materialize for one pair, delta for several).",
 )
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True, help="Tokens to generate.")
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(min=1),
+    default=defaults.DEFAULT_MAX_NEW_TOKENS,
+    show_default=True,
+    help="Tokens to generate.",
+)
 @click.option(
     "--dtype",
-    type=click.Choice(["float16", "bfloat16", "float32"]),
+    type=click.Choice(defaults.DTYPE_CHOICES),
     default=None,
     help="Dtype to run the model in (default: the model's own).",
 )
-@click.option("--device", default="cpu", show_default=True, help="Torch device to run on, e.g. cuda.")
+@click.option("--device", default=defaults.DEFAULT_DEVICE, show_default=True, help="Torch device to run on, e.g. cuda.")
 @json_option
 @click.pass_context
 def generate(

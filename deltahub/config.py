@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from deltahub import defaults
+
 
 def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in {"1", "true", "yes", "on"}
@@ -47,7 +49,7 @@ HF_CACHE_ROOT = "hf_hub_cache"
 
 
 #: Default size of the space reserve a store keeps for a full disk (``$DELTAHUB_HOME/reserve``).
-DEFAULT_RESERVE_BYTES = 4 << 20
+DEFAULT_RESERVE_BYTES = defaults.DEFAULT_RESERVE_BYTES
 
 
 def reserve_bytes() -> int:

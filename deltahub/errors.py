@@ -1,8 +1,13 @@
 """The deltahub exception hierarchy.
 
 Every error says what happened and what to do next. The CLI maps each class to an exit
-code through one table (``deltahub.cli.ERROR_EXIT_CODES``) and prints ``str(error)`` on one
+code through one table (``deltahub.cli.ERROR_TABLE``) and prints ``str(error)`` on one
 line; ``DELTAHUB_DEBUG=1`` adds the traceback.
+
+``deltahub.codec`` and ``deltahub.kernels`` import nothing of the rest of deltahub, so their errors
+(``deltahub.codec.CodecError``, ``KernelInputError``, ``TritonUnavailableError``) and the runtime's
+``TenantError`` are ``ValueError``/``RuntimeError`` subclasses of their own; the operations turn
+them into the classes below where they know more, and the CLI's table maps them where they do not.
 """
 
 from __future__ import annotations
@@ -44,6 +49,12 @@ class PickleCheckpointError(InputError):
 
 class MalformedSafetensorsError(InputError):
     """A .safetensors file is truncated or its header is invalid."""
+
+
+class InvalidSizeError(InputError, ValueError):
+    """A size such as ``max_shard_size="5GB"`` cannot be parsed or is not positive.
+
+    Also a ``ValueError``, which is what :func:`deltahub.api.parse_size` raised before."""
 
 
 class IncompatibleBaseError(DeltaHubError):

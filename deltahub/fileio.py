@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from deltahub.errors import DiskFullError
+from deltahub.errors import DiskFullError, InvalidSizeError
 
 #: errno values that mean "no room": a full disk, a quota, a file size limit (``ulimit -f``).
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -158,6 +159,29 @@ def human_bytes(n: float | None, unknown: str = "an unknown amount") -> str:
     return f"{value:.2f} TB"
 
 
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE | re.ASCII)
+_UNITS = {
+    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+
+
+def parse_size(text: str | int) -> int:
+    """``"5GB"`` -> 5_000_000_000, ``"500MiB"`` -> 524_288_000, ints pass through; the inverse of
+    :func:`human_bytes`. At least 1 byte, else :class:`~deltahub.errors.InvalidSizeError`."""
+    if isinstance(text, int):
+        value = text
+    else:
+        match = _SIZE_RE.match(text)
+        if not match:
+            raise InvalidSizeError(f"cannot parse size {text!r}", "examples: 5GB, 500MB, 2GiB")
+        unit = (match.group(2) or "B").lower()
+        value = int(float(match.group(1)) * _UNITS[unit])
+    if value < 1:
+        raise InvalidSizeError(f"size {text!r} is not positive", "examples: 5GB, 500MB, 2GiB")
+    return value
+
+
 STORE_HINT = (
     "free some space (`deltahub gc` removes unreferenced objects; `deltahub rm NAME` then `deltahub gc` "
     "frees a model) or use another folder, then run the command again; nothing half-written was kept"
@@ -206,6 +230,7 @@ __all__ = [
     "free_bytes",
     "human_bytes",
     "is_disk_full",
+    "parse_size",
     "pwrite_all",
     "reserve",
     "write_all",

@@ -122,6 +122,16 @@ def test_only_the_cli_imports_click_and_nothing_imports_the_cli():
     assert not bad, bad
 
 
+def test_cli_imports_only_the_api_and_the_errors():
+    """cli.py is a layer over deltahub.api: of the package it imports deltahub.api and deltahub.errors
+    only (version, defaults, sizes, disk-full messages and the debug flag come through the API)."""
+    [cli] = [m for m in MODULES if m.name == "deltahub.cli"]
+    ours = sorted(imp for imp in _imports(cli) if _under(imp, "deltahub"))
+    bad = [imp for imp in ours if imp != "deltahub" and not (_under(imp, "deltahub.api") or _under(imp, "deltahub.errors"))]
+    assert not bad, bad
+    assert "deltahub.api" in ours and "deltahub.errors" in ours
+
+
 def test_ops_do_not_import_api_or_cli():
     bad = _violations("deltahub.ops", lambda imp: _under(imp, "deltahub.api") or _under(imp, "deltahub.cli"))
     assert not bad, bad

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from deltahub import defaults
 from deltahub.progress import progress_bar
 
 __all__ = [
@@ -40,7 +41,7 @@ __all__ = [
 ]
 
 #: Tokens of the teacher's distribution kept per position when the full one is too big.
-DEFAULT_TOP_K = 128
+DEFAULT_TOP_K = defaults.DEFAULT_TOP_K
 #: Full distributions are kept when they take at most this many bytes (fp32).
 FULL_TARGETS_BYTES = 64 << 20
 #: Floor of a log-probability (a tail of exactly zero mass), finite so no NaN reaches a gradient.

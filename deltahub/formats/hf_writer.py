@@ -8,38 +8,15 @@ laid out in the order given; the output is deterministic for the same inputs.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from deltahub.fileio import write_file
+from deltahub.defaults import DEFAULT_MAX_SHARD_BYTES
+from deltahub.fileio import parse_size, write_file  # noqa: F401 - parse_size: its former home
 from deltahub.formats.checkpoint import SINGLE_WEIGHTS, WEIGHTS_INDEX
 from deltahub.formats.safetensors_io import SafetensorsWriter, TensorSpec
-
-DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
-_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE | re.ASCII)
-_UNITS = {
-    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}
-
-
-def parse_size(text: str | int) -> int:
-    """``"5GB"`` -> 5_000_000_000, ``"500MiB"`` -> 524_288_000, ints pass through. At least 1 byte."""
-    if isinstance(text, int):
-        value = text
-    else:
-        match = _SIZE_RE.match(text)
-        if not match:
-            raise ValueError(f"cannot parse size {text!r} (examples: 5GB, 500MB, 2GiB)")
-        unit = (match.group(2) or "B").lower()
-        value = int(float(match.group(1)) * _UNITS[unit])
-    if value < 1:
-        raise ValueError(f"size {text!r} is not positive (examples: 5GB, 500MB, 2GiB)")
-    return value
-
 
 def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
     """Group tensors into shards in order, starting a new shard when the next would overflow."""

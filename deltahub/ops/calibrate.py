@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from sqlalchemy import select
 
+from deltahub import defaults
 from deltahub.calibrate.data import load_samples
 from deltahub.calibrate.distill import DistillConfig, calibrate_scales, delta_scales
 from deltahub.calibrate.targets import DEFAULT_TOP_K, TeacherTargets, score_model
@@ -74,15 +75,15 @@ class CalibrationOptions:
     """
 
     data: Path | None = None
-    samples: int = 64
-    seq_len: int = 128
-    steps: int = 100
-    lr: float = 0.01
-    device: str = "cpu"
-    seed: int = 0
-    batch_size: int = 4
+    samples: int = defaults.CALIB_SAMPLES
+    seq_len: int = defaults.CALIB_SEQ_LEN
+    steps: int = defaults.CALIB_STEPS
+    lr: float = defaults.CALIB_LR
+    device: str = defaults.DEFAULT_DEVICE
+    seed: int = defaults.CALIB_SEED
+    batch_size: int = defaults.CALIB_BATCH_SIZE
     top_k: int = DEFAULT_TOP_K
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype = getattr(torch, defaults.COMPUTE_DTYPE)
 
     def check(self) -> None:
         check_minimums(
@@ -508,7 +509,7 @@ def compress_and_calibrate(
     force: bool,
     options: CalibrationOptions | None = None,
     allow_nonfinite: bool = False,
-    codec: str = "sign1",
+    codec: str = defaults.DEFAULT_CODEC,
 ) -> tuple[Any, CalibrateResult]:
     """``compress --calibrate``: compress ``src`` against ``base_name``, then calibrate with ``src``
     as the teacher. The calibration input is checked (tokenized with the fine-tune's tokenizer) before

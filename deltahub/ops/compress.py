@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from deltahub import codec as codecs
+from deltahub import defaults
 from deltahub.codec import PACKING_V1, CodecError, NonFiniteDeltaError, TensorCodec
 from deltahub.errors import CodecError as DeltaCodecError
 from deltahub.errors import IncompatibleBaseError, InputError
@@ -58,9 +59,9 @@ class EmbeddingsMode(str, enum.Enum):
 
 #: Measured on SmolLM2-135M + a Shakespeare fine-tune (docs/design.md): sign1 embeddings keep
 #: 94% of the fine-tune's perplexity gain at 15.3x smaller, dense ones 96% at 2.3x.
-DEFAULT_EMBEDDINGS = EmbeddingsMode.SIGN1
+DEFAULT_EMBEDDINGS = EmbeddingsMode(defaults.DEFAULT_EMBEDDINGS)
 #: The codec of a delta's matrices (any registered codec that stores a delta).
-DEFAULT_CODEC = "sign1"
+DEFAULT_CODEC = defaults.DEFAULT_CODEC
 
 
 @dataclass
@@ -206,7 +207,7 @@ def compress_finetune(
     force: bool = False,
     verify_base: bool = True,
     allow_nonfinite: bool = False,
-    codec: str = DEFAULT_CODEC,
+    codec: str = defaults.DEFAULT_CODEC,
 ) -> CompressResult:
     """Compress the checkpoint at ``src`` against stored base ``base_name`` and name it ``name``.
 

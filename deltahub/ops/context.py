@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from sqlalchemy import select
 
 from deltahub.config import HF_CACHE_ROOT, default_home, hf_hub_cache, reserve_bytes
@@ -33,9 +33,7 @@ from deltahub.errors import (
     WrongBaseError,
 )
 from deltahub.fileio import free_bytes, reserve
-from deltahub.formats.manifest import Manifest, ModelKind, parse_manifest
 from deltahub.formats.paths import validate_name
-from deltahub.formats.safetensors_io import dtype_from_name
 from deltahub.index import Index
 from deltahub.index.models import (
     ManifestObjectRow,
@@ -46,6 +44,11 @@ from deltahub.index.models import (
     utcnow,
 )
 from deltahub.store import Compression, ObjectInfo, ObjectStore, file_lock
+
+if TYPE_CHECKING:  # pragma: no cover - torch (and the formats using it) load only when needed
+    import torch
+
+    from deltahub.formats.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +85,10 @@ class Resolved:
 
 def fp16_bytes(manifest: Manifest) -> int:
     """Bytes the model's tensors would take in fp16 (non-float tensors at their own size)."""
+    import torch
+
+    from deltahub.formats.safetensors_io import dtype_from_name
+
     total = 0
     for rec in manifest.tensors.values():
         dtype = dtype_from_name(rec.dtype)
@@ -241,10 +248,14 @@ class StoreContext:
                 )
 
     def load_manifest(self, manifest_id: str, verify: bool = True) -> Manifest:
+        from deltahub.formats.manifest import parse_manifest
+
         return parse_manifest(self.objects.read(manifest_id, verify=verify))
 
     def base_of(self, delta: Manifest) -> tuple[str, Manifest]:
         """The stored base a delta applies to, checked against the delta's recorded tensor hashes."""
+        from deltahub.formats.manifest import ModelKind
+
         assert delta.base is not None
         base_id = delta.base.manifest
         if not self.objects.exists(base_id):
@@ -286,6 +297,10 @@ class StoreContext:
         ``owned=False`` may return a read-only tensor over a memory map of the object (no copy):
         for inputs that are only read, never handed to the user.
         """
+        import torch
+
+        from deltahub.formats.safetensors_io import dtype_from_name
+
         torch_dtype = dtype_from_name(dtype)
         expected = math.prod(shape) * torch.empty((), dtype=torch_dtype).element_size()
         buf = self.objects.read(object_id, verify=verify) if owned else self.objects.read_view(object_id, verify)

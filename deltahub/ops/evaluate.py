@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from deltahub import defaults
 from deltahub.calibrate.data import load_samples
 from deltahub.calibrate.evaluate import measure_fidelity
 from deltahub.calibrate.targets import DEFAULT_TOP_K
@@ -44,12 +45,12 @@ class EvalOptions:
     """Settings of ``deltahub eval`` (``data=None``: the held-out part of the bundled corpus)."""
 
     data: Path | None = None
-    samples: int = 64
-    seq_len: int = 128
-    device: str = "cpu"
-    batch_size: int = 4
+    samples: int = defaults.EVAL_SAMPLES
+    seq_len: int = defaults.EVAL_SEQ_LEN
+    device: str = defaults.DEFAULT_DEVICE
+    batch_size: int = defaults.EVAL_BATCH_SIZE
     top_k: int = DEFAULT_TOP_K
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype = getattr(torch, defaults.COMPUTE_DTYPE)
 
     def check(self) -> None:
         check_minimums(

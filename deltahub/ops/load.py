@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from deltahub import defaults
 from deltahub.errors import DeltaHubError, InputError
 from deltahub.fileio import disk_full_as, write_file
 from deltahub.formats.checkpoint import AUX_FILES
@@ -63,7 +64,7 @@ def load_model(
     ctx: StoreContext,
     name: str,
     dtype: str | torch.dtype | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = defaults.DEFAULT_DEVICE,
     verify: bool = True,
     mode: str | LoadMode = LoadMode.MATERIALIZE,
     trainable_scales: bool = False,

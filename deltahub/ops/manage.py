@@ -11,7 +11,6 @@ from sqlalchemy import func, select
 
 from deltahub import codec as codecs
 from deltahub.errors import DeltaHubError, DiskFullError, InUseError, NameNotFoundError
-from deltahub.formats.manifest import ModelKind
 from deltahub.formats.paths import validate_name
 from deltahub.index.models import (
     CalibrationRow,
@@ -77,6 +76,8 @@ def show_model(ctx: StoreContext, name: str, tensors: bool = False) -> dict[str,
 
 
 def _show_model(ctx: StoreContext, name: str, tensors: bool) -> dict[str, Any]:
+    from deltahub.formats.manifest import ModelKind
+
     resolved = ctx.resolve(name)
     with ctx.index.session(write=False) as session:
         m = session.get(ManifestRow, resolved.manifest_id)
@@ -349,6 +350,8 @@ def verify_store(ctx: StoreContext) -> VerifyReport:
 
 
 def _verify(ctx: StoreContext, report: VerifyReport) -> None:
+    from deltahub.formats.manifest import ModelKind
+
     with ctx.index.session(write=False) as session:
         indexed = set(session.scalars(select(ObjectRow.sha256)))
         manifests = list(session.scalars(select(ManifestRow)))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from deltahub import defaults
 from deltahub.errors import DeltaHubError, InputError, OutputExistsError
 from deltahub.fileio import OUTPUT_HINT, disk_full_as, disk_full_error, free_bytes, write_file
 from deltahub.formats.hf_writer import DEFAULT_MAX_SHARD_BYTES, write_sharded
@@ -35,7 +36,7 @@ from deltahub.store.temp import pid_alive
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+OUTPUT_DTYPES = {name: getattr(torch, name) for name in defaults.DTYPE_CHOICES}
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from sqlalchemy import select
 
+from deltahub import defaults
 from deltahub.errors import IncompatibleBaseError, InputError, NameNotFoundError, WrongBaseError
 from deltahub.formats.manifest import ModelKind
 from deltahub.formats.safetensors_io import dtype_from_name
@@ -37,7 +38,7 @@ from deltahub.runtime.multi_tenant import BASE, TenantError, TenantModel, Tensor
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_NEW_TOKENS = 32
+DEFAULT_MAX_NEW_TOKENS = defaults.DEFAULT_MAX_NEW_TOKENS
 
 
 @dataclass
@@ -204,7 +205,7 @@ def load_multi_tenant(
     ctx: StoreContext,
     names: Sequence[str],
     dtype: str | torch.dtype | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = defaults.DEFAULT_DEVICE,
     verify: bool = True,
 ) -> MultiTenantModel:
     """One base model plus the deltas of ``names`` (all of the same base; a name of the base itself
@@ -293,7 +294,7 @@ def generate(
     mode: str | LoadMode | None = None,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     dtype: str | torch.dtype | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = defaults.DEFAULT_DEVICE,
     do_sample: bool = False,
     **kwargs: Any,
 ) -> list[Generation]:

@@ -1,0 +1,61 @@
+"""Every user-facing default of deltahub, in one place.
+
+The library (``deltahub.ops``, :mod:`deltahub.api`) takes its defaults from here, and the command
+line shows them (``--help``) from here through :mod:`deltahub.api`: a default is written once.
+
+Pure constants: this module imports nothing (no torch), so the CLI can read it at start-up.
+Dtypes are named by their torch attribute names (``"float32"``); the library turns them into
+``torch.dtype`` where it needs one.
+"""
+
+from __future__ import annotations
+
+# -------------------------------------------------------------------------------------- compress
+#: The codec of 2-D weight matrices (``deltahub compress --codec``).
+DEFAULT_CODEC = "sign1"
+#: How embeddings and the LM head are stored: ``sign1`` (1-bit delta) or ``dense`` (the fine-tune's).
+#: Measured on SmolLM2-135M + a Shakespeare fine-tune (docs/design.md): sign1 embeddings keep 94%
+#: of the fine-tune's perplexity gain at 15.3x smaller, dense ones 96% at 2.3x.
+DEFAULT_EMBEDDINGS = "sign1"
+EMBEDDINGS_MODES = ("sign1", "dense")
+
+# -------------------------------------------------------------------------------------- checkpoints
+#: Largest safetensors file written by ``materialize`` and ``push`` (as ``save_pretrained``).
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # DEFAULT_MAX_SHARD_SIZE in bytes (a test keeps them equal)
+#: The dtypes a model may be materialized, loaded or run in (``None``: each tensor keeps its own).
+DTYPE_CHOICES = ("float16", "bfloat16", "float32")
+
+# -------------------------------------------------------------------------------------- running models
+#: Torch device of ``load_model``, ``generate``, ``calibrate`` and ``eval``.
+DEFAULT_DEVICE = "cpu"
+#: ``load_model`` builds every tensor in full (``materialize``) or keeps the deltas packed (``delta``).
+LOAD_MODES = ("materialize", "delta")
+DEFAULT_LOAD_MODE = "materialize"
+#: Tokens ``generate`` produces per prompt.
+DEFAULT_MAX_NEW_TOKENS = 32
+
+# -------------------------------------------------------------------------------------- calibration
+CALIB_SAMPLES = 64  # token sequences
+CALIB_SEQ_LEN = 128  # tokens per sequence
+CALIB_STEPS = 100  # optimizer steps
+CALIB_LR = 0.01  # Adam learning rate, relative to each scale
+CALIB_BATCH_SIZE = 4  # sequences per step
+CALIB_SEED = 0  # sample choice and batch order
+#: Teacher logits kept per token (the top k; the rest of the distribution as one bucket).
+DEFAULT_TOP_K = 128
+#: The dtype teacher and student run in (fp32: the CPU's fast and exact choice).
+COMPUTE_DTYPE = "float32"
+
+# -------------------------------------------------------------------------------------- evaluation
+EVAL_SAMPLES = 64
+EVAL_SEQ_LEN = 128
+EVAL_BATCH_SIZE = 4
+
+# -------------------------------------------------------------------------------------- store
+#: Space a store keeps allocated for a full disk (``$DELTAHUB_HOME/reserve``; ``DELTAHUB_RESERVE_BYTES``).
+DEFAULT_RESERVE_BYTES = 4 << 20
+
+# -------------------------------------------------------------------------------------- Hub
+#: The branch ``push`` commits to and ``pull``/``add`` read when no revision is given.
+DEFAULT_REVISION = "main"

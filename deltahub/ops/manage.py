@@ -9,7 +9,6 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from deltahub import codec as codecs
 from deltahub.errors import DeltaHubError, DiskFullError, InUseError, NameNotFoundError
 from deltahub.formats.paths import validate_name
 from deltahub.index.models import (
@@ -407,6 +406,8 @@ def count_names(ctx: StoreContext) -> int:
 
 def _stores_delta(codec_name: str) -> bool:
     """Whether tensors of that codec are stored as an (approximate) delta to the base."""
+    from deltahub import codec as codecs  # torch: not at import (`ls` must not load it)
+
     try:
         impl = codecs.get(codec_name)
     except codecs.CodecError:

@@ -38,7 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deltahub.errors import HubConnectionError, HubError, InputError, PickleCheckpointError
+from deltahub.errors import (
+    HubConnectionError,
+    HubError,
+    InputError,
+    PickleCheckpointError,
+)
 from deltahub.formats import safe_json
 from deltahub.formats.checkpoint import (
     AUX_FILES,

@@ -46,7 +46,10 @@ def quiet_hf_progress_bars() -> None:
     if not progress_disabled():
         return
     try:
-        from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+        from huggingface_hub.utils import (
+            are_progress_bars_disabled,
+            disable_progress_bars,
+        )
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         return
     if not are_progress_bars_disabled():

@@ -34,7 +34,13 @@ from deltahub.hub.layout import (
     parse_base_repo,
     plan_layout,
 )
-from deltahub.hub.transfer import check_online, check_repo_id, hub_endpoint, repo_info, upload_changes
+from deltahub.hub.transfer import (
+    check_online,
+    check_repo_id,
+    hub_endpoint,
+    repo_info,
+    upload_changes,
+)
 from deltahub.ops.context import StoreContext
 from deltahub.progress import progress_bar
 

@@ -105,9 +105,13 @@ class Store:
     ) -> AddResult:
         """Import a base model from a local Hugging Face checkpoint directory, or from the Hub.
 
-        ``src`` that is no local path but looks like ``"REPO_ID[@REVISION]"`` is downloaded at that
+        ``src`` that is no local path but a Hub ``"REPO_ID[@REVISION]"`` is downloaded at that
         revision (pinned to its commit, into the HF cache; reused when cached, offline too) and its
-        Hub id and commit are recorded, so pushing deltas on it needs no ``base_repo``.
+        Hub id and commit are recorded, so pushing deltas on it needs no ``base_repo``. A
+        ``pathlib.Path`` is always a local folder; a string ``"NAMESPACE/NAME"`` that is no folder is
+        the Hub repo only if the Hub has it (else the error names both readings), and one starting
+        with ``./``, ``../``, ``/`` or ``~`` is always a folder
+        (:func:`deltahub.hub.source.resolve_source`).
 
         Weights that are files of the Hugging Face cache are not copied: the store keeps references
         to their bytes there (re-hashed on every read). ``copy=True`` stores an independent copy, so
@@ -118,7 +122,7 @@ class Store:
         """
         from deltahub.ops.add import add_base
 
-        return add_base(self._ctx, Path(src), name=name, force=force, copy=copy, allow_nonfinite=allow_nonfinite)
+        return add_base(self._ctx, src, name=name, force=force, copy=copy, allow_nonfinite=allow_nonfinite)
 
     def compress(
         self,
@@ -158,7 +162,7 @@ class Store:
         from deltahub.ops.compress import compress_finetune
 
         return compress_finetune(
-            self._ctx, Path(src), base, name, embeddings=embeddings, force=force, allow_nonfinite=allow_nonfinite,
+            self._ctx, src, base, name, embeddings=embeddings, force=force, allow_nonfinite=allow_nonfinite,
             codec=codec,
         )
 

@@ -259,7 +259,7 @@ def cli(ctx: click.Context, home: Path | None, verbose: int) -> None:
 
 
 @cli.command()
-@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("src", type=click.Path(path_type=str))  # as typed: ./x is a folder, not a Hub id
 @click.option("--name", help="Name for the base (default: the folder's or repo's name).")
 @click.option("--force", is_flag=True, help="Re-point NAME if it already exists.")
 @click.option(
@@ -272,7 +272,7 @@ def cli(ctx: click.Context, home: Path | None, verbose: int) -> None:
 @json_option
 @click.pass_context
 def add(
-    ctx: click.Context, src: Path, name: str | None, force: bool, copy: bool, allow_nonfinite: bool, as_json: bool
+    ctx: click.Context, src: str, name: str | None, force: bool, copy: bool, allow_nonfinite: bool, as_json: bool
 ) -> None:
     """Add a base model from a local Hugging Face checkpoint folder SRC, or from the Hub.
 
@@ -349,7 +349,7 @@ def _calibration_text(cal: Any) -> str:
 
 
 @cli.command()
-@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("src", type=click.Path(path_type=str))  # as typed: ./x is a folder, not a Hub id
 @click.option("--base", "base", required=True, help="Name of the stored base it was fine-tuned from.")
 @click.option("--name", required=True, help="Name for the compressed fine-tune.")
 @click.option(
@@ -380,7 +380,7 @@ def _calibration_text(cal: Any) -> str:
 @click.pass_context
 def compress(
     ctx: click.Context,
-    src: Path,
+    src: str,
     base: str,
     name: str,
     embeddings: str,

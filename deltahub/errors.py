@@ -39,6 +39,10 @@ class NameExistsError(DeltaHubError):
     """The name already points at another model."""
 
 
+class NameChangedError(NameExistsError):
+    """A name was moved or removed by another process while this one worked on the model it named."""
+
+
 class InputError(DeltaHubError):
     """A checkpoint given as input is missing, malformed or unsupported."""
 
@@ -79,6 +83,10 @@ class OutputExistsError(DeltaHubError):
 
 class StoreError(DeltaHubError):
     """The store or its index is unusable (permissions, locked, inconsistent)."""
+
+
+class DanglingNameError(StoreError):
+    """A name points at a manifest the index does not hold (a damaged index; ``verify`` reports it)."""
 
 
 class DiskFullError(StoreError):

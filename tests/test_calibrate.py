@@ -16,7 +16,7 @@ from conftest import snapshot_store
 from deltahub.api import CalibrationOptions
 from deltahub.cli import cli
 from deltahub.codec import Codec, packed_shape
-from deltahub.errors import IncompatibleBaseError, InputError
+from deltahub.errors import DanglingNameError, IncompatibleBaseError, InputError, NameChangedError, NameExistsError
 from deltahub.formats.safetensors_io import SafetensorsReader
 from deltahub.ops.calibrate import recon_error_at
 
@@ -252,6 +252,56 @@ def test_a_fine_tune_that_does_not_match_is_refused(store, trained):
     with pytest.raises(InputError, match="at least 1"):
         store.calibrate("ft", trained["llama"]["ft"], _opts(trained, steps=0))
     assert snapshot_store(store.home) == before
+
+
+def _dangle(home: Path, name: str, manifest_id: str) -> None:
+    """A name pointing at a manifest the index does not hold (a damaged index, as `verify` reports)."""
+    con = sqlite3.connect(home / "index.sqlite")
+    try:
+        con.execute("PRAGMA foreign_keys=OFF")
+        con.execute(
+            "insert into names (name, manifest_id, created_at, updated_at) values (?, ?, datetime('now'), datetime('now'))",
+            (name, manifest_id),
+        )
+        con.commit()
+    finally:
+        con.close()
+
+
+def test_a_dangling_name_is_a_clear_error(store, trained):
+    """Regression: a stored name whose manifest is gone, given as the fine-tune, was an AttributeError
+    (``None.kind``); as the delta it failed only when publishing, after the training."""
+    stored_pair(store, trained, "llama")
+    _dangle(store.home, "gone", "f" * 64)
+    before = snapshot_store(store.home)
+    with pytest.raises(DanglingNameError, match="'gone' points at manifest ffffffffffff") as err:
+        store.calibrate("ft", "gone", _opts(trained))
+    assert "deltahub rm gone" in err.value.hint and "verify" in err.value.hint
+    with pytest.raises(DanglingNameError, match="'gone' points at manifest"):
+        store.calibrate("gone", trained["llama"]["ft"], _opts(trained))
+    assert snapshot_store(store.home) == before
+    assert {p["kind"] for p in store.verify().problems} == {"dangling-name"}
+
+
+def test_the_name_moves_only_if_it_still_points_at_the_calibrated_manifest(store, trained, monkeypatch):
+    """Compare-and-set: a name re-pointed by another process during the calibration is not moved."""
+    stored_pair(store, trained, "llama")
+    other = store.compress(trained["llama"]["other"], base="base", name="other").manifest_id
+    ctx = store._ctx
+    real = ctx.index.add_manifest
+
+    def repoint_meanwhile(*args, **kwargs):
+        real(*args, **kwargs)
+        ctx.set_name("ft", other, force=True)  # another process, between the rows and the name
+
+    monkeypatch.setattr(ctx.index, "add_manifest", repoint_meanwhile)
+    with pytest.raises(NameChangedError, match="'ft' was changed by another process during the calibration") as err:
+        store.calibrate("ft", trained["llama"]["ft"], _opts(trained, steps=2))
+    assert isinstance(err.value, NameExistsError) and err.value.hint == "run the calibration again"
+    monkeypatch.undo()
+    assert store.show("ft")["manifest_id"] == other
+    store.gc()
+    assert store.verify().ok
 
 
 def test_a_stored_dense_copy_of_the_fine_tune_is_a_teacher(store, trained):

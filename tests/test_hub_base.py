@@ -19,7 +19,7 @@ import deltahub  # noqa: E402
 from conftest import snapshot_store  # noqa: E402
 from deltahub.cli import cli  # noqa: E402
 from deltahub.errors import HubConnectionError, PickleCheckpointError, WrongBaseError  # noqa: E402
-from deltahub.ops.hub_source import looks_like_hub_id  # noqa: E402
+from deltahub.hub.source import EITHER, HUB, LOCAL, source_kind  # noqa: E402
 from hub_fixtures import FAKE_USER, hub_server  # noqa: E402,F401
 
 BASE = f"{FAKE_USER}/tiny-base"
@@ -47,10 +47,10 @@ def _same_tree(x: Path, y: Path) -> None:
 
 
 def test_looks_like_hub_id(tmp_path):
-    assert looks_like_hub_id("meta-llama/Llama-3.2-1B") and looks_like_hub_id("a/b@main")
-    assert not looks_like_hub_id("./a/b") and not looks_like_hub_id("/abs/dir") and not looks_like_hub_id("plain")
+    assert source_kind("meta-llama/Llama-3.2-1B") == EITHER and source_kind("a/b@main") == HUB
+    assert source_kind("./a/b") == source_kind("/abs/dir") == source_kind("plain") == LOCAL
     (tmp_path / "x").mkdir()
-    assert not looks_like_hub_id(tmp_path / "x")
+    assert source_kind(tmp_path / "x") == LOCAL and source_kind(str(tmp_path / "x")) == LOCAL
 
 
 def test_add_from_hub_records_source_and_uses_cache(tmp_path, model_dirs, hub_server, monkeypatch):

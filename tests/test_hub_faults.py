@@ -37,9 +37,9 @@ def fast_sleep(monkeypatch):
     fake.sleep = slept.append
     monkeypatch.setattr(_http, "time", fake)
     monkeypatch.setattr(file_download, "time", fake)
-    from deltahub.hub import layout
+    from deltahub.hub import transfer
 
-    monkeypatch.setattr(layout, "time", fake)  # deltahub's own download retries
+    monkeypatch.setattr(transfer, "time", fake)  # deltahub's own download retries
     return slept
 
 

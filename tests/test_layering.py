@@ -209,3 +209,159 @@ def test_deltahub_kernels_importable():
     assert spec is not None and spec.origin is not None
     assert Path(spec.origin).resolve() == (KERNELS / "__init__.py").resolve()
     import deltahub.kernels  # noqa: F401
+
+
+# ----------------------------------------------------------------------------------- import cycles
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _import_edges(mod: Module, known: set[str], module_level: bool) -> set[str]:
+    """The deltahub modules ``mod`` imports: at module level only (what runs on ``import``), or
+    anywhere (function-level imports too). ``if TYPE_CHECKING:`` blocks never run and are skipped.
+    ``from P import x`` is an edge to ``P.x`` when that is a module, else to ``P``; the implicit
+    import of a parent package is not an edge (Python initialises parents first, whatever the order)."""
+    found: set[str] = set()
+
+    def targets(node: ast.Import | ast.ImportFrom) -> set[str]:
+        if isinstance(node, ast.Import):
+            return {alias.name for alias in node.names}
+        if node.level:
+            base = mod.package.split(".")
+            if node.level > 1:
+                base = base[: -(node.level - 1)]
+            prefix = ".".join(base)
+            target = f"{prefix}.{node.module}" if node.module else prefix
+        else:
+            target = node.module or ""
+        return {f"{target}.{a.name}" if f"{target}.{a.name}" in known else target for a in node.names}
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if module_level and isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+                continue
+            if isinstance(child, ast.If) and _is_type_checking(child):
+                for other in child.orelse:
+                    visit(other)
+                continue
+            if isinstance(child, ast.Import | ast.ImportFrom):
+                found.update(targets(child))
+            visit(child)
+
+    visit(mod.tree)
+    return {name for name in found if name in known and name != mod.name}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def connect(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            connect(v)
+    return out
+
+
+def _graph(module_level: bool) -> dict[str, set[str]]:
+    known = {m.name for m in MODULES}
+    return {m.name: _import_edges(m, known, module_level) for m in MODULES}
+
+
+@pytest.mark.parametrize("module_level", [True, False], ids=["module-level", "function-level-too"])
+def test_no_import_cycles(module_level):
+    """DESIGN.md: no import cycles. Module-level imports must form no cycle (else import order
+    decides what works); neither may function-level ones (a cycle hidden in a function is still one)."""
+    cycles = _cycles(_graph(module_level))
+    assert not cycles, cycles
+
+
+def test_cycle_finder_works():
+    """The checker finds a cycle through a package's ``from P import x`` and one hidden in a function."""
+    src = {
+        "deltahub.fake": "from deltahub.fake import a\n",
+        "deltahub.fake.a": "from deltahub.fake import b\n",
+        "deltahub.fake.b": "def f():\n    from deltahub.fake.a import g\n",
+    }
+    mods = [
+        Module(name, LIB / "fake" / ("__init__.py" if name == "deltahub.fake" else f"{name[-1]}.py"), ast.parse(text))
+        for name, text in src.items()
+    ]
+    known = set(src)
+    module_level = {m.name: _import_edges(m, known, True) for m in mods}
+    anywhere = {m.name: _import_edges(m, known, False) for m in mods}
+    assert module_level["deltahub.fake.a"] == {"deltahub.fake.b"} and not _cycles(module_level)
+    assert _cycles(anywhere) == [["deltahub.fake.a", "deltahub.fake.b"]]
+    typed = Module("deltahub.fake.c", LIB / "fake" / "c.py", ast.parse("if TYPE_CHECKING:\n    import deltahub.fake.a\n"))
+    assert not _import_edges(typed, known | {"deltahub.fake.c"}, False)
+
+
+# ----------------------------------------------------------------------------------- who may touch what
+def test_only_the_index_touches_orm_rows_and_sessions():
+    """Outside deltahub/index nothing imports the ORM models (or a row class through the package)
+    nor opens a session: everyone calls the index's queries and gets dataclasses back."""
+    bad = []
+    for mod in MODULES:
+        if _under(mod.name, "deltahub.index"):
+            continue
+        for imp in sorted(_imports(mod)):
+            if _under(imp, "deltahub.index.models") or (
+                _under(imp, "deltahub.index") and imp.rpartition(".")[2].endswith("Row")
+            ):
+                bad.append(f"{mod.path.relative_to(REPO)} imports {imp}")
+        for node in ast.walk(mod.tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "session":
+                bad.append(f"{mod.path.relative_to(REPO)}:{node.lineno} calls .session(")
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                if any(_under(n, "sqlalchemy") for n in names) and not _under(mod.name, "deltahub.cli"):
+                    bad.append(f"{mod.path.relative_to(REPO)}:{node.lineno} imports sqlalchemy")
+    assert not bad, bad
+
+
+def test_only_the_hub_package_talks_to_huggingface_hub():
+    """Every huggingface_hub call goes through deltahub/hub (transfers, retries, errors, offline).
+    The one exception is deltahub/config.py, which reads where the HF cache is (a setting, used by
+    formats and the store too, which may not import the hub package)."""
+    bad = [
+        f"{m.path.relative_to(REPO)} imports {imp}"
+        for m in MODULES
+        if not (_under(m.name, "deltahub.hub") or m.name == "deltahub.config")
+        for imp in sorted(_imports(m))
+        if _under(imp, "huggingface_hub")
+    ]
+    assert not bad, bad
+
+
+def test_hub_imports_no_store_index_or_ops():
+    """Arrows: ops -> {store, index, hub, formats, codec}; the hub package knows none of the first."""
+    upper = ("deltahub.ops", "deltahub.store", "deltahub.index", "deltahub.api", "deltahub.cli", "deltahub.runtime")
+    bad = _violations("deltahub.hub", lambda imp: any(_under(imp, u) for u in upper))
+    assert not bad, bad

@@ -1,4 +1,4 @@
-"""The Hub repo layout of a pushed delta (format ``deltahub.hub`` v1), and the Hub error table.
+"""The Hub repo layout of a pushed delta (format ``deltahub.hub`` v1).
 
 A pushed delta is an ordinary Hub model repo (see docs/hub.md)::
 
@@ -30,8 +30,8 @@ A pushed delta is an ordinary Hub model repo (see docs/hub.md)::
 Each ``sha256`` is the store's object id of that tensor or file, so a pull can rebuild the store
 manifest exactly (and check it hashes to ``manifest``).
 
-This module knows nothing of the store: it plans files from a parsed manifest, renders the JSON and
-maps ``huggingface_hub`` exceptions to deltahub errors (:func:`hub_errors`).
+This module knows nothing of the store: it plans files from a parsed manifest and renders and parses
+the JSON. Talking to the Hub (and its error table) is :mod:`deltahub.hub.transfer`'s.
 """
 
 from __future__ import annotations
@@ -41,32 +41,17 @@ import json
 import logging
 import os
 import re
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from typing import Any
 
-from deltahub.errors import (
-    CorruptObjectError,
-    DiskFullError,
-    HubAuthError,
-    HubConnectionError,
-    HubError,
-    HubNotFoundError,
-    UnsupportedFormatError,
-)
-from deltahub.fileio import disk_full_error, is_disk_full
+from deltahub.errors import CorruptObjectError, UnsupportedFormatError
 from deltahub.formats import safe_json
 from deltahub.formats.checkpoint import DELTA_MANIFEST_FILE
 from deltahub.formats.manifest import MANIFEST_FORMAT, Manifest, ModelKind, parse_manifest
 from deltahub.formats.safetensors_io import TensorSpec, dtype_from_name, dtype_name
-from deltahub.progress import quiet_hf_progress_bars
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 HUB_FORMAT = "deltahub.hub"
 HUB_FORMAT_VERSION = 2
@@ -238,262 +223,6 @@ def git_blob_sha1(path: Path, chunk: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
-# ---------------------------------------------------------------------------------------- errors
-_TRUE = {"1", "true", "yes", "on"}
-
-
-def offline_mode() -> bool:
-    """``HF_HUB_OFFLINE`` set (in the environment now, or as huggingface_hub read it at import)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE:
-        return True
-    try:
-        from huggingface_hub import constants
-    except ImportError:  # pragma: no cover
-        return False
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def check_online(what: str) -> None:
-    if offline_mode():
-        raise HubConnectionError(f"HF_HUB_OFFLINE is set: {what} needs the Hub", "unset HF_HUB_OFFLINE to go online")
-
-
-def hub_endpoint() -> str:
-    """The Hub huggingface_hub talks to (``HF_ENDPOINT``, default https://huggingface.co)."""
-    try:
-        from huggingface_hub import constants
-
-        return str(constants.ENDPOINT).rstrip("/")
-    except ImportError:  # pragma: no cover
-        return "the Hub"
-
-
-
-def _status(exc: BaseException) -> int | None:
-    response = getattr(exc, "response", None)
-    return getattr(response, "status_code", None)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else exc.__class__.__name__
-
-
-def _server_message(exc: BaseException) -> str:
-    """The server's own message (``X-Error-Message`` or the body's ``error``), first line; else the
-    exception's first line."""
-    lines = str(getattr(exc, "server_message", None) or "").strip().splitlines()
-    return lines[0].strip() if lines else _first_line(exc)
-
-
-def _request_path(exc: BaseException) -> str | None:
-    """The URL path (no host, no query) of the request that failed, when the exception knows it."""
-
-    def attr(obj: Any, name: str) -> Any:
-        try:  # httpx raises RuntimeError for a request it was never given
-            return getattr(obj, name, None)
-        except Exception:
-            return None
-
-    response = attr(exc, "response")
-    url = attr(attr(response, "request"), "url") or attr(attr(exc, "request"), "url") or attr(response, "url")
-    if url is None:
-        return None
-    return urlsplit(str(url)).path or "/"
-
-
-#: The repo endpoints (``repo_info`` with or without a revision): a 404 there means the repo
-#: does not exist (or is not visible); a 404 anywhere else keeps the server's message.
-_REPO_ENDPOINT = re.compile(r"/api/(models|datasets|spaces)/[^/]+/[^/]+(/revision/[^/]+)?/?$")
-
-
-def xet_in_use() -> bool:
-    """Whether huggingface_hub uploads through Xet: ``hf_xet`` is installed and not disabled
-    (``HF_HUB_DISABLE_XET``, as the client read it). Older clients without Xet: False."""
-    try:
-        from huggingface_hub import constants
-    except ImportError:  # pragma: no cover
-        return False
-    if getattr(constants, "HF_HUB_DISABLE_XET", True):
-        return False
-    import importlib.util
-
-    return importlib.util.find_spec("hf_xet") is not None
-
-
-def _hub_error_table() -> list[tuple[type[BaseException], Any]]:
-    """huggingface_hub exception -> function building the deltahub error. First match wins."""
-    from huggingface_hub import errors as hf
-
-    transport: list[type[BaseException]] = []
-    for module in ("httpx2", "httpx", "requests"):  # whichever HTTP client huggingface_hub uses
-        try:
-            mod = __import__(module)
-        except ImportError:
-            continue
-        cls = getattr(mod, "TransportError", None) or getattr(getattr(mod, "exceptions", None), "ConnectionError", None)
-        if isinstance(cls, type):
-            transport.append(cls)
-
-    def repo_not_found(exc, repo):
-        return HubNotFoundError(
-            f"repository {repo} not found on {hub_endpoint()} or not visible with your token",
-            "check the id, and log in (`hf auth login` or HF_TOKEN) with a token that can see it",
-        )
-
-    def gated(exc, repo):
-        return HubAuthError(
-            f"{repo} is a gated repository: your account has no access to its files",
-            f"request access on {hub_endpoint()}/{repo}, then log in (`hf auth login` or HF_TOKEN)",
-        )
-
-    def revision_not_found(exc, repo):
-        return HubNotFoundError(
-            f"revision not found in {repo}", "check the revision after @ in REPO_ID@REVISION (a branch, tag or commit id)"
-        )
-
-    def http(exc, repo):
-        status = _status(exc)
-        if status == 401:
-            return HubAuthError(
-                f"the Hub refused the request to {repo}: not logged in or the token is invalid",
-                "run `hf auth login` or set HF_TOKEN to a valid token",
-            )
-        if status == 403:
-            return HubAuthError(
-                f"your token may not write to {repo}",
-                "use a token with write access to that namespace (`hf auth login`)",
-            )
-        if status == 404:
-            path = _request_path(exc)
-            if path is not None and _REPO_ENDPOINT.search(path):
-                return repo_not_found(exc, repo)
-            return HubNotFoundError(
-                f"{hub_endpoint()} answered 404 to {path or 'a request'} for {repo}: {_server_message(exc)}",
-                "check the repo id and revision, and that HF_ENDPOINT is a Hub that serves this request",
-            )
-        err = HubError(f"the Hub answered {status or 'an error'} for {repo}: {_first_line(exc)}", "retry later")
-        err.transient = status is None or status >= 500 or status in (408, 429)
-        return err
-
-    def offline(exc, repo):
-        return HubConnectionError("HF_HUB_OFFLINE is set: this needs the Hub", "unset HF_HUB_OFFLINE to go online")
-
-    def unreachable(exc, repo):
-        return HubConnectionError(
-            f"cannot reach {hub_endpoint()} ({exc.__class__.__name__})",
-            "check your network connection and HF_ENDPOINT",
-        )
-
-    def invalid(exc, repo):
-        return HubError(f"invalid Hub id or revision: {_first_line(exc)}", "use NAMESPACE/NAME")
-
-    def incomplete(exc, repo):  # huggingface_hub's size check after a short (truncated) download
-        if is_disk_full(exc):  # the HF cache's disk is full: not transient, say so
-            from deltahub.config import hf_hub_cache
-
-            return disk_full_error(exc, hf_hub_cache(), f"downloading from {repo} into the Hugging Face cache")
-        if "Consistency check failed" not in str(exc):
-            return None
-        err = HubConnectionError(
-            f"incomplete download from {repo}: {_first_line(exc)}",
-            "nothing was stored; run the command again",
-        )
-        err.transient = True
-        return err
-
-    return [
-        (hf.OfflineModeIsEnabled, offline),
-        # not in the local cache (local_files_only): callers catch it and say what is missing. Before
-        # huggingface_hub 1.0 it subclasses HfHubHTTPError, which would make it a "retry later".
-        (hf.LocalEntryNotFoundError, lambda exc, repo: None),
-        (hf.GatedRepoError, gated),  # a subclass of RepositoryNotFoundError: first
-        (hf.RepositoryNotFoundError, repo_not_found),
-        (hf.RevisionNotFoundError, revision_not_found),
-        (hf.HfHubHTTPError, http),
-        (hf.HFValidationError, invalid),
-        *((cls, unreachable) for cls in transport),
-        (ConnectionError, unreachable),
-        (TimeoutError, unreachable),
-        (OSError, incomplete),
-    ]
-
-
-def _from_xet(exc: BaseException) -> bool:
-    """Whether ``exc`` (or what caused it) came from the Xet transfer path: raised by ``hf_xet``,
-    or a failed request to a Xet endpoint (``/xet-…-token/``, a CAS server), or saying so."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        module = type(current).__module__ or ""
-        path = _request_path(current) or ""
-        if module.startswith("hf_xet") or "xet" in path.lower() or "xet" in str(current).lower():
-            return True
-        current = current.__cause__ or current.__context__
-    return False
-
-
-def translate_hub_error(exc: BaseException, repo_id: str, upload: bool = False) -> HubError | DiskFullError | None:
-    """The deltahub error for ``exc`` (None: not a Hub failure). ``upload``: ``exc`` came from an
-    upload (``create_commit``); when that went through Xet, the error says so and how to avoid it."""
-    mapped = None
-    for cls, make in _hub_error_table():
-        if isinstance(exc, cls):
-            mapped = make(exc, repo_id)
-            break
-    if upload and xet_in_use() and _from_xet(exc) and not isinstance(mapped, (HubAuthError, HubNotFoundError)):
-        kind = HubConnectionError if isinstance(mapped, HubConnectionError) else HubError
-        return kind(
-            f"uploading to {repo_id} through Xet failed: {_first_line(exc)}",
-            "retry with HF_HUB_DISABLE_XET=1 to upload through plain LFS; the Hub or mirror at HF_ENDPOINT "
-            "may not support Xet",
-        )
-    return mapped
-
-
-
-#: Attempts and first back-off (doubling) for downloads that fail transiently (5xx, 408, 429, a
-#: truncated body): huggingface_hub itself retries a file GET only on 408/429.
-DOWNLOAD_ATTEMPTS = 4
-RETRY_DELAY_S = 1.0
-
-
-def with_retries(call: Callable[[], T], what: str) -> T:
-    """Run ``call`` (which raises deltahub Hub errors), retrying transient failures with back-off."""
-    delay = RETRY_DELAY_S
-    for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
-        try:
-            return call()
-        except HubError as exc:
-            if not getattr(exc, "transient", False) or attempt == DOWNLOAD_ATTEMPTS:
-                raise
-            logger.warning("%s failed (%s); retrying in %.1f s", what, exc.message, delay)
-            time.sleep(delay)
-            delay *= 2
-    raise AssertionError("unreachable")
-
-
-@contextmanager
-def hub_errors(repo_id: str, upload: bool = False) -> Iterator[None]:
-    """Re-raise huggingface_hub/transport exceptions as one-line deltahub errors.
-
-    Every huggingface_hub call runs inside it, so it also applies ``DELTAHUB_DISABLE_PROGRESS_BARS``
-    to huggingface_hub's own bars first. ``upload``: the block uploads (see
-    :func:`translate_hub_error`).
-    """
-    quiet_hf_progress_bars()
-    try:
-        yield
-    except HubError:
-        raise
-    except Exception as exc:
-        mapped = translate_hub_error(exc, repo_id, upload=upload)
-        if mapped is None:
-            raise
-        raise mapped from exc
-
-
 # ---------------------------------------------------------------------------------------- pulling
 @dataclass
 class PulledTensor:
@@ -642,21 +371,15 @@ __all__ = [
     "HubManifest",
     "PulledTensor",
     "StoredTensor",
-    "check_online",
     "default_pull_name",
     "delta_file_names",
     "file_sha256",
     "git_blob_sha1",
-    "hub_endpoint",
-    "hub_errors",
     "hub_manifest",
     "hub_manifest_bytes",
     "is_delta_file",
-    "offline_mode",
     "parse_base_repo",
     "parse_hub_manifest",
     "plan_layout",
     "stored_tensors",
-    "translate_hub_error",
-    "xet_in_use",
 ]

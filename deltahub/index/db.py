@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session
 
 from deltahub.errors import DiskFullError, StoreError, UnsupportedFormatError
 from deltahub.fileio import disk_full_error, free_bytes, is_disk_full
+from deltahub.index.queries import IndexQueries
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -188,8 +189,8 @@ def _exclusive_lock(lock_path: Path, timeout: float) -> Iterator[None]:
         os.close(fd)
 
 
-class Index:
-    """The SQLite index of a store.
+class Index(IndexQueries):
+    """The SQLite index of a store; its queries and writes are :class:`IndexQueries`' methods.
 
     Args:
         db_path: the SQLite database file (created if missing, parent directories too).

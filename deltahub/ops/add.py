@@ -1,4 +1,12 @@
-"""``add``: import a base model from a local Hugging Face checkpoint directory."""
+"""``add``: import a base model from a local Hugging Face checkpoint directory, or from the Hub.
+
+A base from the Hub (``deltahub add REPO_ID[@REVISION]``, and the base step of ``pull``) is fetched
+into the HF cache (:func:`deltahub.hub.source.fetch_checkpoint`: pinned to its commit, no pickles,
+offline from the cache), added like a local checkpoint, and its Hub id and commit are recorded in the
+index (the manifest row's ``info``: ``{"hub": {"repo_id": ..., "revision": <commit>}}``; the base
+manifest itself stays content-derived), so ``push`` of a delta on that base needs no
+``--base-repo``.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +20,8 @@ from deltahub.formats.checkpoint import open_checkpoint
 from deltahub.formats.manifest import Manifest, ModelKind, TensorRecord
 from deltahub.formats.paths import validate_name
 from deltahub.formats.safetensors_io import dtype_name, tensor_bytes
+from deltahub.hub.layout import default_pull_name
+from deltahub.hub.source import Source, fetch_checkpoint, resolve_source
 from deltahub.ops.context import StoreContext, TensorStat
 from deltahub.ops.files import store_files
 from deltahub.ops.finite import check_finite
@@ -28,7 +38,7 @@ class AddResult:
     manifest_id: str
     n_tensors: int
     stored_bytes: int
-    hub_repo_id: str | None = None  # set when added from the Hub (deltahub.ops.hub_source)
+    hub_repo_id: str | None = None  # set when added from the Hub (add_from_hub)
     hub_revision: str | None = None  # the commit id it was downloaded at
     #: bytes of weights left in the Hugging Face cache and stored as references (not copied)
     referenced_bytes: int = 0
@@ -57,7 +67,7 @@ def hf_cache_blob(path: Path) -> str | None:
 
 def add_base(
     ctx: StoreContext,
-    src: Path,
+    src: Path | str,
     name: str | None = None,
     force: bool = False,
     copy: bool = False,
@@ -65,19 +75,20 @@ def add_base(
 ) -> AddResult:
     """Store every tensor of ``src`` raw (memory-mappable) and record it as a base model.
 
-    ``src`` that is no local path but looks like ``REPO_ID[@REVISION]`` is fetched from the Hub
-    (:mod:`deltahub.ops.hub_source`). Weights that are blobs of the Hugging Face cache are stored as
-    *references* to their bytes there (no second copy; every read re-hashes them) unless ``copy``.
+    ``src`` that is no local path but a Hub ``REPO_ID[@REVISION]`` is fetched from the Hub
+    (:func:`add_from_hub`; the rule is :func:`deltahub.hub.source.resolve_source`'s). Weights that
+    are blobs of the Hugging Face cache are stored as *references* to their bytes there (no second
+    copy; every read re-hashes them) unless ``copy``.
     ``name=None`` derives the name from the folder (or repo); any given name, ``""`` included, must
     be valid. A floating tensor holding NaN/Inf is refused unless ``allow_nonfinite``
     (:mod:`deltahub.ops.finite`).
     """
-    from deltahub.ops.hub_source import add_from_hub, looks_like_hub_id
-
     if name is not None:
         validate_name(name)  # "" is an invalid name, never "use the default"
-    if looks_like_hub_id(src):
-        return add_from_hub(ctx, str(src), name=name, force=force, copy=copy, allow_nonfinite=allow_nonfinite)
+    source = resolve_source(src)
+    if source.hub is not None:
+        return add_from_hub(ctx, source, name=name, force=force, copy=copy, allow_nonfinite=allow_nonfinite)
+    src = source.path
     name = name if name is not None else default_name(src)
     checkpoint = open_checkpoint(Path(src))
     ctx.check_name_free(name, force)
@@ -128,3 +139,28 @@ def add_base(
     return AddResult(
         name, manifest_id, len(records), sum(i.stored_size for i in unique.values()), referenced_bytes=referenced
     )
+
+
+def add_from_hub(
+    ctx: StoreContext,
+    repo: str | Source,
+    name: str | None = None,
+    force: bool = False,
+    copy: bool = False,
+    allow_nonfinite: bool = False,
+) -> AddResult:
+    """``deltahub add REPO_ID[@REVISION]``: add a base straight from the Hub (or the HF cache).
+
+    ``repo``: ``REPO_ID[@REVISION]``, or a checkpoint already fetched. The weights stay in the HF
+    cache and the store keeps references to them, unless ``copy``.
+    """
+    source = fetch_checkpoint(repo) if isinstance(repo, str) else repo
+    assert source.repo_id is not None and source.commit is not None
+    result = add_base(
+        ctx, source.path, name=name if name is not None else default_pull_name(source.repo_id), force=force,
+        copy=copy, allow_nonfinite=allow_nonfinite,
+    )
+    ctx.index.set_hub_source(result.manifest_id, source.repo_id, source.commit)
+    result.hub_repo_id, result.hub_revision = source.repo_id, source.commit
+    logger.info("base %s is %s@%s", result.name, source.repo_id, source.commit[:12])
+    return result

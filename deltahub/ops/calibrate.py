@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sqlalchemy import select
 
 from deltahub import defaults
 from deltahub.calibrate.data import load_samples
@@ -35,27 +34,20 @@ from deltahub.calibrate.distill import DistillConfig, calibrate_scales, delta_sc
 from deltahub.calibrate.targets import DEFAULT_TOP_K, TeacherTargets, score_model
 from deltahub.codec.sign1 import recon_error_at  # noqa: F401  (kept importable from here)
 from deltahub.errors import (
+    DanglingNameError,
     DeltaHubError,
     IncompatibleBaseError,
     InputError,
     InvalidNameError,
-    NameExistsError,
+    NameChangedError,
 )
 from deltahub.formats.checkpoint import open_checkpoint
 from deltahub.formats.manifest import Manifest, ModelKind, TensorRecord
 from deltahub.formats.safetensors_io import dtype_from_name
 from deltahub.formats.paths import validate_name
-from deltahub.index.models import (
-    CalibrationRow,
-    ManifestObjectRow,
-    ManifestRow,
-    NameRow,
-    ObjectRow,
-    TensorStatRow,
-    record_from,
-    utcnow,
-)
-from deltahub.ops.context import Resolved, StoreContext, fp16_bytes
+from deltahub.hub.source import resolve_source
+from deltahub.index import TensorStat, TensorStatEntry
+from deltahub.ops.context import Resolved, StoreContext
 from deltahub.ops.reconstruct import ModelSource
 from deltahub.store import Compression
 
@@ -156,9 +148,8 @@ class FinetuneRef:
 
 
 def resolve_finetune(ctx: StoreContext, spec: str | Path) -> FinetuneRef:
-    """A local folder, else a stored model's name, else a Hub ``REPO_ID[@REVISION]`` (downloaded)."""
-    from deltahub.ops.hub_source import fetch_checkpoint, looks_like_hub_id
-
+    """A local folder, else a stored model's name, else a Hub ``REPO_ID[@REVISION]`` (downloaded;
+    the rule is :func:`deltahub.hub.source.resolve_source`'s)."""
     text = str(spec)
     path = Path(text).expanduser()
     if path.exists():
@@ -170,19 +161,19 @@ def resolve_finetune(ctx: StoreContext, spec: str | Path) -> FinetuneRef:
     except InvalidNameError:
         is_name = False
     if is_name:
-        with ctx.index.session(write=False) as session:
-            row = session.get(NameRow, text)
-            kind = session.get(ManifestRow, row.manifest_id).kind if row is not None else None  # type: ignore[union-attr]
-        if kind is not None:
-            if kind != ModelKind.BASE.value:
+        found = ctx.index.resolve_name(text)
+        if found is not None:
+            if found.manifest is None:
+                raise _dangling(text, found.manifest_id)
+            if found.manifest.kind != ModelKind.BASE.value:
                 raise InputError(
                     f"{text!r} is a stored delta, not a fine-tune",
                     "give the fine-tune's checkpoint folder or Hub id, or a stored dense copy of it",
                 )
             return FinetuneRef("stored", f"stored:{text}", name=text)
-    if looks_like_hub_id(text):
-        repo_id, commit, folder = fetch_checkpoint(text)
-        return FinetuneRef("path", f"hub:{repo_id}@{commit}", path=folder)
+    source = resolve_source(spec)
+    if source.hub is not None:
+        return FinetuneRef("path", source.label, path=source.path)
     raise InputError(
         f"fine-tune {text!r} is neither a checkpoint folder, a stored model nor a Hub repo id",
         "give the folder of the fine-tune (config.json + safetensors) or REPO_ID[@REVISION]",
@@ -280,7 +271,17 @@ def load_finetune_model(ctx: StoreContext, ref: FinetuneRef, dtype: torch.dtype,
 
 
 # ------------------------------------------------------------------------------- calibration
+def _dangling(name: str, manifest_id: str) -> DanglingNameError:
+    return DanglingNameError(
+        f"{name!r} points at manifest {manifest_id[:12]}, which the store's index does not hold",
+        f"run `deltahub verify`; `deltahub rm {name}` removes the dangling name",
+    )
+
+
 def _delta_of(ctx: StoreContext, name: str) -> tuple[Resolved, Manifest]:
+    found = ctx.index.resolve_name(name)
+    if found is not None and found.manifest is None:  # refused before any work, not when publishing
+        raise _dangling(name, found.manifest_id)
     resolved = ctx.resolve(name)
     if resolved.manifest.kind is not ModelKind.DELTA:
         raise InputError(f"{name!r} is a base model: only deltas have scales to calibrate", "give a delta's name")
@@ -409,87 +410,44 @@ def _publish(ctx: StoreContext, resolved: Resolved, scales: dict[str, float], re
         info = ctx.put(new.to_bytes(), Compression.AUTO)
         new_id = info.sha256
         ctx.objects.flush()  # the manifest object is durable and in place before any index row (invariant 2)
-        now = utcnow()
-        with ctx.index.session() as session:
-            old_row = session.get(ManifestRow, resolved.manifest_id)
-            if old_row is None:
-                raise DeltaHubError(
-                    f"manifest {resolved.manifest_id[:12]} of {resolved.name!r} is not indexed", "run `deltahub verify`"
-                )
-            if session.get(ObjectRow, new_id) is None:
-                session.add(
-                    ObjectRow(
-                        sha256=new_id,
-                        size=info.size,
-                        stored_size=info.stored_size,
-                        encoding="zstd" if info.encoding.name == "ZSTD" else "raw",
-                        created_at=now,
-                    )
-                )
-            if session.get(ManifestRow, new_id) is None:
-                _index_manifest(session, new, new_id, info.stored_size, old_row, scales, now)
-            session.add(record_from(CalibrationRow, result.to_json(), manifest_id=new_id, created_at=now))
-        with ctx.naming(), ctx.index.session() as session:
-            row = session.get(NameRow, resolved.name)
-            if row is None or row.manifest_id != resolved.manifest_id:
-                raise NameExistsError(
-                    f"{resolved.name!r} was changed by another process during the calibration",
-                    "run the calibration again",
-                )
-            if row.manifest_id != new_id:
-                row.manifest_id = new_id
-                row.updated_at = utcnow()
+        old = ctx.index.manifest(resolved.manifest_id)  # gc cannot prune it: this writer holds the gc lock
+        if old is None:
+            raise DeltaHubError(
+                f"manifest {resolved.manifest_id[:12]} of {resolved.name!r} is not indexed", "run `deltahub verify`"
+            )
+        stats = _calibrated_stats(new, ctx.index.tensor_stats(old.id), scales)
+        try:
+            # every other object is the old manifest's, indexed: ONE transaction for the rows, then
+            # the name, moved only if it still points at the manifest that was calibrated
+            ctx.register(
+                new, info, {}, stats, resolved.name, force=False,
+                expected=resolved.manifest_id, info=old.info, calibration=result.to_json(),
+            )
+        except NameChangedError:
+            raise NameChangedError(
+                f"{resolved.name!r} was changed by another process during the calibration",
+                "run the calibration again",
+            ) from None
     logger.info("calibrated %s: manifest %s -> %s", resolved.name, resolved.manifest_id[:12], new_id[:12])
     return new_id
 
 
-def _index_manifest(session, new: Manifest, new_id: str, manifest_stored: int, old_row: ManifestRow,
-                    scales: dict[str, float], now) -> None:
-    """The manifest row, its object links and per-tensor statistics (the old ones, new scales)."""
-    roles = new.object_ids()
-    sizes = {
-        oid: size
-        for oid, size in session.execute(
-            select(ObjectRow.sha256, ObjectRow.stored_size).where(ObjectRow.sha256.in_(list(roles)))
-        )
-    }
-    missing = sorted(set(roles) - set(sizes))
-    if missing:
-        raise DeltaHubError(f"object {missing[0][:12]} of the delta is not indexed", "run `deltahub verify`")
-    session.add(
-        ManifestRow(
-            id=new_id,
-            kind=new.kind.value,
-            format_version=new.format_version,
-            base_id=new.base.manifest if new.base else None,
-            model_type=new.model_type,
-            dtype=new.dtype,
-            n_tensors=len(new.tensors),
-            stored_bytes=sum(sizes.values()) + manifest_stored,
-            fp16_bytes=fp16_bytes(new),
-            created_at=now,
-            info=old_row.info,
-        )
-    )
-    session.flush()
-    roles[new_id] = "manifest"
-    for oid, role in roles.items():
-        session.add(ManifestObjectRow(manifest_id=new_id, object_id=oid, role=role))
-    for st in session.scalars(select(TensorStatRow).where(TensorStatRow.manifest_id == old_row.id)):
+def _calibrated_stats(new: Manifest, old_stats: list[TensorStatEntry], scales: dict[str, float]) -> list[TensorStat]:
+    """The per-tensor statistics of the calibrated manifest: the old ones, with the new scales."""
+    out = []
+    for st in old_stats:
         initial = st.initial_scale if st.initial_scale is not None else st.scale
         scale, error = st.scale, st.rel_recon_error
         rec = new.tensors.get(st.name)
         if st.name in scales and rec is not None and _trainable(rec) and initial is not None and st.scale is not None:
             scale = rec.scale
             error = rec.impl.rescaled_error(rec.params, {"scale": initial}, {"scale": st.scale}, st.rel_recon_error)
-        session.add(
-            TensorStatRow(
-                manifest_id=new_id,
+        out.append(
+            TensorStat(
                 name=st.name,
                 codec=st.codec,
                 dtype=st.dtype,
                 shape=st.shape,
-                numel=st.numel,
                 stored_bytes=st.stored_bytes,
                 scale=scale,
                 initial_scale=initial if rec is not None and _trainable(rec) else None,
@@ -497,6 +455,7 @@ def _index_manifest(session, new: Manifest, new_id: str, manifest_stored: int, o
                 rel_recon_error=error,
             )
         )
+    return out
 
 
 # ------------------------------------------------------------------------------- compress + calibrate
@@ -518,16 +477,11 @@ def compress_and_calibrate(
     from transformers import AutoTokenizer
 
     from deltahub.ops.compress import compress_finetune
-    from deltahub.ops.hub_source import fetch_checkpoint, looks_like_hub_id
 
     options = options or CalibrationOptions()
     options.check()
-    label = str(src)
-    hub: tuple[str, str] | None = None
-    if looks_like_hub_id(src):
-        repo_id, commit, folder = fetch_checkpoint(str(src))
-        src, hub, label = folder, (repo_id, commit), f"hub:{repo_id}@{commit}"
-    src = Path(src)
+    source = resolve_source(src)
+    src, hub, label = source.path, source.hub, str(src) if source.hub is None else source.label
     open_checkpoint(src)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(src))

@@ -34,6 +34,7 @@ from deltahub.formats.checkpoint import Checkpoint, open_checkpoint
 from deltahub.formats.manifest import BaseRef, Manifest, ModelKind, TensorRecord
 from deltahub.formats.paths import validate_name
 from deltahub.formats.safetensors_io import dtype_from_name, dtype_name, tensor_bytes
+from deltahub.hub.source import resolve_source
 from deltahub.ops.context import Resolved, StoreContext, TensorStat, fp16_bytes
 from deltahub.ops.files import store_files
 from deltahub.ops.finite import ALLOW_HINT, check_finite, nonfinite_summary
@@ -200,7 +201,7 @@ def _encode_delta(impl: TensorCodec, tname: str, base_t: torch.Tensor, tensor: t
 
 def compress_finetune(
     ctx: StoreContext,
-    src: Path,
+    src: Path | str,
     base_name: str,
     name: str,
     embeddings: EmbeddingsMode | str = DEFAULT_EMBEDDINGS,
@@ -211,22 +212,18 @@ def compress_finetune(
 ) -> CompressResult:
     """Compress the checkpoint at ``src`` against stored base ``base_name`` and name it ``name``.
 
-    ``src`` that is no local path but looks like ``REPO_ID[@REVISION]`` is fetched from the Hub like
-    ``add`` does (:func:`deltahub.ops.hub_source.fetch_checkpoint`: pinned to its commit, no pickles,
+    ``src`` that is no local path but a Hub ``REPO_ID[@REVISION]`` is fetched from the Hub like
+    ``add`` does (:func:`deltahub.hub.source.resolve_source`: pinned to its commit, no pickles,
     into the HF cache, reused when cached, offline too) and compressed from the snapshot folder.
 
     NaN/Inf in any floating tensor of the fine-tune, or in a delta, is refused unless
     ``allow_nonfinite`` (:mod:`deltahub.ops.finite`); a refusal mid-way leaves the store unchanged.
     """
-    from deltahub.ops.hub_source import fetch_checkpoint, looks_like_hub_id
-
     embeddings = EmbeddingsMode(embeddings)
     matrix = matrix_codec(codec)
     validate_name(name)
-    hub: tuple[str, str] | None = None
-    if looks_like_hub_id(src):
-        repo_id, commit, folder = fetch_checkpoint(str(src))  # downloads outside the writer lock
-        src, hub = folder, (repo_id, commit)
+    source = resolve_source(src)  # a Hub checkpoint is downloaded here, outside the writer lock
+    src, hub = source.path, source.hub
     # The writer lock is taken before the base is resolved, so gc cannot remove the base's objects
     # between the lookup and the reads (gc waits for writers).
     with ctx.writing():

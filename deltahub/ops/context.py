@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select
 
 from deltahub.config import HF_CACHE_ROOT, default_home, hf_hub_cache, reserve_bytes
 from deltahub.errors import (
@@ -34,15 +33,7 @@ from deltahub.errors import (
 )
 from deltahub.fileio import free_bytes, reserve
 from deltahub.formats.paths import validate_name
-from deltahub.index import Index
-from deltahub.index.models import (
-    ManifestObjectRow,
-    ManifestRow,
-    NameRow,
-    ObjectRow,
-    TensorStatRow,
-    utcnow,
-)
+from deltahub.index import Index, NewManifest, ObjectEntry, TensorStat
 from deltahub.store import Compression, ObjectInfo, ObjectStore, file_lock
 
 if TYPE_CHECKING:  # pragma: no cover - torch (and the formats using it) load only when needed
@@ -58,20 +49,6 @@ logger = logging.getLogger(__name__)
 #: ``RESERVE_MIN_FREE_FACTOR`` times that is free.
 RESERVE_FILE = "reserve"
 RESERVE_MIN_FREE_FACTOR = 4
-
-
-@dataclass
-class TensorStat:
-    """Per-tensor statistics recorded in the index at compress/add time."""
-
-    name: str
-    codec: str
-    dtype: str
-    shape: tuple[int, ...]
-    stored_bytes: int
-    scale: float | None = None
-    rel_delta_norm: float | None = None
-    rel_recon_error: float | None = None
 
 
 @dataclass
@@ -192,13 +169,8 @@ class StoreContext:
         if not object_ids:
             return
         try:
-            with self.collecting(timeout=30), self.index.session() as session:
-                prune_unreachable(session)
-                referenced = set(
-                    session.scalars(
-                        select(ManifestObjectRow.object_id).where(ManifestObjectRow.object_id.in_(object_ids))
-                    )
-                )
+            with self.collecting(timeout=30):
+                referenced = self.index.prune_unreachable().referenced
                 for oid in object_ids:
                     if oid not in referenced:
                         self.objects.delete(oid)
@@ -227,25 +199,22 @@ class StoreContext:
     # ------------------------------------------------------------------ names
     def resolve(self, name: str) -> Resolved:
         validate_name(name)
-        with self.index.session(write=False) as session:
-            row = session.get(NameRow, name)
-            if row is None:
-                raise NameNotFoundError(
-                    f"no model named {name!r} in {self.home}", "see `deltahub ls` for the stored names"
-                )
-            manifest_id = row.manifest_id
-        return Resolved(name, manifest_id, self.load_manifest(manifest_id))
+        entry = self.index.get_name(name)
+        if entry is None:
+            raise NameNotFoundError(
+                f"no model named {name!r} in {self.home}", "see `deltahub ls` for the stored names"
+            )
+        return Resolved(name, entry.manifest_id, self.load_manifest(entry.manifest_id))
 
     def check_name_free(self, name: str, force: bool) -> None:
         validate_name(name)
         if force:
             return
-        with self.index.session(write=False) as session:
-            if session.get(NameRow, name) is not None:
-                raise NameExistsError(
-                    f"the name {name!r} is already taken",
-                    "choose another --name, `deltahub rm` it first, or pass --force to re-point it",
-                )
+        if self.index.get_name(name) is not None:
+            raise NameExistsError(
+                f"the name {name!r} is already taken",
+                "choose another --name, `deltahub rm` it first, or pass --force to re-point it",
+            )
 
     def load_manifest(self, manifest_id: str, verify: bool = True) -> Manifest:
         from deltahub.formats.manifest import parse_manifest
@@ -340,121 +309,66 @@ class StoreContext:
         stats: list[TensorStat],
         name: str,
         force: bool,
+        *,
+        expected: str | None = None,
+        info: str | None = None,
+        calibration: dict | None = None,
     ) -> str:
-        """Index rows, then the name (invariant 2). Returns the manifest id."""
+        """Index rows, then the name (invariant 2). Returns the manifest id.
+
+        The rows (objects not indexed yet, the manifest, its links and statistics, and the
+        ``calibration`` record if any) are one transaction (:meth:`Index.add_manifest`). The name is
+        then set (:meth:`set_name`), or with ``expected`` moved only if it still points at manifest
+        ``expected`` (:meth:`move_name`). Objects of the manifest left out of ``objects`` must be
+        indexed already; the manifest's bytes are then the sum of what the index records for them.
+        ``info``: the manifest row's JSON blob of extra data.
+        """
         self.objects.flush()  # every object of a batch is durable and in place before any index row
         manifest_id = manifest_info.sha256
-        now = utcnow()
         all_objects = dict(objects)
         all_objects[manifest_id] = manifest_info
-        with self.index.session() as session:
-            existing = set(
-                session.scalars(select(ObjectRow.sha256).where(ObjectRow.sha256.in_(list(all_objects))))
-            )
-            for oid, info in all_objects.items():
-                if oid not in existing:
-                    session.add(
-                        ObjectRow(
-                            sha256=oid,
-                            size=info.size,
-                            stored_size=info.stored_size,
-                            # the object's header is authoritative; a reference is indexed as "raw" content
-                            encoding="zstd" if info.encoding.name == "ZSTD" else "raw",
-                            created_at=now,
-                        )
-                    )
-            if session.get(ManifestRow, manifest_id) is None:
-                session.add(
-                    ManifestRow(
-                        id=manifest_id,
-                        kind=manifest.kind.value,
-                        format_version=manifest.version(),
-                        base_id=manifest.base.manifest if manifest.base else None,
-                        model_type=manifest.model_type,
-                        dtype=manifest.dtype,
-                        n_tensors=len(manifest.tensors),
-                        stored_bytes=sum(info.stored_size for info in all_objects.values()),
-                        fp16_bytes=fp16_bytes(manifest),
-                        created_at=now,
-                    )
-                )
-                session.flush()
-                roles = manifest.object_ids()
-                roles[manifest_id] = "manifest"
-                for oid, role in roles.items():
-                    session.add(ManifestObjectRow(manifest_id=manifest_id, object_id=oid, role=role))
-                for st in stats:
-                    session.add(
-                        TensorStatRow(
-                            manifest_id=manifest_id,
-                            name=st.name,
-                            codec=st.codec,
-                            dtype=st.dtype,
-                            shape="[" + ",".join(str(d) for d in st.shape) + "]",
-                            numel=math.prod(st.shape),
-                            stored_bytes=st.stored_bytes,
-                            scale=st.scale,
-                            rel_delta_norm=st.rel_delta_norm,
-                            rel_recon_error=st.rel_recon_error,
-                        )
-                    )
-        self.set_name(name, manifest_id, force)
+        roles = manifest.object_ids()
+        roles[manifest_id] = "manifest"
+        self.index.add_manifest(
+            NewManifest(
+                id=manifest_id,
+                kind=manifest.kind.value,
+                format_version=manifest.version(),
+                base_id=manifest.base.manifest if manifest.base else None,
+                model_type=manifest.model_type,
+                dtype=manifest.dtype,
+                n_tensors=len(manifest.tensors),
+                fp16_bytes=fp16_bytes(manifest),
+                links=roles,
+                # the bytes given (a copy replacing a reference counts as the copy), else the index's
+                stored_bytes=sum(i.stored_size for i in all_objects.values()) if roles.keys() <= all_objects.keys() else None,
+                info=info,
+            ),
+            [_object_entry(oid, i) for oid, i in all_objects.items()],
+            stats,
+            calibration=calibration,
+        )
+        if expected is None:
+            self.set_name(name, manifest_id, force)
+        else:
+            self.move_name(name, expected, manifest_id)
         return manifest_id
 
     def set_name(self, name: str, manifest_id: str, force: bool) -> None:
         validate_name(name)
-        with self.naming(), self.index.session() as session:
-            row = session.get(NameRow, name)
-            if row is None:
-                session.add(NameRow(name=name, manifest_id=manifest_id, created_at=utcnow(), updated_at=utcnow()))
-            elif row.manifest_id != manifest_id:
-                if not force:
-                    raise NameExistsError(
-                        f"the name {name!r} was taken by another process meanwhile",
-                        "choose another --name or pass --force",
-                    )
-                row.manifest_id = manifest_id
-                row.updated_at = utcnow()
-                # The old manifest's rows stay until gc prunes them under the exclusive gc lock.
+        with self.naming():
+            self.index.set_name(name, manifest_id, force)
+            # The old manifest's rows stay until gc prunes them under the exclusive gc lock.
+
+    def move_name(self, name: str, expected: str, manifest_id: str) -> None:
+        """Move ``name`` from manifest ``expected`` to ``manifest_id``, only if it still points at
+        ``expected`` (else :class:`NameChangedError`)."""
+        validate_name(name)
+        with self.naming():
+            self.index.move_name(name, expected, manifest_id)
 
 
-def prune_unreachable(session) -> list[str]:
-    """Delete the index rows of manifests no name reaches (directly or as a delta's base).
+def _object_entry(oid: str, info: ObjectInfo) -> ObjectEntry:
+    # the object's header is authoritative; a reference is indexed as "raw" content
+    return ObjectEntry(oid, info.size, info.stored_size, "zstd" if info.encoding.name == "ZSTD" else "raw")
 
-    MUST run only under the exclusive gc lock (:meth:`StoreContext.collecting`): a writer between
-    indexing its manifest and publishing its name holds that lock shared, so its rows are never
-    pruned. Objects stay on disk until ``gc``; returns the deleted manifest ids.
-    """
-    from sqlalchemy import delete
-
-    reachable = reachable_manifests(session)
-    doomed = [
-        (row.id, row.kind)
-        for row in session.execute(select(ManifestRow.id, ManifestRow.kind))
-        if row.id not in reachable
-    ]
-    # Deltas first: they reference their base through a foreign key.
-    for kind in ("delta", "base"):
-        ids = [mid for mid, k in doomed if k == kind]
-        if ids:
-            session.execute(delete(ManifestRow).where(ManifestRow.id.in_(ids)))
-    if doomed:
-        session.execute(
-            delete(ObjectRow).where(ObjectRow.sha256.not_in(select(ManifestObjectRow.object_id)))
-        )
-    return [mid for mid, _ in doomed]
-
-
-def reachable_manifests(session) -> set[str]:
-    """Manifest ids some name reaches, directly or as (the base of) a named delta."""
-    reachable: set[str] = set(session.scalars(select(NameRow.manifest_id)))
-    frontier = set(reachable)
-    while frontier:
-        bases = set(
-            session.scalars(
-                select(ManifestRow.base_id).where(ManifestRow.id.in_(list(frontier)), ManifestRow.base_id.is_not(None))
-            )
-        )
-        frontier = bases - reachable
-        reachable |= bases
-    return reachable

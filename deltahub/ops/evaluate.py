@@ -27,7 +27,6 @@ from deltahub.calibrate.evaluate import measure_fidelity
 from deltahub.calibrate.targets import DEFAULT_TOP_K
 from deltahub.errors import InputError
 from deltahub.formats.manifest import ModelKind
-from deltahub.index.models import EvaluationRow, ManifestRow, record_from, utcnow
 from deltahub.ops.calibrate import (
     check_device,
     check_finetune_matches,
@@ -142,11 +141,8 @@ def evaluate(
         device=device,
         seconds=time.perf_counter() - t0,
     )
-    with ctx.index.session() as session:
-        if session.get(ManifestRow, resolved.manifest_id) is None:
-            logger.warning("manifest %s was removed meanwhile; evaluation not recorded", resolved.manifest_id[:12])
-        else:
-            session.add(record_from(EvaluationRow, result.to_json(), created_at=utcnow()))
+    if not ctx.index.record_evaluation(result.to_json()):
+        logger.warning("manifest %s was removed meanwhile; evaluation not recorded", resolved.manifest_id[:12])
     return result
 
 

@@ -2,38 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select
-
-from deltahub.errors import DeltaHubError, DiskFullError, InUseError, NameNotFoundError
+from deltahub.errors import DeltaHubError, DiskFullError, NameNotFoundError
 from deltahub.formats.paths import validate_name
-from deltahub.index.models import (
-    CalibrationRow,
-    EvaluationRow,
-    ManifestObjectRow,
-    ManifestRow,
-    NameRow,
-    ObjectRow,
-    TensorStatRow,
-    latest_record,
-)
-from deltahub.ops.context import StoreContext, prune_unreachable, reachable_manifests
+from deltahub.ops.context import StoreContext
 from deltahub.progress import progress_bar
 from deltahub.store import file_lock
 from deltahub.store.objects import Encoding, tree_bytes
 
 logger = logging.getLogger(__name__)
-
-
-def _names_by_manifest(session) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for row in session.scalars(select(NameRow).order_by(NameRow.name)):
-        out.setdefault(row.manifest_id, []).append(row.name)
-    return out
 
 
 def _ratio(fp16: int, stored: int) -> float | None:
@@ -43,27 +23,23 @@ def _ratio(fp16: int, stored: int) -> float | None:
 def list_models(ctx: StoreContext) -> list[dict[str, Any]]:
     """One dict per name: name, kind, base, manifest id, bytes on disk, fp16 bytes, ratio."""
     rows = []
-    with ctx.index.session(write=False) as session:
-        names = _names_by_manifest(session)
-        for name_row in session.scalars(select(NameRow).order_by(NameRow.name)):
-            m = session.get(ManifestRow, name_row.manifest_id)
-            assert m is not None
-            base_names = names.get(m.base_id or "", [])
-            rows.append(
-                {
-                    "name": name_row.name,
-                    "kind": m.kind,
-                    "base": base_names[0] if base_names else (m.base_id[:12] if m.base_id else None),
-                    "manifest_id": m.id,
-                    "model_type": m.model_type,
-                    "dtype": m.dtype,
-                    "n_tensors": m.n_tensors,
-                    "stored_bytes": m.stored_bytes,
-                    "fp16_bytes": m.fp16_bytes,
-                    "ratio": _ratio(m.fp16_bytes, m.stored_bytes),
-                    "updated_at": name_row.updated_at.isoformat(),
-                }
-            )
+    for named in ctx.index.list_models():
+        m = named.manifest
+        rows.append(
+            {
+                "name": named.name,
+                "kind": m.kind,
+                "base": named.base_names[0] if named.base_names else (m.base_id[:12] if m.base_id else None),
+                "manifest_id": m.id,
+                "model_type": m.model_type,
+                "dtype": m.dtype,
+                "n_tensors": m.n_tensors,
+                "stored_bytes": m.stored_bytes,
+                "fp16_bytes": m.fp16_bytes,
+                "ratio": _ratio(m.fp16_bytes, m.stored_bytes),
+                "updated_at": named.updated_at.isoformat(),
+            }
+        )
     return rows
 
 
@@ -78,75 +54,68 @@ def _show_model(ctx: StoreContext, name: str, tensors: bool) -> dict[str, Any]:
     from deltahub.formats.manifest import ModelKind
 
     resolved = ctx.resolve(name)
-    with ctx.index.session(write=False) as session:
-        m = session.get(ManifestRow, resolved.manifest_id)
-        if m is None:
-            raise DeltaHubError(
-                f"{name!r} points at manifest {resolved.manifest_id[:12]} which is not indexed",
-                "run `deltahub verify`",
-            )
-        names = _names_by_manifest(session)
-        stats = list(
-            session.scalars(
-                select(TensorStatRow).where(TensorStatRow.manifest_id == m.id).order_by(TensorStatRow.name)
-            )
+    details = ctx.index.manifest_details(resolved.manifest_id)
+    if details is None:
+        raise DeltaHubError(
+            f"{name!r} points at manifest {resolved.manifest_id[:12]} which is not indexed",
+            "run `deltahub verify`",
         )
-        codecs: dict[str, dict[str, int]] = {}
-        for st in stats:
-            c = codecs.setdefault(st.codec, {"tensors": 0, "params": 0, "stored_bytes": 0})
-            c["tensors"] += 1
-            c["params"] += st.numel
-            c["stored_bytes"] += st.stored_bytes
-        sign1 = [st for st in stats if _stores_delta(st.codec)]
-        summary: dict[str, Any] = {
-            "name": name,
-            "kind": m.kind,
-            "manifest_id": m.id,
-            "model_type": m.model_type,
-            "architectures": resolved.manifest.architectures,
-            "dtype": m.dtype,
-            "n_tensors": m.n_tensors,
-            "params": sum(st.numel for st in stats),
-            "stored_bytes": m.stored_bytes,
-            "fp16_bytes": m.fp16_bytes,
-            "ratio": _ratio(m.fp16_bytes, m.stored_bytes),
-            "codecs": codecs,
-            "files": sorted(resolved.manifest.files),
-            "created_at": m.created_at.isoformat(),
-            "info": json.loads(m.info) if m.info else {},
-        }
-        if m.kind == ModelKind.DELTA.value:
-            base_names = names.get(m.base_id or "", [])
-            summary["base"] = {"manifest_id": m.base_id, "names": base_names}
-            summary["packing"] = resolved.manifest.packing.to_json() if resolved.manifest.packing else None
-            summary["calibration"] = latest_record(session, CalibrationRow, m.id)
-            summary["evaluation"] = latest_record(session, EvaluationRow, m.id)
-            if sign1:
-                weights = [st.numel for st in sign1]
-                total = sum(weights)
-                summary["statistics"] = {
-                    "delta_tensors": len(sign1),
-                    "sign1_tensors": len(sign1),  # the name before codecs: tensors stored as a delta
-                    "mean_rel_delta_norm": sum((st.rel_delta_norm or 0.0) * w for st, w in zip(sign1, weights)) / total,
-                    "max_rel_delta_norm": max(st.rel_delta_norm or 0.0 for st in sign1),
-                    "mean_rel_recon_error": sum((st.rel_recon_error or 0.0) * w for st, w in zip(sign1, weights)) / total,
-                    "max_rel_recon_error": max(st.rel_recon_error or 0.0 for st in sign1),
-                }
-        if tensors:
-            summary["tensors"] = [
-                {
-                    "name": st.name,
-                    "codec": st.codec,
-                    "dtype": st.dtype,
-                    "shape": json.loads(st.shape),
-                    "stored_bytes": st.stored_bytes,
-                    "scale": st.scale,
-                    "initial_scale": st.initial_scale,
-                    "rel_delta_norm": st.rel_delta_norm,
-                    "rel_recon_error": st.rel_recon_error,
-                }
-                for st in stats
-            ]
+    m, stats = details.manifest, details.stats
+    codecs: dict[str, dict[str, int]] = {}
+    for st in stats:
+        c = codecs.setdefault(st.codec, {"tensors": 0, "params": 0, "stored_bytes": 0})
+        c["tensors"] += 1
+        c["params"] += st.numel
+        c["stored_bytes"] += st.stored_bytes
+    sign1 = [st for st in stats if _stores_delta(st.codec)]
+    summary: dict[str, Any] = {
+        "name": name,
+        "kind": m.kind,
+        "manifest_id": m.id,
+        "model_type": m.model_type,
+        "architectures": resolved.manifest.architectures,
+        "dtype": m.dtype,
+        "n_tensors": m.n_tensors,
+        "params": sum(st.numel for st in stats),
+        "stored_bytes": m.stored_bytes,
+        "fp16_bytes": m.fp16_bytes,
+        "ratio": _ratio(m.fp16_bytes, m.stored_bytes),
+        "codecs": codecs,
+        "files": sorted(resolved.manifest.files),
+        "created_at": m.created_at.isoformat(),
+        "info": m.info_dict(),
+    }
+    if m.kind == ModelKind.DELTA.value:
+        summary["base"] = {"manifest_id": m.base_id, "names": details.base_names}
+        summary["packing"] = resolved.manifest.packing.to_json() if resolved.manifest.packing else None
+        summary["calibration"] = details.calibration
+        summary["evaluation"] = details.evaluation
+        if sign1:
+            weights = [st.numel for st in sign1]
+            total = sum(weights)
+            summary["statistics"] = {
+                "delta_tensors": len(sign1),
+                "sign1_tensors": len(sign1),  # the name before codecs: tensors stored as a delta
+                "mean_rel_delta_norm": sum((st.rel_delta_norm or 0.0) * w for st, w in zip(sign1, weights)) / total,
+                "max_rel_delta_norm": max(st.rel_delta_norm or 0.0 for st in sign1),
+                "mean_rel_recon_error": sum((st.rel_recon_error or 0.0) * w for st, w in zip(sign1, weights)) / total,
+                "max_rel_recon_error": max(st.rel_recon_error or 0.0 for st in sign1),
+            }
+    if tensors:
+        summary["tensors"] = [
+            {
+                "name": st.name,
+                "codec": st.codec,
+                "dtype": st.dtype,
+                "shape": list(st.shape),
+                "stored_bytes": st.stored_bytes,
+                "scale": st.scale,
+                "initial_scale": st.initial_scale,
+                "rel_delta_norm": st.rel_delta_norm,
+                "rel_recon_error": st.rel_recon_error,
+            }
+            for st in stats
+        ]
     return summary
 
 
@@ -162,13 +131,7 @@ def disk_usage(ctx: StoreContext) -> dict[str, Any]:
         reserve_bytes = ctx.reserve_path.stat().st_size
     except OSError:
         reserve_bytes = 0
-    with ctx.index.session(write=False) as session:
-        reachable = reachable_manifests(session)
-        referenced = set(
-            session.scalars(
-                select(ManifestObjectRow.object_id).where(ManifestObjectRow.manifest_id.in_(list(reachable)))
-            )
-        )
+    referenced = ctx.index.referenced_objects()
     models = [
         {"name": r["name"], "kind": r["kind"], "stored_bytes": r["stored_bytes"]} for r in list_models(ctx)
     ]
@@ -212,27 +175,10 @@ def remove(ctx: StoreContext, name: str, force: bool = False) -> dict[str, Any]:
     Works even when the model's manifest is damaged (the manifest is never read).
     """
     validate_name(name)
-    with ctx.naming(), ctx.index.session() as session:
-        row = session.get(NameRow, name)
-        if row is None:
-            raise NameNotFoundError(f"no model named {name!r} in {ctx.home}", "see `deltahub ls` for the stored names")
-        other_names = set(
-            session.scalars(select(NameRow.name).where(NameRow.manifest_id == row.manifest_id, NameRow.name != name))
-        )
-        dependants = list(
-            session.scalars(
-                select(NameRow.name)
-                .join(ManifestRow, ManifestRow.id == NameRow.manifest_id)
-                .where(ManifestRow.base_id == row.manifest_id)
-            )
-        )
-        if dependants and not other_names and not force:
-            raise InUseError(
-                f"{name!r} is the base of {len(dependants)} stored delta(s): {', '.join(sorted(dependants)[:5])}",
-                "remove those first, or pass --force to drop the name and keep the base for them",
-            )
-        manifest_id = row.manifest_id
-        session.delete(row)
+    with ctx.naming():
+        manifest_id = ctx.index.remove_name(name, force=force)
+    if manifest_id is None:
+        raise NameNotFoundError(f"no model named {name!r} in {ctx.home}", "see `deltahub ls` for the stored names")
     return {"name": name, "removed": True, "manifest_id": manifest_id}
 
 
@@ -265,8 +211,7 @@ def garbage_collect(ctx: StoreContext, dry_run: bool = False) -> GcReport:
         for path in ctx.objects.stale_temp_files():
             report.temp_files.append(path.name)
             report.temp_bytes += ctx.objects.remove_temp(path) if not dry_run else tree_bytes(path)
-        with ctx.index.session(write=False) as session:
-            linked = set(session.scalars(select(ManifestObjectRow.object_id)))
+        linked = ctx.index.linked_objects()
         on_disk = list(ctx.objects.iter_ids())
         for oid in on_disk:
             if oid not in linked:  # an orphan of an interrupted or rolled-back write
@@ -274,18 +219,8 @@ def garbage_collect(ctx: StoreContext, dry_run: bool = False) -> GcReport:
         try:
             if not dry_run:
                 ctx.index.reopen()  # writable again if the disk was full when the store was opened
-            with ctx.index.session(write=not dry_run) as session:
-                reachable = reachable_manifests(session)
-                report.pruned_manifests = sorted(
-                    mid for mid in session.scalars(select(ManifestRow.id)) if mid not in reachable
-                )
-                if not dry_run:
-                    prune_unreachable(session)
-                referenced = set(
-                    session.scalars(
-                        select(ManifestObjectRow.object_id).where(ManifestObjectRow.manifest_id.in_(list(reachable)))
-                    )
-                )
+            pruned = ctx.index.prune_unreachable(dry_run=dry_run)
+            report.pruned_manifests, referenced = pruned.manifests, pruned.referenced
         except DiskFullError as exc:
             # What needed no index write is done; the objects of removed models need their index
             # rows pruned first (delete order), and the index cannot grow on this disk.
@@ -351,13 +286,8 @@ def verify_store(ctx: StoreContext) -> VerifyReport:
 def _verify(ctx: StoreContext, report: VerifyReport) -> None:
     from deltahub.formats.manifest import ModelKind
 
-    with ctx.index.session(write=False) as session:
-        indexed = set(session.scalars(select(ObjectRow.sha256)))
-        manifests = list(session.scalars(select(ManifestRow)))
-        links: dict[str, set[str]] = {}
-        for row in session.execute(select(ManifestObjectRow.manifest_id, ManifestObjectRow.object_id)):
-            links.setdefault(row.manifest_id, set()).add(row.object_id)
-        names = list(session.scalars(select(NameRow)))
+    snapshot = ctx.index.snapshot()
+    indexed, manifests, links, names = snapshot.objects, snapshot.manifests, snapshot.links, snapshot.names
     ids = list(ctx.objects.iter_ids())
     total = sum(ctx.objects.path_of(oid).stat().st_size for oid in ids)
     with progress_bar(total, "verify", unit="B", unit_scale=True) as bar:
@@ -400,8 +330,7 @@ def _verify(ctx: StoreContext, report: VerifyReport) -> None:
 
 
 def count_names(ctx: StoreContext) -> int:
-    with ctx.index.session() as session:
-        return int(session.scalar(select(func.count()).select_from(NameRow)) or 0)
+    return ctx.index.count_names()
 
 
 def _stores_delta(codec_name: str) -> bool:

@@ -6,7 +6,7 @@
    ``manifest``. Unknown formats and versions are refused before anything else is downloaded.
 3. The base must be in the store (found by its manifest id, checked against the recorded base
    tensor hashes). When it is not and ``base.hub`` names a repo and revision, it is added from the
-   Hub first (:mod:`deltahub.ops.hub_source`); a fetched base that is not the recorded one is a
+   Hub first (:func:`fetch_base_for_pull`); a fetched base that is not the recorded one is a
    ``WrongBaseError`` and the delta is not stored (the fetched base stays under its own name).
 4. Every carried file and every stored tensor (read from the downloaded safetensors one at a time)
    is hashed while it is written to the store (once) and compared with ``deltahub.json``; the
@@ -41,18 +41,17 @@ from deltahub.errors import (
 from deltahub.formats.checkpoint import carried_file_problem
 from deltahub.formats.paths import validate_name
 from deltahub.formats.safetensors_io import SafetensorsReader, dtype_from_name, tensor_bytes
-from deltahub.hub.cache import cached_commit, write_ref
+from deltahub.hub.cache import cached_commit, is_commit_id, write_ref
 from deltahub.hub.layout import (
     HUB_MANIFEST_FILE,
     HubManifest,
     default_pull_name,
-    hub_errors,
-    offline_mode,
     parse_base_repo,
     parse_hub_manifest,
-    with_retries,
 )
-from deltahub.index.models import ManifestRow, NameRow
+from deltahub.hub.source import remember_main
+from deltahub.hub.transfer import check_repo_id, fetch_file, offline_mode, repo_info
+from deltahub.ops.add import add_from_hub
 from deltahub.ops.context import StoreContext, TensorStat
 from deltahub.progress import progress_bar
 from deltahub.store import Compression, ObjectInfo
@@ -84,9 +83,8 @@ def _corrupt(what: str, where: str) -> CorruptObjectError:
 
 
 def _name_target(ctx: StoreContext, name: str) -> str | None:
-    with ctx.index.session(write=False) as session:
-        row = session.get(NameRow, name)
-        return row.manifest_id if row is not None else None
+    entry = ctx.index.get_name(name)
+    return entry.manifest_id if entry is not None else None
 
 
 def _all_stored(ctx: StoreContext, hub: HubManifest) -> bool:
@@ -98,8 +96,7 @@ def _base_stored(ctx: StoreContext, manifest_id: str) -> bool:
     """Whether base ``manifest_id`` is stored: indexed, not merely its objects on disk (a write killed
     between publishing its objects and indexing them leaves those; the delta's index rows need the
     base's)."""
-    with ctx.index.session(write=False) as session:
-        return session.get(ManifestRow, manifest_id) is not None and ctx.objects.exists(manifest_id)
+    return ctx.index.manifest(manifest_id) is not None and ctx.objects.exists(manifest_id)
 
 
 def _check_base(ctx: StoreContext, repo_id: str, hub: HubManifest, reserved: str | None = None) -> str | None:
@@ -108,8 +105,6 @@ def _check_base(ctx: StoreContext, repo_id: str, hub: HubManifest, reserved: str
     assert base is not None
     fetched = None
     if not _base_stored(ctx, base.manifest) and hub.base_repo_id:
-        from deltahub.ops.hub_source import fetch_base_for_pull
-
         if not hub.base_revision:
             # Pushed with `--base-repo REPO_ID` and no revision: the base's main branch is tried, and
             # like any fetched base it must hash to the recorded manifest (else an error naming both).
@@ -144,12 +139,7 @@ def pull(ctx: StoreContext, repo: str, name: str | None = None, force: bool = Fa
     revision = revision or "main"  # explicit: some mirrors (olah) only resolve /revision/<rev>
     offline = offline_mode()
 
-    from huggingface_hub import HfApi, hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-    from huggingface_hub.utils import validate_repo_id
-
-    with hub_errors(repo_id):
-        validate_repo_id(repo_id)
+    check_repo_id(repo_id)
     if offline:
         # No request at all: the branch is resolved through the HF cache's refs/.
         commit = cached_commit(repo_id, revision)
@@ -158,34 +148,20 @@ def pull(ctx: StoreContext, repo: str, name: str | None = None, force: bool = Fa
                 f"HF_HUB_OFFLINE is set and the HF cache does not know {repo_id}@{revision} (no refs/{revision})",
                 f"unset HF_HUB_OFFLINE to download it once, or pull {repo_id}@COMMIT of a cached commit",
             )
-        info = None
+        files = None
     else:
-        with hub_errors(repo_id):
-            info = HfApi().repo_info(repo_id, revision=revision, repo_type="model")
-        commit = info.sha
+        info = repo_info(repo_id, revision)
+        commit, files = info.commit, info.files
     at = f"{repo_id}@{commit[:12]}"
     result = PullResult(repo_id, revision, commit, local, "")
 
-    def download(fname: str) -> Path:
-        if offline:
-            try:
-                with hub_errors(repo_id):
-                    return Path(hf_hub_download(repo_id, fname, revision=commit, repo_type="model", local_files_only=True))
-            except LocalEntryNotFoundError:
-                raise HubConnectionError(
-                    f"HF_HUB_OFFLINE is set and {fname} of {at} is not in the HF cache",
-                    "unset HF_HUB_OFFLINE to download it once",
-                ) from None
-        with hub_errors(repo_id):
-            return Path(hf_hub_download(repo_id, fname, revision=commit, repo_type="model"))
-
     def fetch(fname: str) -> Path:
-        path = with_retries(lambda: download(fname), f"downloading {fname} from {repo_id}")
+        path = fetch_file(repo_id, fname, commit, offline)
         result.downloaded.append(fname)
         result.bytes += path.stat().st_size
         return path
 
-    if info is not None and HUB_MANIFEST_FILE not in {s.rfilename for s in (info.siblings or [])}:
+    if files is not None and HUB_MANIFEST_FILE not in files:
         raise InputError(
             f"{repo_id}@{revision} is not a deltahub delta: it has no {HUB_MANIFEST_FILE}",
             "pull a repo written by `deltahub push`; add a plain checkpoint with `deltahub add`",
@@ -259,3 +235,28 @@ def pull(ctx: StoreContext, repo: str, name: str | None = None, force: bool = Fa
         ctx.register(manifest, manifest_info, objects, stats, local, force)
     logger.info("pulled %s as %s (manifest %s)", at, local, hub.manifest_id[:12])
     return result
+
+
+def fetch_base_for_pull(ctx: StoreContext, delta_repo: str, base_manifest: str, base_repo_id: str,
+                        base_revision: str, reserved: str | None = None) -> str:
+    """Add the base a pulled delta names (``base.hub``); returns its local name.
+
+    A base whose manifest is not the one the delta was made from is a :class:`WrongBaseError`
+    naming both revisions; the fetched base stays in the store under its own name.
+    """
+    name = ctx.index.free_name(default_pull_name(base_repo_id), reserved)
+    result = add_from_hub(ctx, f"{base_repo_id}@{base_revision}", name=name)
+    if result.manifest_id != base_manifest:
+        raise WrongBaseError(
+            f"the base of {delta_repo} does not match: the delta was made from {base_repo_id}@{base_revision} "
+            f"(base manifest {base_manifest[:12]}), but {base_repo_id}@{result.hub_revision} as fetched holds "
+            f"other tensors (manifest {result.manifest_id[:12]})",
+            f"the delta was not stored; the fetched base was kept as {result.name!r} (`deltahub rm "
+            f"{result.name}` to drop it). Add the exact base the delta was made from, then pull again",
+        )
+    if is_commit_id(base_revision):
+        remember_main(base_repo_id, result.hub_revision)
+    logger.info(
+        "fetched base %s@%s for %s as %s", base_repo_id, (result.hub_revision or "")[:12], delta_repo, result.name
+    )
+    return result.name

@@ -28,16 +28,18 @@ from deltahub.hub.layout import (
     CARD_FILE,
     DELTA_FILE_METADATA,
     HUB_MANIFEST_FILE,
-    check_online,
-    file_sha256,
-    git_blob_sha1,
-    hub_endpoint,
-    hub_errors,
     hub_manifest,
     hub_manifest_bytes,
     is_delta_file,
     parse_base_repo,
     plan_layout,
+)
+from deltahub.hub.transfer import (
+    check_online,
+    check_repo_id,
+    hub_endpoint,
+    repo_info,
+    upload_changes,
 )
 from deltahub.ops.context import StoreContext
 from deltahub.progress import progress_bar
@@ -127,40 +129,18 @@ def _upload(
     ``build(tmp) -> files``; ``stale_of(remote_files, files) -> files to delete``. Returns the
     result and the commit id the branch ends at.
     """
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
-    from huggingface_hub.utils import validate_repo_id
-
-    with hub_errors(repo_id):
-        validate_repo_id(repo_id)
+    check_repo_id(repo_id)
     # push-<pid>-*: `gc` removes the staging folders of processes that no longer run.
     tmp = Path(tempfile.mkdtemp(prefix=f"push-{os.getpid()}-", dir=ctx.objects.tmp_dir))
     try:
         with ctx.reading(), disk_full_as(ctx.objects.tmp_dir, f"staging the files to push to {repo_id}"):
             files = build(tmp)  # gc waits until the files are built
         total = sum((tmp / f).stat().st_size for f in files)
-        api = HfApi()
-        with hub_errors(repo_id):
-            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-            if branch != "main":
-                api.create_branch(repo_id, branch=branch, exist_ok=True, repo_type="model")
-            remote_files = api.list_repo_files(repo_id, revision=branch, repo_type="model")
-            present = [f for f in files if f in remote_files]
-            remote = {e.path: e for e in api.get_paths_info(repo_id, present, revision=branch, repo_type="model")} if present else {}
-            changed = [f for f in files if f not in remote or not _remote_matches(remote[f], tmp / f)]
-            stale = stale_of(remote_files, files)
-            result = PushResult(repo_id, branch, None, False, files, total, changed, stale)
-            if not changed and not stale:
-                logger.info("%s@%s already holds these files; nothing to push", repo_id, branch)
-                return result, api.repo_info(repo_id, revision=branch, repo_type="model").sha
-            ops = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(tmp / f)) for f in changed]
-            ops += [CommitOperationDelete(path_in_repo=f) for f in stale]
-            with hub_errors(repo_id, upload=True):  # a failed Xet upload says so
-                info = api.create_commit(
-                    repo_id, operations=ops, commit_message=message, revision=branch, repo_type="model"
-                )
-        result.commit = info.oid
-        result.uploaded = True
-        return result, info.oid
+        outcome = upload_changes(repo_id, branch, private, message, tmp, files, stale_of)
+        result = PushResult(
+            repo_id, branch, outcome.commit, outcome.commit is not None, files, total, outcome.changed, outcome.deleted
+        )
+        return result, outcome.head
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -176,8 +156,6 @@ def push_base(
 ) -> PushResult:
     """Push stored base ``name`` to ``repo_id`` as an ordinary checkpoint and record it there
     (so deltas on it push without ``--base-repo``)."""
-    from deltahub.ops.hub_source import record_hub_source
-
     resolved = ctx.resolve(name)
     if resolved.manifest.kind is not ModelKind.BASE:
         raise InputError(f"{name!r} is not a base model", "push deltas with `deltahub push NAME REPO_ID`")
@@ -201,17 +179,9 @@ def push_base(
         lambda tmp: _build_base(ctx, name, resolved.manifest_id, resolved.manifest, tmp, max_shard_bytes),
         stale_of,
     )
-    record_hub_source(ctx, resolved.manifest_id, repo_id, commit)
+    ctx.index.set_hub_source(resolved.manifest_id, repo_id, commit)
     result.base_commit = commit
     return result
-
-
-def _remote_matches(entry: Any, path: Path) -> bool:
-    lfs = getattr(entry, "lfs", None)
-    if lfs is not None:
-        sha = lfs.get("sha256") if isinstance(lfs, dict) else getattr(lfs, "sha256", None)
-        return sha == file_sha256(path)
-    return getattr(entry, "blob_id", None) == git_blob_sha1(path)
 
 
 def push(
@@ -255,9 +225,7 @@ def push(
     else:
         base_id, base_rev = manifest.base.hub_repo_id, manifest.base.hub_revision
         if not base_id:  # a base added from the Hub: its id and commit are in the index
-            from deltahub.ops.hub_source import hub_source_of
-
-            base_id, base_rev = hub_source_of(ctx, manifest.base.manifest) or (None, None)
+            base_id, base_rev = ctx.index.hub_source(manifest.base.manifest) or (None, None)
         if not base_id or not base_rev:
             raise HubError(
                 f"the base of {name!r} has no Hub id and revision, so nobody could pull it",
@@ -285,31 +253,22 @@ def push(
 def _check_base_repo(repo_id: str, revision: str | None) -> str:
     """``--base-repo REPO_ID[@REVISION]`` must name a repo that exists at that revision on the
     configured endpoint (one ``repo_info``, before anything is uploaded). Returns its commit id."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.utils import validate_repo_id
-
     at = f"{repo_id}@{revision or 'main'}"
     try:
-        with hub_errors(repo_id):
-            validate_repo_id(repo_id)
-            info = HfApi().repo_info(repo_id, revision=revision or "main", repo_type="model")
+        check_repo_id(repo_id)
+        info = repo_info(repo_id, revision or "main")
     except HubNotFoundError as exc:
         raise HubNotFoundError(
             f"--base-repo {at} is not on {hub_endpoint()}: {exc.message}; nothing was pushed",
             "push the base first (`deltahub push BASE_NAME REPO_ID`, or --with-base), or fix the id or the revision after @",
         ) from None
-    logger.info("base %s (--base-repo) is at commit %s", at, info.sha)
-    return info.sha
+    logger.info("base %s (--base-repo) is at commit %s", at, info.commit)
+    return info.commit
 
 
 def _base_name(ctx: StoreContext, base_manifest: str) -> str:
     """A name pointing at ``base_manifest`` (the base must be in the store to be pushed)."""
-    from sqlalchemy import select
-
-    from deltahub.index.models import NameRow
-
-    with ctx.index.session(write=False) as session:
-        names = sorted(session.scalars(select(NameRow.name).where(NameRow.manifest_id == base_manifest)))
+    names = ctx.index.names_of(base_manifest)
     if not names:
         raise InputError(
             f"the base {base_manifest[:12]} has no name in this store, so it cannot be pushed",

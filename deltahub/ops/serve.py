@@ -14,13 +14,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from sqlalchemy import select
 
 from deltahub import defaults
 from deltahub.errors import IncompatibleBaseError, InputError, NameNotFoundError, WrongBaseError
 from deltahub.formats.manifest import ModelKind
 from deltahub.formats.safetensors_io import dtype_from_name
-from deltahub.index.models import NameRow
 from deltahub.ops.context import Resolved, StoreContext
 from deltahub.ops.load import (
     TOKENIZER_FILES,
@@ -197,8 +195,7 @@ def _generate(
 
 
 def _names_of(ctx: StoreContext, manifest_id: str) -> list[str]:
-    with ctx.index.session(write=False) as session:
-        return sorted(session.scalars(select(NameRow.name).where(NameRow.manifest_id == manifest_id)))
+    return ctx.index.names_of(manifest_id)
 
 
 def load_multi_tenant(

@@ -411,7 +411,7 @@ def test_upload_errors_not_from_xet_keep_their_own_message(monkeypatch):
     import httpx2 as httpx
     from huggingface_hub.errors import HfHubHTTPError
 
-    from deltahub.hub.layout import translate_hub_error
+    from deltahub.hub.transfer import translate_hub_error
 
     monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", False)
     request = httpx.Request("POST", "https://hub.example/api/models/me/x/commit/main")

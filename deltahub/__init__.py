@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from deltahub._version import __version__
 
 __all__ = ["DeltaHubError", "Store", "__version__", "load_model", "load_multi_tenant", "load_tokenizer"]
 

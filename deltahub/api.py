@@ -14,7 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deltahub import __version__, defaults
+from deltahub import defaults
+from deltahub._version import __version__
 from deltahub.config import debug_enabled
 from deltahub.errors import DeltaHubError
 from deltahub.fileio import disk_full_error, human_bytes, is_disk_full, parse_size

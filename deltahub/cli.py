@@ -25,6 +25,7 @@ from deltahub import api
 from deltahub.errors import (
     CodecError,
     CorruptObjectError,
+    DanglingNameError,
     DeltaHubError,
     DiskFullError,
     HubAuthError,
@@ -37,6 +38,7 @@ from deltahub.errors import (
     InvalidNameError,
     InvalidSizeError,
     MalformedSafetensorsError,
+    NameChangedError,
     NameExistsError,
     NameNotFoundError,
     OutputExistsError,
@@ -101,6 +103,7 @@ def _first_line(exc: BaseException) -> str:
 ERROR_TABLE: list[tuple[type[BaseException], int, Callable[[BaseException], str]]] = [
     (InvalidNameError, 2, str),
     (NameNotFoundError, 3, str),
+    (NameChangedError, 4, str),  # a compare-and-set name move lost the race
     (NameExistsError, 4, str),
     (OutputExistsError, 4, str),
     (InUseError, 4, str),
@@ -118,6 +121,7 @@ ERROR_TABLE: list[tuple[type[BaseException], int, Callable[[BaseException], str]
     (HubError, 15, str),
     (CodecError, 1, str),
     (DiskFullError, 10, str),  # like OSError: the file system refused
+    (DanglingNameError, 9, str),
     (StoreError, 9, str),
     (DeltaHubError, 1, str),
     # Not DeltaHubErrors: the codec, kernels and runtime import nothing of deltahub's errors.

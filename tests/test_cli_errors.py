@@ -83,6 +83,8 @@ def test_existing_exit_codes_are_kept():
         "InputError": 5, "IncompatibleBaseError": 6, "WrongBaseError": 6, "CorruptObjectError": 7,
         "UnsupportedFormatError": 8, "HubAuthError": 12, "HubNotFoundError": 13, "HubConnectionError": 14,
         "HubError": 15, "CodecError": 1, "DiskFullError": 10, "StoreError": 9, "DeltaHubError": 1,
+        # added with the index API: their parents' codes
+        "NameChangedError": 4, "DanglingNameError": 9,
     }
 
 

@@ -45,7 +45,17 @@ CODEC_VERSIONS: dict[Codec, int] = {
 
 class CodecError(ValueError):
     """Bad input to a codec: shape mismatch, non-finite values, bad packed shape or dtype,
-    or an unknown packing layout. The message names the problem."""
+    or an unknown packing layout. Like every deltahub error (``deltahub.errors``, the kernels' and the
+    runtime's), it has a ``message`` (what happened) and a ``hint`` (what to do next); this package
+    imports nothing of deltahub, so it is a ``ValueError`` of its own, mapped by the CLI's table."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
 
 
 class NonFiniteDeltaError(CodecError):

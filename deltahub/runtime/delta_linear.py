@@ -42,7 +42,8 @@ def check_delta_args(weight: Tensor, packed: Tensor | DeltaOperator, bias: Tenso
         CodecError: wrong rank, dtype, shape or device.
     """
     if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
-        raise CodecError(f"the base weight must be a 2-D float tensor, got {_describe(weight)}")
+        raise CodecError(f"the base weight must be a 2-D float tensor, got {_describe(weight)}",
+                         "pass the base model's Linear/Embedding weight")
     n, k = weight.shape
     if isinstance(packed, DeltaOperator):
         if (packed.out_features, packed.in_features) != (n, k):
@@ -149,7 +150,10 @@ class DeltaLinear(_HasDelta):
     def forward(self, x: Tensor) -> Tensor:
         """``x`` ``[..., K]`` → ``[..., N]`` in ``x``'s dtype."""
         if x.shape[-1] != self.in_features:
-            raise CodecError(f"DeltaLinear expects inputs [..., {self.in_features}], got {list(x.shape)}")
+            raise CodecError(
+                f"DeltaLinear expects inputs [..., {self.in_features}], got {list(x.shape)}",
+                "feed the layer activations of its input width (the base model's)",
+            )
         lead = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features)
         kernels = _kernels_for(x)

@@ -55,7 +55,16 @@ BASE = -1
 
 
 class TenantError(ValueError):
-    """The batch's tenant ids are missing, out of range, or do not match the input's rows."""
+    """The batch's tenant ids are missing, out of range, or do not match the input's rows.
+    ``message`` and ``hint`` as every deltahub error."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
 
 
 @dataclass

@@ -226,3 +226,99 @@ def test_built_in_manifests_stay_v1_and_v2_reads_them_the_same(store, model_dirs
     with pytest.raises(ValueError, match="cannot be written in manifest v1"):
         TensorRecord("w", NAME if NAME in codecs.names() else "sign1", "float32", (2, 3),
                      parts={"signs": "0" * 64, "x": "1" * 64}).to_json(1)
+
+
+# ------------------------------------------------------------------ review findings (hostile try-out)
+@pytest.mark.parametrize("scale", [10**400, 1e308, -1e39])
+def test_sign1_scale_beyond_fp32_is_corrupt_not_a_crash(store, model_dirs, scale):
+    from deltahub.hub.layout import parse_hub_manifest
+
+    store.add(model_dirs["llama"]["base"], name="base")
+    store.compress(model_dirs["llama"]["ft"], base="base", name="ft")
+    raw = json.loads(store._ctx.objects.read(store.show("ft")["manifest_id"]))
+    name = next(n for n, s in raw["tensors"].items() if s["codec"] == "sign1")
+    raw["tensors"][name]["scale"] = scale
+    with pytest.raises(CorruptObjectError, match="finite fp32 scale"):
+        parse_manifest(json.dumps(raw).encode())
+    raw["format"], raw["format_version"], raw["manifest"] = "deltahub.hub", 1, "0" * 64
+    with pytest.raises(CorruptObjectError):
+        parse_hub_manifest(json.dumps(raw).encode())
+
+
+class _Misbehaving(RowSignCodec):
+    """rowsign whose encoder breaks its own contract in one way (``how``)."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+
+    def encode(self, base, finetuned):
+        enc = super().encode(base, finetuned)
+        if self.how == "int-param":
+            enc.params = {"gain": 1}
+        elif self.how == "nan-param":
+            enc.params = {"gain": float("nan")}
+        elif self.how == "short-part":
+            enc.parts["scales"] = enc.parts["scales"][:-1]
+        elif self.how == "wrong-dtype":
+            enc.parts["scales"] = enc.parts["scales"].double()
+        elif self.how == "missing-part":
+            del enc.parts["scales"]
+        elif self.how == "extra-part":
+            enc.parts["more"] = enc.parts["scales"]
+        return enc
+
+
+@pytest.mark.parametrize("how", ["int-param", "nan-param", "short-part", "wrong-dtype", "missing-part", "extra-part"])
+def test_a_codec_breaking_its_contract_is_refused_before_anything_is_stored(store, model_dirs, how):
+    from deltahub.errors import CodecError as DeltaCodecError
+
+    store.add(model_dirs["llama"]["base"], name="base")
+    codecs.register(_Misbehaving(how), replace=True)
+    try:
+        with pytest.raises(DeltaCodecError, match=f"codec {NAME} gave tensor"):
+            store.compress(model_dirs["llama"]["ft"], base="base", name="bad", codec=NAME)
+    finally:
+        codecs.registry.unregister(NAME)
+    assert [m["name"] for m in store.list()] == ["base"]
+    assert store.gc(dry_run=True).objects == [] and store.verify().ok
+
+
+def test_register_refuses_what_manifests_could_not_hold():
+    class Bad(RowSignCodec):
+        pass
+
+    for attr, value, match in (
+        ("version", True, "version"),
+        ("uses_base", "yes", "uses_base"),
+        ("name", "ѕign1", "ASCII"),  # a Cyrillic look-alike
+        ("name", "x" * 65, "ASCII"),
+        ("part_names", ["signs"], "part names"),
+    ):
+        codec = Bad()
+        setattr(codec, attr, value)
+        with pytest.raises(ValueError, match=match):
+            codecs.register(codec)
+    assert NAME not in codecs.names()
+
+
+def test_verify_says_unsupported_when_a_codec_plugin_is_missing(toy_store, rowsign):
+    codecs.registry.unregister(NAME)
+    try:
+        report = toy_store.verify()
+        assert [p["kind"] for p in report.problems] == ["unsupported"]
+        assert toy_store.gc().objects == []  # nothing of the unreadable model is collected
+    finally:
+        codecs.register(rowsign)
+    assert toy_store.verify().ok
+
+
+@pytest.mark.parametrize("src, match", [
+    ("", "empty string"),
+    ("~nosuchuser_zz/x", "no such checkpoint directory"),
+    ("x" * 5000, "the name is too long"),
+])
+def test_odd_checkpoint_specs_get_one_clear_error(store, model_dirs, src, match):
+    store.add(model_dirs["llama"]["base"], name="base")
+    with pytest.raises(InputError, match=match) as info:
+        store.compress(src, base="base", name="x")
+    assert len(str(info.value)) < 300

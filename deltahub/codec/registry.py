@@ -16,6 +16,7 @@ verify, gc and show all dispatch through the registry.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from importlib import metadata
 
@@ -28,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "deltahub.codecs"
 
+_WORD = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_PART = re.compile(r"[A-Za-z0-9_]{1,64}")
 _CODECS: dict[str, TensorCodec] = {}
 _LOCK = threading.Lock()
 _ENTRY_POINTS_LOADED = False
@@ -44,12 +47,16 @@ def register(codec: TensorCodec, *, replace: bool = False) -> TensorCodec:
     if not isinstance(codec, TensorCodec):
         raise TypeError(f"register() takes a TensorCodec instance, got {type(codec).__name__}")
     name = getattr(codec, "name", None)
-    if not isinstance(name, str) or not name or not all(c.isalnum() or c in "_-" for c in name):
-        raise ValueError(f"a codec name must be a non-empty word of letters, digits, _ and -, got {name!r}")
-    if not isinstance(codec.version, int) or codec.version < 1:
+    if not isinstance(name, str) or not _WORD.fullmatch(name):
+        raise ValueError(f"a codec name must be 1-64 ASCII letters, digits, _ and -, got {name!r}")
+    if isinstance(codec.version, bool) or not isinstance(codec.version, int) or codec.version < 1:
         raise ValueError(f"codec {name!r}: version must be a positive int")
-    if len(set(codec.part_names)) != len(codec.part_names) or not all(
-        isinstance(p, str) and p and all(c.isalnum() or c == "_" for c in p) for p in codec.part_names
+    for flag in ("uses_base", "compressible"):
+        if not isinstance(getattr(codec, flag), bool):
+            raise ValueError(f"codec {name!r}: {flag} must be True or False")
+    parts = codec.part_names
+    if not isinstance(parts, tuple) or len(set(parts)) != len(parts) or not all(
+        isinstance(p, str) and _PART.fullmatch(p) for p in parts
     ):
         raise ValueError(f"codec {name!r}: part names must be distinct words, got {codec.part_names!r}")
     with _LOCK:

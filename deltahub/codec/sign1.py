@@ -65,6 +65,7 @@ _SERIAL_ELEMS = 1 << 18
 # Below this many elements encode/decode run inline on the calling thread.
 _PARALLEL_MIN_ELEMS = 1 << 20
 
+_FP32_MAX = float(torch.finfo(torch.float32).max)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -519,8 +520,8 @@ class Sign1Codec(TensorCodec):
         if extra:
             raise CodecError(f"sign1 has no parameter {extra[0]!r}")
         scale = params.get("scale")
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise CodecError("a sign1 tensor needs a finite scale")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not -_FP32_MAX <= scale <= _FP32_MAX:
+            raise CodecError("a sign1 tensor needs a finite fp32 scale")  # (NaN fails the comparison)
         return {"scale": float(scale)}
 
     def part_specs(self, shape: tuple[int, ...], dtype: torch.dtype,

@@ -8,6 +8,8 @@ with the command that converts it.
 
 from __future__ import annotations
 
+import errno
+
 import hashlib
 import logging
 import os
@@ -325,6 +327,12 @@ def open_checkpoint(src: Path) -> Checkpoint:
     (:func:`carried_file_problem`). A pushed deltahub delta (``deltahub.json``) is refused.
     """
     root = Path(src)
+    try:
+        root.stat()
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            shown = str(root) if len(str(root)) <= 80 else f"{str(root)[:60]}… ({len(str(root))} characters)"
+            raise InputError(f"no such checkpoint directory: {shown} (the name is too long)", "check the path") from None
     if root.is_file():
         if root.suffix in PICKLE_SUFFIXES:
             raise PickleCheckpointError(f"{root} is a pickle checkpoint", CONVERT_HINT)

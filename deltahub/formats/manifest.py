@@ -299,6 +299,8 @@ def _tensor_record(name: str, spec: Any, version: int) -> TensorRecord:
         impl.part_specs(shape, dtype_from_name(spec["dtype"]), params)  # the shape suits the codec
     except CodecError as exc:
         raise _corrupt(f"{impl.name} tensor {name!r}: {exc}") from None
+    except Exception as exc:  # a codec's own checks must not crash the reader on hostile input
+        raise _corrupt(f"{impl.name} tensor {name!r} has malformed parameters ({type(exc).__name__})") from None
     return TensorRecord(name, impl.name, spec["dtype"], shape, parts=parts, params=params, codec_version=impl.version)
 
 
@@ -367,10 +369,10 @@ def parse_manifest(data: bytes | bytearray, strict_names: bool = False) -> Manif
             packing=packing,
             format_version=version,
         )
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         if isinstance(exc, (UnsupportedFormatError, CorruptObjectError)):
             raise
-        raise _corrupt(f"missing or malformed field ({exc!r})") from None
+        raise _corrupt(f"missing or malformed field ({exc!r})"[:300]) from None
 
 
 __all__ = [

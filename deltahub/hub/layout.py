@@ -325,7 +325,7 @@ def parse_hub_manifest(data: bytes) -> HubManifest:
         manifest = parse_manifest(canonical.encode("utf-8"), strict_names=True)  # new input: today's name rule
     except CorruptObjectError as exc:
         raise _hub_corrupt(exc.message.removeprefix("invalid manifest: ")) from None
-    except (TypeError, ValueError) as exc:  # not serializable (a non-string key, ...)
+    except (TypeError, ValueError, OverflowError) as exc:  # not serializable (a non-string key, ...)
         raise _hub_corrupt(f"malformed content ({exc})") from None
     if manifest.manifest_id() != expected and manifest.base is not None and manifest.base.hub_repo_id:
         manifest.base.hub_repo_id = manifest.base.hub_revision = None

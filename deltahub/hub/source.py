@@ -97,13 +97,30 @@ class Source:
         return f"hub:{self.repo_id}@{self.commit}" if self.hub else str(self.path)
 
 
+def _local_path(text: str) -> Path:
+    """``text`` as a local path, ``~`` expanded when it can be (``~nosuchuser`` stays as typed)."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # no such user, or no home directory
+        return Path(text)
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+        return False
+
+
 def source_kind(spec: str | Path) -> str:
     """:data:`LOCAL`, :data:`HUB` or :data:`EITHER` (a relative path or a Hub repo: the Hub decides),
     by the rule of this module's docstring; no request."""
     if isinstance(spec, Path):
         return LOCAL
     text = str(spec)
-    if Path(text).expanduser().exists():
+    if not text.strip():
+        raise InputError("the checkpoint to read is an empty string", "give a checkpoint folder or a Hub REPO_ID[@REVISION]")
+    if _exists(_local_path(text)):
         return LOCAL
     if text.startswith(("./", "../", "/", "~")) or text in (".", "..") or "\\" in text:
         return LOCAL
@@ -128,7 +145,7 @@ def resolve_source(spec: str | Path) -> Source:
     """
     kind = source_kind(spec)
     if kind == LOCAL:
-        return Source(spec if isinstance(spec, Path) else Path(str(spec)).expanduser())
+        return Source(spec if isinstance(spec, Path) else _local_path(str(spec)))
     return fetch_checkpoint(str(spec), or_folder=kind == EITHER)
 
 

@@ -16,6 +16,7 @@ object is written.
 from __future__ import annotations
 
 import enum
+import json
 import logging
 import math
 import re
@@ -27,7 +28,7 @@ import torch
 
 from deltahub import codec as codecs
 from deltahub import defaults
-from deltahub.codec import PACKING_V1, CodecError, NonFiniteDeltaError, TensorCodec
+from deltahub.codec import PACKING_V1, CodecError, Encoded, NonFiniteDeltaError, TensorCodec
 from deltahub.errors import CodecError as DeltaCodecError
 from deltahub.errors import IncompatibleBaseError, InputError
 from deltahub.formats.checkpoint import Checkpoint, open_checkpoint
@@ -199,6 +200,32 @@ def _encode_delta(impl: TensorCodec, tname: str, base_t: torch.Tensor, tensor: t
         ) from None
 
 
+def _check_encoded(impl: TensorCodec, tname: str, enc: Encoded, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """What ``impl.encode`` gave for tensor ``tname`` must be what the codec reads back (its parts,
+    their dtype and shape, parameters its ``check_params`` accepts, JSON-serializable): checked
+    before anything of the tensor is written, so a misbehaving codec never publishes a manifest the
+    store cannot read."""
+    def bad(why: str) -> DeltaCodecError:
+        return DeltaCodecError(f"codec {impl.name} gave tensor {tname!r} {why}", "fix or update the codec; nothing of it was stored")
+
+    if not isinstance(enc, Encoded) or not isinstance(enc.parts, dict) or not isinstance(enc.params, dict):
+        raise bad(f"a {type(enc).__name__}, not an Encoded")
+    if set(enc.parts) != set(impl.part_names):
+        raise bad(f"parts {sorted(map(str, enc.parts))}, expected {sorted(impl.part_names)}")
+    try:
+        json.dumps(enc.params, allow_nan=False)
+        if impl.check_params(enc.params, shape) != enc.params:
+            raise CodecError("parameters that do not read back the same")
+        specs = impl.part_specs(shape, dtype, enc.params)
+    except (CodecError, TypeError, ValueError, OverflowError) as exc:
+        raise bad(f"parameters it cannot read back ({exc})") from None
+    for part, t in enc.parts.items():
+        want = specs[part]
+        if not isinstance(t, torch.Tensor) or t.dtype != want.dtype or tuple(t.shape) != want.shape:
+            got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise bad(f"part {part!r} as {got}, expected {want.dtype} {list(want.shape)}")
+
+
 def compress_finetune(
     ctx: StoreContext,
     src: Path | str,
@@ -302,6 +329,7 @@ def _compress_locked(
                 if base_t is not None and tensor.is_floating_point() and base_t.is_floating_point():
                     norm = _rel_norm(tensor, base_t)
                     enc.rel_delta_norm = norm if norm is not None and math.isfinite(norm) else None
+            _check_encoded(chosen, tname, enc, shape, tensor.dtype)
             parts: dict[str, str] = {}
             for part in chosen.part_names:
                 info = ctx.put(tensor_bytes(enc.parts[part]), Compression.AUTO if chosen.compressible else Compression.NONE)

@@ -301,11 +301,13 @@ def test_register_refuses_what_manifests_could_not_hold():
     assert NAME not in codecs.names()
 
 
-def test_verify_says_unsupported_when_a_codec_plugin_is_missing(toy_store, rowsign):
+def test_verify_names_the_missing_codec_plugin(toy_store, rowsign):
     codecs.registry.unregister(NAME)
     try:
         report = toy_store.verify()
-        assert [p["kind"] for p in report.problems] == ["unsupported"]
+        assert [p["kind"] for p in report.problems] == ["bad-manifest"]
+        assert "unknown to this deltahub" in report.problems[0]["detail"]
+        assert "install the package that provides that codec" in report.problems[0]["detail"]
         assert toy_store.gc().objects == []  # nothing of the unreadable model is collected
     finally:
         codecs.register(rowsign)

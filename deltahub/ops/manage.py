@@ -6,7 +6,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from deltahub.errors import DeltaHubError, DiskFullError, NameNotFoundError, UnsupportedFormatError
+from deltahub.errors import DeltaHubError, DiskFullError, NameNotFoundError
 from deltahub.formats.paths import validate_name
 from deltahub.ops.context import StoreContext
 from deltahub.progress import progress_bar
@@ -314,10 +314,7 @@ def _verify(ctx: StoreContext, report: VerifyReport) -> None:
             continue
         try:
             manifest = ctx.load_manifest(m.id, verify=False)
-        except UnsupportedFormatError as exc:  # intact, but this installation cannot read it
-            report.add("unsupported", m.id, str(exc))
-            continue
-        except DeltaHubError as exc:
+        except DeltaHubError as exc:  # damaged, or (UnsupportedFormatError) newer than this installation
             report.add("bad-manifest", m.id, str(exc))
             continue
         for oid in manifest.object_ids():

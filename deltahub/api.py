@@ -136,9 +136,12 @@ class Store:
         calibration: CalibrationOptions | None = None,
         allow_nonfinite: bool = False,
         codec: str = defaults.DEFAULT_CODEC,
+        codec_options: dict[str, Any] | None = None,
     ) -> CompressResult:
         """Store the fine-tune at ``src`` as a delta against stored base ``base``; its matrices use
-        ``codec`` (any registered codec that stores a delta, :mod:`deltahub.codec.registry`).
+        ``codec`` (any registered codec that stores a delta, :mod:`deltahub.codec.registry`) with
+        its ``codec_options`` (for ``"planes"``: ``planes``, ``scales`` = ``"matrix"``/``"row"``/``"group"``,
+        ``group_size``).
 
         ``src`` that is no local path but looks like ``"REPO_ID[@REVISION]"`` is downloaded from the
         Hub like :meth:`add` does (pinned to its commit, into the HF cache; reused when cached).
@@ -156,7 +159,7 @@ class Store:
 
             result, cal = compress_and_calibrate(
                 self._ctx, src, base, name, embeddings=embeddings, force=force, options=calibration,
-                allow_nonfinite=allow_nonfinite, codec=codec,
+                allow_nonfinite=allow_nonfinite, codec=codec, codec_options=codec_options,
             )
             result.calibration = cal
             return result
@@ -164,7 +167,7 @@ class Store:
 
         return compress_finetune(
             self._ctx, src, base, name, embeddings=embeddings, force=force, allow_nonfinite=allow_nonfinite,
-            codec=codec,
+            codec=codec, codec_options=codec_options,
         )
 
     def calibrate(
@@ -204,12 +207,15 @@ class Store:
         dtype: str | torch.dtype | None = None,
         force: bool = False,
         max_shard_size: str | int = defaults.DEFAULT_MAX_SHARD_BYTES,
+        bits: int | None = None,
     ) -> MaterializeResult:
-        """Write ``name`` as an ordinary Hugging Face checkpoint into ``out_dir``."""
+        """Write ``name`` as an ordinary Hugging Face checkpoint into ``out_dir``. ``bits``: from the
+        first ``bits`` sign planes of each tensor only (a ``planes`` delta at a coarser size)."""
         from deltahub.ops.materialize import materialize
 
         return materialize(
-            self._ctx, name, Path(out_dir), dtype=dtype, force=force, max_shard_bytes=parse_size(max_shard_size)
+            self._ctx, name, Path(out_dir), dtype=dtype, force=force, max_shard_bytes=parse_size(max_shard_size),
+            bits=bits,
         )
 
     def push(
@@ -292,12 +298,14 @@ class Store:
         device: str = defaults.DEFAULT_DEVICE,
         mode: str = defaults.DEFAULT_LOAD_MODE,
         trainable_scales: bool = False,
+        bits: int | None = None,
     ) -> Any:
         """A transformers model for ``name``. ``mode="delta"`` keeps the deltas packed and applies
         them at inference (``DeltaLinear``); ``trainable_scales`` makes their scales trainable."""
         from deltahub.ops.load import load_model
 
-        return load_model(self._ctx, name, dtype=dtype, device=device, mode=mode, trainable_scales=trainable_scales)
+        return load_model(self._ctx, name, dtype=dtype, device=device, mode=mode, trainable_scales=trainable_scales,
+                          bits=bits)
 
     def load_tokenizer(self, name: str) -> Any:
         from deltahub.ops.load import load_tokenizer
@@ -339,12 +347,14 @@ def load_model(
     home: str | Path | None = None,
     mode: str = defaults.DEFAULT_LOAD_MODE,
     trainable_scales: bool = False,
+    bits: int | None = None,
 ) -> Any:
     """A transformers model for stored model ``name``, built without writing a checkpoint.
 
     ``mode="delta"``: the base's weights plus the packed deltas, applied at inference."""
     with Store(home) as store:
-        return store.load_model(name, dtype=dtype, device=device, mode=mode, trainable_scales=trainable_scales)
+        return store.load_model(name, dtype=dtype, device=device, mode=mode, trainable_scales=trainable_scales,
+                                bits=bits)
 
 
 def load_tokenizer(name: str, home: str | Path | None = None) -> Any:

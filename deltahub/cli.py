@@ -371,6 +371,11 @@ def _calibration_text(cal: Any) -> str:
     show_default=True,
     help="Codec of the 2-D weight matrices.",
 )
+@click.option("--bits", type=click.IntRange(1, 8), default=None,
+              help="Sign planes per matrix (codec planes; implies --codec planes). 1 with --scales matrix is sign1.")
+@click.option("--scales", type=click.Choice(defaults.SCALE_GRANULARITIES), default=None,
+              help="Scale granularity of each plane (codec planes): one per matrix, per output row, or per group of --group-size columns.")
+@click.option("--group-size", type=int, default=None, help="Columns per scale with --scales group (a multiple of 32; default 128).")
 @click.option("--force", is_flag=True, help="Re-point NAME if it already exists.")
 @click.option(
     "--calibrate",
@@ -389,6 +394,9 @@ def compress(
     name: str,
     embeddings: str,
     codec: str,
+    bits: int | None,
+    scales: str | None,
+    group_size: int | None,
     force: bool,
     calibrate_: bool,
     allow_nonfinite: bool,
@@ -406,9 +414,12 @@ def compress(
     into your HF cache, reused when already there, HF_HUB_OFFLINE=1 included).
     """
     options = _calibration(**calib) if calibrate_ else None
+    planes = {k: v for k, v in (("planes", bits), ("scales", scales), ("group_size", group_size)) if v is not None}
+    if planes and codec == defaults.DEFAULT_CODEC:
+        codec = defaults.PLANES_CODEC
     result = _store(ctx).compress(
         src, base=base, name=name, embeddings=embeddings, force=force, calibrate=calibrate_, calibration=options,
-        allow_nonfinite=allow_nonfinite, codec=codec,
+        allow_nonfinite=allow_nonfinite, codec=codec, codec_options=planes or None,
     )
     data = dict(result.__dict__, ratio=result.ratio)
     codecs = ", ".join(f"{n} {c}" for c, n in sorted(result.codecs.items()))
@@ -522,10 +533,13 @@ def eval_(
 )
 @click.option("--max-shard-size", default=defaults.DEFAULT_MAX_SHARD_SIZE, show_default=True, help="Largest safetensors shard.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it is not empty.")
+@click.option("--bits", type=int, default=None,
+              help="Rebuild from the first BITS sign planes of each matrix only (a delta stored with --bits K ≥ BITS).")
 @json_option
 @click.pass_context
 def materialize(
-    ctx: click.Context, name: str, out_dir: Path, dtype: str | None, max_shard_size: str, force: bool, as_json: bool
+    ctx: click.Context, name: str, out_dir: Path, dtype: str | None, max_shard_size: str, force: bool,
+    bits: int | None, as_json: bool
 ) -> None:
     """Write stored model NAME as an ordinary Hugging Face checkpoint in OUT_DIR.
 
@@ -533,7 +547,7 @@ def materialize(
     renamed at the end; the same store content always gives the same bytes.
     """
     shard = _shard_size(max_shard_size)
-    result = _store(ctx).materialize(name, out_dir, dtype=dtype, force=force, max_shard_size=shard)
+    result = _store(ctx).materialize(name, out_dir, dtype=dtype, force=force, max_shard_size=shard, bits=bits)
     data = {
         "name": result.name,
         "out_dir": str(result.out_dir),

@@ -13,6 +13,9 @@ from __future__ import annotations
 # -------------------------------------------------------------------------------------- compress
 #: The codec of 2-D weight matrices (``deltahub compress --codec``).
 DEFAULT_CODEC = "sign1"
+#: The codec `--bits`, `--scales` and `--group-size` configure (progressive sign planes).
+PLANES_CODEC = "planes"
+SCALE_GRANULARITIES = ("matrix", "row", "group")
 #: How embeddings and the LM head are stored: ``sign1`` (1-bit delta) or ``dense`` (the fine-tune's).
 #: Measured on SmolLM2-135M + a Shakespeare fine-tune (docs/design.md): sign1 embeddings keep 94%
 #: of the fine-tune's perplexity gain at 15.3x smaller, dense ones 96% at 2.3x.

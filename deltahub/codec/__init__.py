@@ -6,7 +6,8 @@
 * :mod:`~deltahub.codec.registry` — ``register`` / ``get`` / ``names`` (and the ``deltahub.codecs``
   entry point group).
 * the built-in codecs: :mod:`~deltahub.codec.same`, :mod:`~deltahub.codec.dense`,
-  :mod:`~deltahub.codec.sign1` (BitDelta; its apply in :mod:`~deltahub.codec.sign_apply`).
+  :mod:`~deltahub.codec.sign1` (BitDelta; its apply in :mod:`~deltahub.codec.sign_apply`),
+  :mod:`~deltahub.codec.planes` (progressive sign planes, per-matrix/row/group scales).
 
 Pure tensor math: imports only torch, numpy and the standard library -- nothing from the rest of
 deltahub. Nothing outside this package branches on a codec's name.
@@ -25,6 +26,7 @@ from .packing import (
     unpack_signs,
 )
 from .registry import UnknownCodecError, get, names, register
+from .planes import PlanesCodec
 from .same import SameCodec
 from .sign1 import (
     DeltaStats,
@@ -39,6 +41,7 @@ from .sign1 import (
 SAME = register(SameCodec())
 DENSE = register(DenseCodec())
 SIGN1 = register(Sign1Codec())
+PLANES = register(PlanesCodec())
 
 __all__ = [
     "Codec",
@@ -54,6 +57,8 @@ __all__ = [
     "PACKING_V1",
     "PartSpec",
     "SAME",
+    "PLANES",
+    "PlanesCodec",
     "SIGN1",
     "TenantDeltas",
     "TensorCodec",

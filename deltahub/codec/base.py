@@ -95,6 +95,35 @@ class TensorCodec:
     """Parts are worth trying zstd on (float tensors); packed bits are not."""
     trainable_params: ClassVar[tuple[str, ...]] = ()
     """Parameters that calibration may train (fp32 scalars), e.g. ``("scale",)``."""
+    stores_delta: ClassVar[bool] = True
+    """It stores a delta to the base (``sign1``, planes, ...); false for ``same`` and ``dense``."""
+    progressive: ClassVar[bool] = False
+    """Its parts are ordered planes: any prefix is a valid, coarser tensor (:meth:`prefix`)."""
+
+    def parts_for(self, shape: tuple[int, ...], params: Mapping[str, JSONValue]) -> tuple[str, ...]:
+        """The parts a tensor with these (checked) parameters stores. Default: ``part_names``."""
+        return self.part_names
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """Refuse settings ``encode`` would refuse, before anything is written (:class:`CodecError`).
+        Default: the codec takes no options."""
+        if options:
+            raise CodecError(f"codec {self.name} takes no options, got {', '.join(sorted(options))}")
+
+    def equivalent(self, options: Mapping[str, Any]) -> str | None:
+        """Another codec that stores exactly what this one would with ``options`` (compress then
+        uses it: e.g. one plane with a per-matrix scale is ``sign1``), or None."""
+        return None
+
+    def planes(self, params: Mapping[str, JSONValue]) -> int:
+        """How many planes the tensor stores (1 for a codec that is not progressive)."""
+        return 1
+
+    def prefix(self, params: Mapping[str, JSONValue], parts: Mapping[str, str], bits: int
+               ) -> tuple[dict[str, JSONValue], dict[str, str]]:
+        """The parameters and parts of the first ``bits`` planes (a coarser valid tensor). Codecs that
+        are not progressive return what they are given."""
+        return dict(params), dict(parts)
 
     # ------------------------------------------------------------------------------- encoding
     def accepts(self, shape: tuple[int, ...], dtype: torch.dtype, base_shape: tuple[int, ...] | None,
@@ -110,8 +139,9 @@ class TensorCodec:
             and base_dtype.is_floating_point
         )
 
-    def encode(self, base: Tensor | None, finetuned: Tensor) -> Encoded:
-        """Encode one tensor. ``base`` is the base tensor (``None`` when ``uses_base`` is false).
+    def encode(self, base: Tensor | None, finetuned: Tensor, **options: Any) -> Encoded:
+        """Encode one tensor. ``base`` is the base tensor (``None`` when ``uses_base`` is false);
+        ``options``: the codec's own settings given to compress (e.g. planes and scale granularity).
         Raises :class:`CodecError` (or :class:`NonFiniteDeltaError`) on input it cannot store."""
         raise NotImplementedError
 

@@ -5,6 +5,7 @@ tensors the base lacks. Decoding is ``W.to(D)``."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,12 +21,13 @@ class DenseCodec(TensorCodec):
     version = 1
     part_names = ("tensor",)
     uses_base = False
+    stores_delta = False
     compressible = True
 
     def accepts(self, shape, dtype, base_shape, base_dtype) -> bool:  # type: ignore[no-untyped-def]
         return True
 
-    def encode(self, base: Tensor | None, finetuned: Tensor) -> Encoded:
+    def encode(self, base: Tensor | None, finetuned: Tensor, **options: Any) -> Encoded:
         return Encoded(parts={"tensor": finetuned}, rel_recon_error=0.0)
 
     def part_specs(self, shape: tuple[int, ...], dtype: torch.dtype,

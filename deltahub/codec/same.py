@@ -4,6 +4,7 @@ stored. Decoding is ``W_base.to(D)``."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,12 +20,13 @@ class SameCodec(TensorCodec):
     version = 1
     part_names = ()
     uses_base = True
+    stores_delta = False
 
     def accepts(self, shape, dtype, base_shape, base_dtype) -> bool:  # type: ignore[no-untyped-def]
         """Chosen from the bytes (bit-identical to the base), never planned."""
         return False
 
-    def encode(self, base: Tensor | None, finetuned: Tensor) -> Encoded:
+    def encode(self, base: Tensor | None, finetuned: Tensor, **options: Any) -> Encoded:
         return Encoded(parts={}, rel_recon_error=0.0, rel_delta_norm=0.0)
 
     def part_specs(self, shape: tuple[int, ...], dtype: torch.dtype,

@@ -501,7 +501,7 @@ class Sign1Codec(TensorCodec):
     uses_base = True
     trainable_params = ("scale",)
 
-    def encode(self, base: torch.Tensor | None, finetuned: torch.Tensor) -> Encoded:
+    def encode(self, base: torch.Tensor | None, finetuned: torch.Tensor, **options: object) -> Encoded:
         if base is None:
             raise CodecError("codec sign1 needs the base tensor")
         enc = encode_sign1(base, finetuned)

@@ -289,18 +289,17 @@ def _tensor_record(name: str, spec: Any, version: int) -> TensorRecord:
         extra = sorted(set(spec) - known - {"parts", "params"})
         if extra:
             raise _corrupt(f"tensor {name!r} has an unknown field {extra[0]!r}")
-    if set(raw_parts) != set(impl.part_names):
-        raise _corrupt(
-            f"{impl.name} tensor {name!r} has parts {sorted(raw_parts)}, expected {sorted(impl.part_names)}"
-        )
-    parts = {p: _object_id(oid, f"tensor {name!r} part {p!r}") for p, oid in raw_parts.items()}
     try:
         params = impl.check_params(raw_params, shape)
         impl.part_specs(shape, dtype_from_name(spec["dtype"]), params)  # the shape suits the codec
+        expected = impl.parts_for(shape, params)
     except CodecError as exc:
         raise _corrupt(f"{impl.name} tensor {name!r}: {exc}") from None
     except Exception as exc:  # a codec's own checks must not crash the reader on hostile input
         raise _corrupt(f"{impl.name} tensor {name!r} has malformed parameters ({type(exc).__name__})") from None
+    if set(raw_parts) != set(expected):
+        raise _corrupt(f"{impl.name} tensor {name!r} has parts {sorted(map(str, raw_parts))}, expected {sorted(expected)}")
+    parts = {p: _object_id(oid, f"tensor {name!r} part {p!r}") for p, oid in raw_parts.items()}
     return TensorRecord(name, impl.name, spec["dtype"], shape, parts=parts, params=params, codec_version=impl.version)
 
 

@@ -469,6 +469,7 @@ def compress_and_calibrate(
     options: CalibrationOptions | None = None,
     allow_nonfinite: bool = False,
     codec: str = defaults.DEFAULT_CODEC,
+    codec_options: dict[str, Any] | None = None,
 ) -> tuple[Any, CalibrateResult]:
     """``compress --calibrate``: compress ``src`` against ``base_name``, then calibrate with ``src``
     as the teacher. The calibration input is checked (tokenized with the fine-tune's tokenizer) before
@@ -489,7 +490,8 @@ def compress_and_calibrate(
         raise InputError(f"cannot load the tokenizer of {src}: {exc}", "calibration needs the fine-tune's tokenizer files") from None
     load_samples(options.data, tokenizer, options.samples, options.seq_len, "calibration", options.seed)
     compressed = compress_finetune(
-        ctx, src, base_name, name, embeddings=embeddings, force=force, allow_nonfinite=allow_nonfinite, codec=codec
+        ctx, src, base_name, name, embeddings=embeddings, force=force, allow_nonfinite=allow_nonfinite, codec=codec,
+        codec_options=codec_options
     )
     if hub is not None:
         compressed.hub_repo_id, compressed.hub_revision = hub

@@ -90,15 +90,22 @@ def is_embedding(name: str, shape: tuple[int, ...], vocab_size: int | None) -> b
     return bool(vocab_size) and len(shape) == 2 and shape[0] == vocab_size
 
 
-def matrix_codec(name: str) -> TensorCodec:
-    """The registered codec ``name`` as the codec of a delta's matrices (it must store deltas)."""
+def matrix_codec(name: str, options: dict[str, Any] | None = None) -> tuple[TensorCodec, dict[str, Any]]:
+    """The registered codec ``name`` (with its ``options``) as the codec of a delta's matrices (it
+    must store deltas); a codec equivalent to it for these options is used instead (one plane with a
+    per-matrix scale is ``sign1``)."""
+    options = dict(options or {})
     try:
         impl = codecs.get(name)
+        impl.check_options(options)
+        alias = impl.equivalent(options)
+        if alias is not None:
+            impl, options = codecs.get(alias), {}
     except CodecError as exc:
         raise InputError(str(exc), "pick one of the codecs listed, or register yours first") from None
-    if impl is codecs.SAME or not impl.uses_base:
+    if not impl.stores_delta:
         raise InputError(f"codec {name!r} does not store a delta", f"use --codec {codecs.SIGN1.name} or another delta codec")
-    return impl
+    return impl, options
 
 
 def plan_codecs(
@@ -180,10 +187,11 @@ def _rel_norm(ft: torch.Tensor, base: torch.Tensor) -> float | None:
     return math.sqrt(delta_sq / base_sq)
 
 
-def _encode_delta(impl: TensorCodec, tname: str, base_t: torch.Tensor, tensor: torch.Tensor, allow_nonfinite: bool):
+def _encode_delta(impl: TensorCodec, tname: str, base_t: torch.Tensor, tensor: torch.Tensor, allow_nonfinite: bool,
+                  options: dict[str, Any] | None = None):
     """``impl.encode``, or None for a non-finite delta when ``allow_nonfinite`` (stored dense then)."""
     try:
-        return impl.encode(base_t, tensor)
+        return impl.encode(base_t, tensor, **(options or {}))
     except CodecError as exc:
         if not isinstance(exc, NonFiniteDeltaError):
             raise DeltaCodecError(f"cannot compress tensor {tname!r}: {exc}") from None
@@ -210,15 +218,16 @@ def _check_encoded(impl: TensorCodec, tname: str, enc: Encoded, shape: tuple[int
 
     if not isinstance(enc, Encoded) or not isinstance(enc.parts, dict) or not isinstance(enc.params, dict):
         raise bad(f"a {type(enc).__name__}, not an Encoded")
-    if set(enc.parts) != set(impl.part_names):
-        raise bad(f"parts {sorted(map(str, enc.parts))}, expected {sorted(impl.part_names)}")
     try:
         json.dumps(enc.params, allow_nan=False)
         if impl.check_params(enc.params, shape) != enc.params:
             raise CodecError("parameters that do not read back the same")
         specs = impl.part_specs(shape, dtype, enc.params)
+        expected = impl.parts_for(shape, enc.params)
     except (CodecError, TypeError, ValueError, OverflowError) as exc:
         raise bad(f"parameters it cannot read back ({exc})") from None
+    if set(enc.parts) != set(expected):
+        raise bad(f"parts {sorted(map(str, enc.parts))}, expected {sorted(expected)}")
     for part, t in enc.parts.items():
         want = specs[part]
         if not isinstance(t, torch.Tensor) or t.dtype != want.dtype or tuple(t.shape) != want.shape:
@@ -236,6 +245,7 @@ def compress_finetune(
     verify_base: bool = True,
     allow_nonfinite: bool = False,
     codec: str = defaults.DEFAULT_CODEC,
+    codec_options: dict[str, Any] | None = None,
 ) -> CompressResult:
     """Compress the checkpoint at ``src`` against stored base ``base_name`` and name it ``name``.
 
@@ -247,14 +257,14 @@ def compress_finetune(
     ``allow_nonfinite`` (:mod:`deltahub.ops.finite`); a refusal mid-way leaves the store unchanged.
     """
     embeddings = EmbeddingsMode(embeddings)
-    matrix = matrix_codec(codec)
+    matrix, options = matrix_codec(codec, codec_options)
     validate_name(name)
     source = resolve_source(src)  # a Hub checkpoint is downloaded here, outside the writer lock
     src, hub = source.path, source.hub
     # The writer lock is taken before the base is resolved, so gc cannot remove the base's objects
     # between the lookup and the reads (gc waits for writers).
     with ctx.writing():
-        result = _compress_locked(ctx, Path(src), base_name, name, embeddings, force, verify_base, allow_nonfinite, matrix)
+        result = _compress_locked(ctx, Path(src), base_name, name, embeddings, force, verify_base, allow_nonfinite, matrix, options)
     if hub is not None:
         result.hub_repo_id, result.hub_revision = hub
     return result
@@ -270,6 +280,7 @@ def _compress_locked(
     verify_base: bool,
     allow_nonfinite: bool = False,
     matrix: TensorCodec | None = None,
+    options: dict[str, Any] | None = None,
 ) -> CompressResult:
     base = ctx.resolve(base_name)
     if base.manifest.kind is not ModelKind.BASE:
@@ -318,7 +329,7 @@ def _compress_locked(
                 enc = chosen.encode(base_t, tensor)
             elif planned.uses_base:
                 assert base_t is not None
-                enc = _encode_delta(planned, tname, base_t, tensor, allow_nonfinite)
+                enc = _encode_delta(planned, tname, base_t, tensor, allow_nonfinite, options if planned is matrix else None)
                 if enc is None:  # a matrix whose delta is not finite (allowed): stored dense
                     chosen = codecs.DENSE
             if enc is None:
@@ -331,7 +342,7 @@ def _compress_locked(
                     enc.rel_delta_norm = norm if norm is not None and math.isfinite(norm) else None
             _check_encoded(chosen, tname, enc, shape, tensor.dtype)
             parts: dict[str, str] = {}
-            for part in chosen.part_names:
+            for part in sorted(enc.parts):
                 info = ctx.put(tensor_bytes(enc.parts[part]), Compression.AUTO if chosen.compressible else Compression.NONE)
                 objects[info.sha256] = info
                 parts[part] = info.sha256

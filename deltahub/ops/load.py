@@ -68,8 +68,10 @@ def load_model(
     verify: bool = True,
     mode: str | LoadMode = LoadMode.MATERIALIZE,
     trainable_scales: bool = False,
+    bits: int | None = None,
 ) -> Any:
-    """Build the transformers model for ``name`` straight from the store.
+    """Build the transformers model for ``name`` straight from the store (``bits``: from the first
+    ``bits`` planes of each progressive tensor only).
 
     ``mode="materialize"``: tensors are rebuilt one at a time into the state dict handed to
     ``from_pretrained``; no checkpoint is written.
@@ -88,7 +90,7 @@ delta-mode model is frozen. A base model loads normally.
     mode = parse_mode(mode)
     out_dtype = parse_output_dtype(dtype)
     with ctx.reading():  # gc waits until every object is read
-        source = ModelSource.open(ctx, name, verify=verify)
+        source = ModelSource.open(ctx, name, verify=verify, bits=bits)
         out_dtype = out_dtype or source.default_dtype()
         if mode is LoadMode.DELTA and source.base is not None:
             model = _load_delta_mode(source, name, out_dtype, trainable_scales)

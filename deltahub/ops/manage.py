@@ -341,4 +341,4 @@ def _stores_delta(codec_name: str) -> bool:
         impl = codecs.get(codec_name)
     except codecs.CodecError:
         return False
-    return impl.uses_base and bool(impl.part_names)
+    return impl.stores_delta

@@ -205,8 +205,11 @@ def materialize(
     force: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     verify: bool = True,
+    bits: int | None = None,
 ) -> MaterializeResult:
-    """Write model ``name`` to ``out_dir`` as safetensors shards + config + tokenizer files."""
+    """Write model ``name`` to ``out_dir`` as safetensors shards + config + tokenizer files.
+    ``bits``: rebuild from the first ``bits`` planes of each progressive tensor only (a coarser model
+    from the same stored artifact; the other planes are not read)."""
     out_dir = Path(os.path.abspath(out_dir))
     out_dtype = parse_output_dtype(dtype)
     home = ctx.home.resolve()
@@ -223,7 +226,7 @@ def materialize(
             f"{out_dir} is not empty", "choose an empty or new directory, or pass --force to replace it"
         )
     with ctx.reading():  # gc waits until every object is read
-        return _materialize(ctx, name, out_dir, out_dtype, force, max_shard_bytes, verify)
+        return _materialize(ctx, name, out_dir, out_dtype, force, max_shard_bytes, verify, bits)
 
 
 def _materialize(
@@ -234,8 +237,9 @@ def _materialize(
     force: bool,
     max_shard_bytes: int,
     verify: bool,
+    bits: int | None = None,
 ) -> MaterializeResult:
-    source = ModelSource.open(ctx, name, verify=verify)
+    source = ModelSource.open(ctx, name, verify=verify, bits=bits)
     specs = source.specs(out_dtype)  # None: every tensor keeps its stored dtype
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(out_dir)

@@ -9,6 +9,7 @@ hash-verified as it is read. Non-floating tensors keep their own dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from deltahub.codec import CodecError
-from deltahub.errors import CorruptObjectError
+from deltahub.errors import CorruptObjectError, InputError
 from deltahub.formats import safe_json
 from deltahub.formats.manifest import Manifest, ModelKind, TensorRecord
 from deltahub.formats.safetensors_io import TensorSpec, dtype_from_name, dtype_name
@@ -25,6 +26,33 @@ from deltahub.ops.context import Resolved, StoreContext
 from deltahub.ops.prefetch import prefetched
 
 logger = logging.getLogger(__name__)
+
+
+def stored_planes(manifest: Manifest) -> int:
+    """The most planes any tensor of ``manifest`` stores (1 for a ``sign1`` delta, 0 for a base)."""
+    return max((rec.impl.planes(rec.params) for rec in manifest.tensors.values() if rec.impl.stores_delta), default=0)
+
+
+def at_bits(manifest: Manifest, bits: int, name: str = "the model") -> Manifest:
+    """``manifest`` with every progressive tensor cut to its first ``bits`` planes (a coarser valid
+    model: the later planes are never read). Tensors with fewer planes keep them all.
+
+    Raises:
+        InputError: ``bits`` < 1, or more planes than any tensor stores.
+    """
+    most = stored_planes(manifest)
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits < 1:
+        raise InputError(f"--bits must be a whole number of planes, 1 or more, got {bits!r}", "use --bits 1, 2, ...")
+    if bits > most:
+        raise InputError(
+            f"{name} stores at most {most} plane(s) per tensor, so --bits {bits} asks for planes it does not have",
+            f"use --bits 1..{most}" if most else "--bits applies to deltas only",
+        )
+    tensors = {}
+    for tname, rec in manifest.tensors.items():
+        params, parts = rec.impl.prefix(rec.params, rec.parts, bits)
+        tensors[tname] = dataclasses.replace(rec, params=params, parts=parts)
+    return dataclasses.replace(manifest, tensors=tensors)
 
 
 @dataclass
@@ -47,11 +75,15 @@ class ModelSource:
     verify: bool = True
 
     @classmethod
-    def open(cls, ctx: StoreContext, name: str, verify: bool = True) -> ModelSource:
+    def open(cls, ctx: StoreContext, name: str, verify: bool = True, bits: int | None = None) -> ModelSource:
+        """``name`` resolved (with its base). ``bits``: read only the first ``bits`` planes of every
+        progressive tensor (:func:`at_bits`)."""
         resolved = ctx.resolve(name)
         base = None
         if resolved.manifest.kind is ModelKind.DELTA:
             _base_id, base = ctx.base_of(resolved.manifest)
+        if bits is not None:
+            resolved = Resolved(resolved.name, resolved.manifest_id, at_bits(resolved.manifest, bits, resolved.name))
         return cls(ctx, resolved, base, verify)
 
     @property

@@ -250,16 +250,18 @@ class Store:
             with_base=with_base,
         )
 
-    def pull(self, repo: str, name: str | None = None, force: bool = False) -> PullResult:
+    def pull(self, repo: str, name: str | None = None, force: bool = False, bits: int | None = None) -> PullResult:
         """Fetch the delta in Hub repo ``repo`` (``"REPO_ID[@REVISION]"``), verify every byte and store it.
 
         The revision is pinned to its commit id first. A base the store lacks is added from the Hub
         repo and revision ``deltahub.json`` names (``result.base_fetched``) and checked.
         ``name`` defaults to the repo's name part; ``force`` re-points a name that is taken.
+        ``bits``: fetch only the first ``bits`` sign planes of a ``planes`` delta (a smaller, coarser
+        delta stored under its own manifest id).
         """
         from deltahub.ops.pull import pull
 
-        return pull(self._ctx, repo, name=name, force=force)
+        return pull(self._ctx, repo, name=name, force=force, bits=bits)
 
     def list(self) -> list[dict[str, Any]]:
         from deltahub.ops.manage import list_models

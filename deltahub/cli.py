@@ -635,9 +635,11 @@ def push(
 @click.argument("repo", metavar="REPO_ID[@REVISION]")
 @click.option("--name", default=None, help="Local name (default: the repo's name part).")
 @click.option("--force", is_flag=True, help="Re-point NAME if it already names another model.")
+@click.option("--bits", type=int, default=None,
+              help="Fetch only the first BITS sign planes of each matrix (a delta pushed with --bits K ≥ BITS).")
 @json_option
 @click.pass_context
-def pull(ctx: click.Context, repo: str, name: str | None, force: bool, as_json: bool) -> None:
+def pull(ctx: click.Context, repo: str, name: str | None, force: bool, bits: int | None, as_json: bool) -> None:
     """Fetch the delta in Hub repo REPO_ID (at REVISION: a branch, tag or commit id) into the store.
 
     The revision is pinned to a commit id, every file and tensor is checked against deltahub.json
@@ -645,7 +647,7 @@ def pull(ctx: click.Context, repo: str, name: str | None, force: bool, as_json: 
     deltahub.json names (and must match the recorded base tensors). Pulling a delta the store
     already holds downloads only deltahub.json. Uses your Hugging Face login (HF_TOKEN, HF_ENDPOINT).
     """
-    result = _store(ctx).pull(repo, name=name, force=force)
+    result = _store(ctx).pull(repo, name=name, force=force, bits=bits)
     data = {
         k: getattr(result, k)
         for k in ("repo_id", "revision", "commit", "name", "manifest_id", "already_stored", "downloaded", "bytes")

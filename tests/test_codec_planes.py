@@ -196,3 +196,34 @@ def test_cli_bits_options(filled, model_dirs, tmp_path):
     assert r.exit_code == 5 and "at most 2 plane" in r.output
     r = CliRunner().invoke(cli, ["--home", home, "materialize", "p", str(tmp_path / "o"), "--bits", "1"])
     assert r.exit_code == 0, r.output
+
+
+def test_pull_bits_fetches_only_the_first_planes(filled, model_dirs, tmp_path, hub_server):
+    """The Hub layout puts each plane in its own files (plane 0 with the dense tensors), so
+    ``pull --bits 1`` downloads only the first file(s); what it stores materializes exactly like
+    ``materialize --bits 1`` of the full delta, and a later full pull completes it."""
+    plant_repo(hub_server, "someone/tiny-base", "c" * 40)
+    filled.compress(model_dirs["llama"]["ft"], base="base", name="p3", codec="planes",
+                    codec_options={"planes": 3, "scales": "row"})
+    repo = f"{FAKE_USER}/planes3"
+    pushed = filled.push("p3", repo, base_repo="someone/tiny-base@" + "c" * 40)
+    delta_files = sorted(f for f in pushed.files if f.startswith("delta-"))
+    assert len(delta_files) == 3  # one per plane
+    b = deltahub.Store(tmp_path / "b")
+    try:
+        b.add(model_dirs["llama"]["base"], name="base")
+        one = b.pull(repo, name="one", bits=1)
+        assert [f for f in one.downloaded if f.startswith("delta-")] == delta_files[:1]
+        full = b.pull(repo, name="full")
+        assert [f for f in full.downloaded if f.startswith("delta-")] == delta_files[1:]  # plane 0 is stored
+        assert full.bytes > one.bytes > 0
+        assert one.manifest_id != full.manifest_id == filled.show("p3")["manifest_id"]
+        b.materialize("one", tmp_path / "b1")
+        filled.materialize("p3", tmp_path / "a1", bits=1)
+        assert (tmp_path / "b1" / "model.safetensors").read_bytes() == (tmp_path / "a1" / "model.safetensors").read_bytes()
+        with pytest.raises(InputError, match="at most 3 plane"):
+            b.pull(repo, name="four", bits=4)
+        assert "four" not in {m["name"] for m in b.list()}
+        assert b.verify().ok
+    finally:
+        b.close()

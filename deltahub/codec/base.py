@@ -119,6 +119,11 @@ class TensorCodec:
         """How many planes the tensor stores (1 for a codec that is not progressive)."""
         return 1
 
+    def part_plane(self, part: str) -> int:
+        """The plane a part belongs to (0-based; 0 for a codec that is not progressive): the Hub
+        layout puts later planes in later files, so a prefix of planes is a prefix of files."""
+        return 0
+
     def prefix(self, params: Mapping[str, JSONValue], parts: Mapping[str, str], bits: int
                ) -> tuple[dict[str, JSONValue], dict[str, str]]:
         """The parameters and parts of the first ``bits`` planes (a coarser valid tensor). Codecs that

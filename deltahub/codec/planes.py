@@ -143,6 +143,9 @@ class PlanesCodec(TensorCodec):
     def planes(self, params: Mapping[str, JSONValue]) -> int:
         return int(params["planes"])  # type: ignore[arg-type]
 
+    def part_plane(self, part: str) -> int:
+        return int(part.removeprefix("signs").removeprefix("scales"))
+
     def prefix(self, params: Mapping[str, JSONValue], parts: Mapping[str, str], bits: int
                ) -> tuple[dict[str, JSONValue], dict[str, str]]:
         k = min(int(bits), int(params["planes"]))  # type: ignore[arg-type]

@@ -41,6 +41,7 @@ of that tensor; tensors whose codec ``uses_base`` reconstruct from the base tens
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import json
@@ -50,7 +51,7 @@ from typing import Any
 
 from deltahub import codec as codecs
 from deltahub.codec import PACKING_V1, CodecError, PackingLayout, TensorCodec
-from deltahub.errors import CorruptObjectError, UnsupportedFormatError
+from deltahub.errors import CorruptObjectError, InputError, UnsupportedFormatError
 from deltahub.formats.checkpoint import AUX_FILES, CONFIG_FILE
 from deltahub.formats import safe_json
 from deltahub.formats.paths import TENSOR_NAME_RULE, is_stored_tensor_name, is_tensor_name, safe_relpath
@@ -204,6 +205,31 @@ class Manifest:
 
     def manifest_id(self) -> str:
         return hashlib.sha256(self.to_bytes()).hexdigest()
+
+    def stored_planes(self) -> int:
+        """The most planes any tensor stores (1 for a ``sign1`` delta, 0 for a base)."""
+        return max((rec.impl.planes(rec.params) for rec in self.tensors.values() if rec.impl.stores_delta), default=0)
+
+    def at_bits(self, bits: int, name: str = "the model") -> Manifest:
+        """This manifest with every progressive tensor cut to its first ``bits`` planes: a coarser,
+        valid model whose later planes are never read (tensors with fewer planes keep them all).
+
+        Raises:
+            InputError: ``bits`` < 1, or more planes than any tensor stores.
+        """
+        most = self.stored_planes()
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits < 1:
+            raise InputError(f"--bits must be a whole number of planes, 1 or more, got {bits!r}", "use --bits 1, 2, ...")
+        if bits > most:
+            raise InputError(
+                f"{name} stores at most {most} plane(s) per tensor, so --bits {bits} asks for planes it does not have",
+                f"use --bits 1..{most}" if most else "--bits applies to deltas only",
+            )
+        tensors = {}
+        for tname, rec in self.tensors.items():
+            params, parts = rec.impl.prefix(rec.params, rec.parts, bits)
+            tensors[tname] = dataclasses.replace(rec, params=params, parts=parts)
+        return dataclasses.replace(self, tensors=tensors)
 
     def object_ids(self) -> dict[str, str]:
         """Every object the manifest references (object id -> role: 'tensor' or 'file')."""

@@ -127,16 +127,25 @@ def stored_tensors(manifest: Manifest) -> list[StoredTensor]:
 
 
 def plan_layout(manifest: Manifest, max_shard_bytes: int) -> HubLayout:
-    """Deterministic: tensors in name order, a new shard when the next one would pass the limit."""
+    """Deterministic: stored parts by plane, then name; a new shard when the next part would pass
+    the limit, and at every plane boundary, so the parts of the first ``k`` planes of progressive
+    codecs lie in a prefix of the files (``pull --bits k`` fetches only those). Without progressive
+    codecs every part is plane 0: tensors in name order, as Hub format v1 always was."""
     if manifest.kind is not ModelKind.DELTA:
         raise ValueError("only deltas have a Hub layout (yet)")
+
+    def plane(t: StoredTensor) -> int:
+        return manifest.tensors[t.tensor].impl.part_plane(t.part)
+
     groups: list[list[StoredTensor]] = []
     size = 0
-    for t in stored_tensors(manifest):
+    current = 0
+    for t in sorted(stored_tensors(manifest), key=lambda t: (plane(t), t.name)):
         nbytes = t.spec.nbytes
-        if not groups or (groups[-1] and size + nbytes > max_shard_bytes):
+        if not groups or (groups[-1] and (size + nbytes > max_shard_bytes or plane(t) != current)):
             groups.append([])
             size = 0
+        current = plane(t)
         groups[-1].append(t)
         size += nbytes
     if not groups:

@@ -87,11 +87,6 @@ def _name_target(ctx: StoreContext, name: str) -> str | None:
     return entry.manifest_id if entry is not None else None
 
 
-def _all_stored(ctx: StoreContext, hub: HubManifest) -> bool:
-    ids = [hub.manifest_id, *hub.manifest.object_ids()]
-    return all(ctx.objects.exists(oid) for oid in ids)
-
-
 def _base_stored(ctx: StoreContext, manifest_id: str) -> bool:
     """Whether base ``manifest_id`` is stored: indexed, not merely its objects on disk (a write killed
     between publishing its objects and indexing them leaves those; the delta's index rows need the
@@ -129,8 +124,12 @@ def _check_base(ctx: StoreContext, repo_id: str, hub: HubManifest, reserved: str
     return fetched
 
 
-def pull(ctx: StoreContext, repo: str, name: str | None = None, force: bool = False) -> PullResult:
-    """Pull the delta in Hub repo ``repo`` (``REPO_ID[@REVISION]``) into the store as ``name``."""
+def pull(ctx: StoreContext, repo: str, name: str | None = None, force: bool = False, bits: int | None = None) -> PullResult:
+    """Pull the delta in Hub repo ``repo`` (``REPO_ID[@REVISION]``) into the store as ``name``.
+
+    ``bits``: fetch and store only the first ``bits`` planes of each progressive tensor (a coarser
+    delta; the Hub layout puts later planes in later files, which are not downloaded). ``name`` then
+    points at that prefix's own manifest."""
     try:
         repo_id, revision = parse_base_repo(repo)
     except ValueError as exc:
@@ -169,11 +168,16 @@ def pull(ctx: StoreContext, repo: str, name: str | None = None, force: bool = Fa
     hub = parse_hub_manifest(fetch(HUB_MANIFEST_FILE).read_bytes())
     if not offline:
         write_ref(repo_id, revision, commit)  # a later offline pull/add of the branch finds it
-    manifest = hub.manifest
-    result.manifest_id = hub.manifest_id
+    manifest, manifest_id = hub.manifest, hub.manifest_id
+    if bits is not None:
+        manifest = manifest.at_bits(bits, f"{repo_id}@{revision}")
+        manifest_id = manifest.manifest_id()
+    needed = set(manifest.object_ids())
+    tensors = [t for t in hub.tensors if t.stored.object in needed]
+    result.manifest_id = manifest_id
 
     target = _name_target(ctx, local)
-    if target is not None and target != hub.manifest_id and not force:
+    if target is not None and target != manifest_id and not force:
         raise NameExistsError(
             f"the name {local!r} is already taken",
             "choose another --name, `deltahub rm` it first, or pass --force to re-point it",
@@ -182,10 +186,10 @@ def pull(ctx: StoreContext, repo: str, name: str | None = None, force: bool = Fa
 
     with ctx.writing():
         objects: dict[str, ObjectInfo] = {}
-        if _all_stored(ctx, hub):
+        if all(ctx.objects.exists(oid) for oid in [manifest_id, *needed]):
             result.already_stored = True
             objects = {oid: ctx.objects.info(oid) for oid in manifest.object_ids()}
-            manifest_info = ctx.objects.info(hub.manifest_id)
+            manifest_info = ctx.objects.info(manifest_id)
         else:
             for fname, sha in hub.files.items():
                 data = fetch(fname).read_bytes()
@@ -198,15 +202,18 @@ def pull(ctx: StoreContext, repo: str, name: str | None = None, force: bool = Fa
                 if file_info.sha256 != sha:
                     raise _corrupt(f"file {fname}", at)
                 objects[file_info.sha256] = file_info
-            total = sum(t.stored.spec.nbytes for t in hub.tensors)
+            stored = {t.stored.object for t in tensors if ctx.objects.exists(t.stored.object)}
+            tensors = [t for t in tensors if t.stored.object not in stored]  # fetch only what is missing
+            objects.update({oid: ctx.objects.info(oid) for oid in stored})
+            total = sum(t.stored.spec.nbytes for t in tensors)
             with progress_bar(total, f"pull {local}", unit="B", unit_scale=True) as bar:
-                for shard in hub.shard_files():
+                for shard in sorted({t.file for t in tensors}):
                     path = fetch(shard)
                     try:
                         reader = SafetensorsReader(path)
                     except MalformedSafetensorsError as exc:
                         raise CorruptObjectError(f"{shard} in {at} is damaged: {exc.message}", "pull again") from None
-                    for t in (t for t in hub.tensors if t.file == shard):
+                    for t in (t for t in tensors if t.file == shard):
                         entry = reader.entries.get(t.key)
                         if entry is None or entry.dtype != dtype_from_name(t.stored.dtype) or entry.shape != t.stored.shape:
                             raise _corrupt(f"tensor {t.name!r} (file {shard})", at)
@@ -219,7 +226,7 @@ def pull(ctx: StoreContext, repo: str, name: str | None = None, force: bool = Fa
                         bar.update(entry.nbytes)
                         del view
             manifest_info = ctx.put(manifest.to_bytes(), Compression.AUTO)
-            if manifest_info.sha256 != hub.manifest_id:  # pragma: no cover - checked by parse_hub_manifest
+            if manifest_info.sha256 != manifest_id:  # pragma: no cover - checked by parse_hub_manifest
                 raise _corrupt("the manifest", at)
         stats = [
             TensorStat(
@@ -233,7 +240,7 @@ def pull(ctx: StoreContext, repo: str, name: str | None = None, force: bool = Fa
             for tname, rec in manifest.tensors.items()
         ]
         ctx.register(manifest, manifest_info, objects, stats, local, force)
-    logger.info("pulled %s as %s (manifest %s)", at, local, hub.manifest_id[:12])
+    logger.info("pulled %s as %s (manifest %s)", at, local, manifest_id[:12])
     return result
 
 

@@ -9,7 +9,6 @@ hash-verified as it is read. Non-floating tensors keep their own dtype.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from deltahub.codec import CodecError
-from deltahub.errors import CorruptObjectError, InputError
+from deltahub.errors import CorruptObjectError
 from deltahub.formats import safe_json
 from deltahub.formats.manifest import Manifest, ModelKind, TensorRecord
 from deltahub.formats.safetensors_io import TensorSpec, dtype_from_name, dtype_name
@@ -30,29 +29,12 @@ logger = logging.getLogger(__name__)
 
 def stored_planes(manifest: Manifest) -> int:
     """The most planes any tensor of ``manifest`` stores (1 for a ``sign1`` delta, 0 for a base)."""
-    return max((rec.impl.planes(rec.params) for rec in manifest.tensors.values() if rec.impl.stores_delta), default=0)
+    return manifest.stored_planes()
 
 
 def at_bits(manifest: Manifest, bits: int, name: str = "the model") -> Manifest:
-    """``manifest`` with every progressive tensor cut to its first ``bits`` planes (a coarser valid
-    model: the later planes are never read). Tensors with fewer planes keep them all.
-
-    Raises:
-        InputError: ``bits`` < 1, or more planes than any tensor stores.
-    """
-    most = stored_planes(manifest)
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits < 1:
-        raise InputError(f"--bits must be a whole number of planes, 1 or more, got {bits!r}", "use --bits 1, 2, ...")
-    if bits > most:
-        raise InputError(
-            f"{name} stores at most {most} plane(s) per tensor, so --bits {bits} asks for planes it does not have",
-            f"use --bits 1..{most}" if most else "--bits applies to deltas only",
-        )
-    tensors = {}
-    for tname, rec in manifest.tensors.items():
-        params, parts = rec.impl.prefix(rec.params, rec.parts, bits)
-        tensors[tname] = dataclasses.replace(rec, params=params, parts=parts)
-    return dataclasses.replace(manifest, tensors=tensors)
+    """``manifest`` cut to its first ``bits`` planes (:meth:`Manifest.at_bits`)."""
+    return manifest.at_bits(bits, name)
 
 
 @dataclass

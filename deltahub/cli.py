@@ -376,6 +376,8 @@ def _calibration_text(cal: Any) -> str:
 @click.option("--scales", type=click.Choice(defaults.SCALE_GRANULARITIES), default=None,
               help="Scale granularity of each plane (codec planes): one per matrix, per output row, or per group of --group-size columns.")
 @click.option("--group-size", type=int, default=None, help="Columns per scale with --scales group (a multiple of 32; default 128).")
+@click.option("--lossless", is_flag=True,
+              help="Store the exact fine-tune (bit for bit) as a delta: XOR with the base, bytes split by significance, zstd (--codec lossless).")
 @click.option("--force", is_flag=True, help="Re-point NAME if it already exists.")
 @click.option(
     "--calibrate",
@@ -397,6 +399,7 @@ def compress(
     bits: int | None,
     scales: str | None,
     group_size: int | None,
+    lossless: bool,
     force: bool,
     calibrate_: bool,
     allow_nonfinite: bool,
@@ -415,6 +418,10 @@ def compress(
     """
     options = _calibration(**calib) if calibrate_ else None
     planes = {k: v for k, v in (("planes", bits), ("scales", scales), ("group_size", group_size)) if v is not None}
+    if lossless and (planes or codec != defaults.DEFAULT_CODEC):
+        raise click.UsageError("--lossless stores the exact fine-tune: it takes no --codec, --bits, --scales or --group-size")
+    if lossless:
+        codec = defaults.LOSSLESS_CODEC
     if planes and codec == defaults.DEFAULT_CODEC:
         codec = defaults.PLANES_CODEC
     result = _store(ctx).compress(

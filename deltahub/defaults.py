@@ -15,6 +15,8 @@ from __future__ import annotations
 DEFAULT_CODEC = "sign1"
 #: The codec `--bits`, `--scales` and `--group-size` configure (progressive sign planes).
 PLANES_CODEC = "planes"
+#: The codec `--lossless` selects (the exact fine-tune, XOR with the base, bytes split for zstd).
+LOSSLESS_CODEC = "lossless"
 SCALE_GRANULARITIES = ("matrix", "row", "group")
 #: How embeddings and the LM head are stored: ``sign1`` (1-bit delta) or ``dense`` (the fine-tune's).
 #: Measured on SmolLM2-135M + a Shakespeare fine-tune (docs/design.md): sign1 embeddings keep 94%

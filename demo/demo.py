@@ -32,6 +32,7 @@ WORK = prepare.DEFAULT_WORK
 STORE = WORK / "store"
 MATERIALIZED = WORK / "materialized"
 BASE_NAME = "smollm2-135m"
+PLANES_NAME = "shakespeare-planes"  # one artifact, 2 sign planes with per-row scales
 FT_NAME = "smollm2-shakespeare"            # --embeddings sign1
 FT_DENSE_NAME = "smollm2-shakespeare-dense"  # --embeddings dense
 
@@ -164,14 +165,19 @@ def main(argv=None) -> int:
         for mode in modes:
             run_cli("compress", ft_dir, "--base", BASE_NAME, "--name", names[mode],
                      "--embeddings", mode)
+        run_cli("compress", ft_dir, "--base", BASE_NAME, "--name", PLANES_NAME, "--bits", "2", "--scales", "row")
         run_cli("show", names[modes[0]])
         run_cli("ls")
         run_cli("du")
         sizes = {mode: delta_sizes(names[mode]) for mode in modes}
+        planes_bytes = json.loads(run_cli("show", PLANES_NAME, "--json", capture=True))["bytes_by_bits"]
 
     with stage(f"4/6 deltahub: materialize as {args.dtype}"):
         for mode in modes:
             run_cli("materialize", names[mode], MATERIALIZED / names[mode], "--dtype", args.dtype)
+        for bits in (1, 2):  # one stored artifact, two sizes: the first plane only, then both
+            run_cli("materialize", PLANES_NAME, MATERIALIZED / f"{PLANES_NAME}-{bits}", "--dtype", args.dtype,
+                    "--bits", str(bits))
 
     from transformers import AutoTokenizer
 
@@ -180,7 +186,8 @@ def main(argv=None) -> int:
     results: dict[str, dict] = {}
     with stage("5/6 held-out perplexity and samples: base, fine-tune, compressed"):
         for label, path in [("base", base_dir), ("fine-tune", ft_dir)] + [
-                (f"compressed ({m} emb.)", MATERIALIZED / names[m]) for m in modes]:
+                (f"compressed ({m} emb.)", MATERIALIZED / names[m]) for m in modes] + [
+                (f"planes @{b} bit", MATERIALIZED / f"{PLANES_NAME}-{b}") for b in (1, 2)]:
             model = load_hf(path)
             results[label] = evaluate(label, model, tok, held, args)
             if label == f"compressed ({modes[0]} emb.)":
@@ -219,6 +226,11 @@ def main(argv=None) -> int:
         kept = (ppl_b - r["ppl"]) / (ppl_b - ppl_f) if ppl_b != ppl_f else float("nan")
         print(f"{'delta, ' + mode + ' embeddings':<34} {human(s['stored_bytes']):>10} "
               f"{s['ratio']:>8.1f}x "
+              f"{r['ppl']:>13.2f} {kept:>10.0%}")
+    for b in (1, 2):  # prefixes of one stored delta: materialize --bits 1 / --bits 2
+        size, r = planes_bytes[str(b)], results[f"planes @{b} bit"]
+        kept = (ppl_b - r["ppl"]) / (ppl_b - ppl_f) if ppl_b != ppl_f else float("nan")
+        print(f"{f'delta, {b} plane(s), row scales':<34} {human(size):>10} {ft_fp16 / size:>8.1f}x "
               f"{r['ppl']:>13.2f} {kept:>10.0%}")
     print(f"(fp16 size of the fine-tune from its safetensors headers: {ft_fp16:,} bytes; "
           f"deltahub's fp16_bytes: {sizes[modes[0]]['fp16_bytes']:,})")

@@ -7,7 +7,8 @@
   entry point group).
 * the built-in codecs: :mod:`~deltahub.codec.same`, :mod:`~deltahub.codec.dense`,
   :mod:`~deltahub.codec.sign1` (BitDelta; its apply in :mod:`~deltahub.codec.sign_apply`),
-  :mod:`~deltahub.codec.planes` (progressive sign planes, per-matrix/row/group scales).
+  :mod:`~deltahub.codec.planes` (progressive sign planes, per-matrix/row/group scales),
+  :mod:`~deltahub.codec.lossless` (the exact fine-tune: XOR with the base, bytes split for zstd).
 
 Pure tensor math: imports only torch, numpy and the standard library -- nothing from the rest of
 deltahub. Nothing outside this package branches on a codec's name.
@@ -26,6 +27,7 @@ from .packing import (
     unpack_signs,
 )
 from .registry import UnknownCodecError, get, names, register
+from .lossless import LosslessCodec
 from .planes import PlanesCodec
 from .same import SameCodec
 from .sign1 import (
@@ -42,6 +44,7 @@ SAME = register(SameCodec())
 DENSE = register(DenseCodec())
 SIGN1 = register(Sign1Codec())
 PLANES = register(PlanesCodec())
+LOSSLESS = register(LosslessCodec())
 
 __all__ = [
     "Codec",
@@ -58,6 +61,8 @@ __all__ = [
     "PartSpec",
     "SAME",
     "PLANES",
+    "LOSSLESS",
+    "LosslessCodec",
     "PlanesCodec",
     "SIGN1",
     "TenantDeltas",

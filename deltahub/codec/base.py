@@ -97,6 +97,9 @@ class TensorCodec:
     """Parameters that calibration may train (fp32 scalars), e.g. ``("scale",)``."""
     stores_delta: ClassVar[bool] = True
     """It stores a delta to the base (``sign1``, planes, ...); false for ``same`` and ``dense``."""
+    checks_finite: ClassVar[bool] = False
+    """``encode`` itself refuses NaN/Inf (:class:`NonFiniteDeltaError`); otherwise compress checks
+    the fine-tune's tensor first (the one NaN/Inf rule, unless ``allow_nonfinite``)."""
     progressive: ClassVar[bool] = False
     """Its parts are ordered planes: any prefix is a valid, coarser tensor (:meth:`prefix`)."""
 

@@ -81,6 +81,7 @@ class PlanesCodec(TensorCodec):
     name = "planes"
     version = 1
     uses_base = True
+    checks_finite = True
     progressive = True
 
     # ------------------------------------------------------------------ parameters and layout

@@ -51,7 +51,7 @@ def register(codec: TensorCodec, *, replace: bool = False) -> TensorCodec:
         raise ValueError(f"a codec name must be 1-64 ASCII letters, digits, _ and -, got {name!r}")
     if isinstance(codec.version, bool) or not isinstance(codec.version, int) or codec.version < 1:
         raise ValueError(f"codec {name!r}: version must be a positive int")
-    for flag in ("uses_base", "compressible", "stores_delta", "progressive"):
+    for flag in ("uses_base", "compressible", "stores_delta", "progressive", "checks_finite"):
         if not isinstance(getattr(codec, flag), bool):
             raise ValueError(f"codec {name!r}: {flag} must be True or False")
     parts = codec.part_names

@@ -499,6 +499,7 @@ class Sign1Codec(TensorCodec):
     version = 1
     part_names = ("signs",)
     uses_base = True
+    checks_finite = True
     trainable_params = ("scale",)
 
     def encode(self, base: torch.Tensor | None, finetuned: torch.Tensor, **options: object) -> Encoded:

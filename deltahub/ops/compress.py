@@ -329,6 +329,8 @@ def _compress_locked(
                 enc = chosen.encode(base_t, tensor)
             elif planned.uses_base:
                 assert base_t is not None
+                if not allow_nonfinite and not planned.checks_finite:
+                    check_finite(tensor, tname, "the fine-tune")  # the one NaN/Inf rule, for every codec
                 enc = _encode_delta(planned, tname, base_t, tensor, allow_nonfinite, options if planned is matrix else None)
                 if enc is None:  # a matrix whose delta is not finite (allowed): stored dense
                     chosen = codecs.DENSE

@@ -101,6 +101,13 @@ def _show_model(ctx: StoreContext, name: str, tensors: bool) -> dict[str, Any]:
                 "mean_rel_recon_error": sum((st.rel_recon_error or 0.0) * w for st, w in zip(sign1, weights)) / total,
                 "max_rel_recon_error": max(st.rel_recon_error or 0.0 for st in sign1),
             }
+    planes = resolved.manifest.stored_planes()
+    if planes > 1:  # what each --bits prefix costs (its objects, carried files included)
+        summary["planes"] = planes
+        summary["bytes_by_bits"] = {
+            k: sum(ctx.objects.info(oid).stored_size for oid in resolved.manifest.at_bits(k).object_ids())
+            for k in range(1, planes + 1)
+        }
     if tensors:
         summary["tensors"] = [
             {

@@ -33,6 +33,7 @@ STORE = WORK / "store"
 MATERIALIZED = WORK / "materialized"
 BASE_NAME = "smollm2-135m"
 PLANES_NAME = "shakespeare-planes"  # one artifact, 2 sign planes with per-row scales
+LOSSLESS_NAME = "shakespeare-exact"  # the fine-tune bit for bit
 FT_NAME = "smollm2-shakespeare"            # --embeddings sign1
 FT_DENSE_NAME = "smollm2-shakespeare-dense"  # --embeddings dense
 
@@ -166,11 +167,13 @@ def main(argv=None) -> int:
             run_cli("compress", ft_dir, "--base", BASE_NAME, "--name", names[mode],
                      "--embeddings", mode)
         run_cli("compress", ft_dir, "--base", BASE_NAME, "--name", PLANES_NAME, "--bits", "2", "--scales", "row")
+        run_cli("compress", ft_dir, "--base", BASE_NAME, "--name", LOSSLESS_NAME, "--lossless")
         run_cli("show", names[modes[0]])
         run_cli("ls")
         run_cli("du")
         sizes = {mode: delta_sizes(names[mode]) for mode in modes}
         planes_bytes = json.loads(run_cli("show", PLANES_NAME, "--json", capture=True))["bytes_by_bits"]
+        lossless_bytes = delta_sizes(LOSSLESS_NAME)["stored_bytes"]
 
     with stage(f"4/6 deltahub: materialize as {args.dtype}"):
         for mode in modes:
@@ -232,6 +235,9 @@ def main(argv=None) -> int:
         kept = (ppl_b - r["ppl"]) / (ppl_b - ppl_f) if ppl_b != ppl_f else float("nan")
         print(f"{f'delta, {b} plane(s), row scales':<34} {human(size):>10} {ft_fp16 / size:>8.1f}x "
               f"{r['ppl']:>13.2f} {kept:>10.0%}")
+    ft_own = sum(p.stat().st_size for p in ft_dir.glob("*.safetensors"))
+    print(f"{'delta, lossless (bit-exact)':<34} {human(lossless_bytes):>10} {ft_own / lossless_bytes:>8.1f}x "
+          f"{ppl_f:>13.2f} {'100%':>10}   (x: vs the fine-tune's own {human(ft_own)} safetensors)")
     print(f"(fp16 size of the fine-tune from its safetensors headers: {ft_fp16:,} bytes; "
           f"deltahub's fp16_bytes: {sizes[modes[0]]['fp16_bytes']:,})")
     print(f"held-out: {args.eval_tokens} tokens of {', '.join(prepare.HELDOUT_PLAYS)} "

@@ -42,6 +42,17 @@ def _modules() -> list[Module]:
 MODULES = _modules()
 
 
+def _from_target(mod: Module, node: ast.ImportFrom) -> str:
+    """The module ``from ... import`` names, relative imports resolved against ``mod``'s package."""
+    if not node.level:
+        return node.module or ""
+    base = mod.package.split(".")
+    if node.level > 1:
+        base = base[: -(node.level - 1)]
+    prefix = ".".join(base)
+    return f"{prefix}.{node.module}" if node.module else prefix
+
+
 def _imports(mod: Module) -> set[str]:
     """Every module name ``mod`` imports (relative imports resolved), anywhere in the file."""
     found: set[str] = set()
@@ -49,14 +60,7 @@ def _imports(mod: Module) -> set[str]:
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = mod.package.split(".")
-                if node.level > 1:
-                    base = base[: -(node.level - 1)]
-                prefix = ".".join(base)
-                target = f"{prefix}.{node.module}" if node.module else prefix
-            else:
-                target = node.module or ""
+            target = _from_target(mod, node)
             found.add(target)
             for alias in node.names:  # `from deltahub import store` imports deltahub.store
                 found.add(f"{target}.{alias.name}")
@@ -229,14 +233,7 @@ def _import_edges(mod: Module, known: set[str], module_level: bool) -> set[str]:
     def targets(node: ast.Import | ast.ImportFrom) -> set[str]:
         if isinstance(node, ast.Import):
             return {alias.name for alias in node.names}
-        if node.level:
-            base = mod.package.split(".")
-            if node.level > 1:
-                base = base[: -(node.level - 1)]
-            prefix = ".".join(base)
-            target = f"{prefix}.{node.module}" if node.module else prefix
-        else:
-            target = node.module or ""
+        target = _from_target(mod, node)
         return {f"{target}.{a.name}" if f"{target}.{a.name}" in known else target for a in node.names}
 
     def visit(node: ast.AST) -> None:

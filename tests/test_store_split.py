@@ -281,16 +281,20 @@ def test_materialize_refuses_a_writer_that_changes_the_order(store, model_dirs, 
 
 def test_named_inputs_checks_every_name_and_the_end():
     from deltahub.ops.materialize import NamedInputs
+    from deltahub.ops.reconstruct import Inputs
 
-    inputs = NamedInputs(["a", "b"], iter([1, 2]))
-    assert inputs.take("a") == 1
+    def read(*names):
+        return iter([Inputs(n, {}, None) for n in names])
+
+    inputs = NamedInputs(read("a", "b"))
+    assert inputs.take("a").name == "a"
     with pytest.raises(DeltaHubError, match="writing tensor 'c' but the next tensor read is 'b'"):
         inputs.take("c")
-    short = NamedInputs(["a"], iter([1]))
-    assert short.take("a") == 1
+    short = NamedInputs(read("a"))
+    assert short.take("a").name == "a"
     with pytest.raises(DeltaHubError, match="next tensor read is None"):
         short.take("b")
-    left = NamedInputs(["a", "b"], iter([1, 2]))
+    left = NamedInputs(read("a", "b"))
     left.take("a")
     with pytest.raises(DeltaHubError, match="'b' was read but never written"):
         left.finish()

@@ -46,6 +46,7 @@ __all__ = [
     "TenantDeltas",
     "TensorCodec",
     "DenseDeltaOperator",
+    "as_output",
 ]
 
 JSONValue = Any
@@ -204,6 +205,15 @@ class TensorCodec:
 
     def __repr__(self) -> str:
         return f"<codec {self.name} v{self.version}>"
+
+
+def as_output(t: Tensor, out_dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
+    """``t`` in ``out_dtype``: copied into ``out`` when given (the conversion rounds like ``.to()``),
+    else a new tensor (inputs may be read-only views of memory-mapped objects)."""
+    if out is not None:
+        out.copy_(t)
+        return out
+    return t.to(out_dtype) if t.dtype != out_dtype else t.clone()
 
 
 class DeltaOperator(nn.Module):

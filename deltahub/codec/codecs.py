@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["Codec", "CODEC_VERSIONS", "CodecError"]
+__all__ = ["Codec", "CODEC_VERSIONS", "CodecError", "HintedError"]
 
 
 class Codec(str, enum.Enum):
@@ -43,11 +43,10 @@ CODEC_VERSIONS: dict[Codec, int] = {
 """Format version of each codec; bumped whenever a codec's stored layout changes."""
 
 
-class CodecError(ValueError):
-    """Bad input to a codec: shape mismatch, non-finite values, bad packed shape or dtype,
-    or an unknown packing layout. Like every deltahub error (``deltahub.errors``, the kernels' and the
-    runtime's), it has a ``message`` (what happened) and a ``hint`` (what to do next); this package
-    imports nothing of deltahub, so it is a ``ValueError`` of its own, mapped by the CLI's table."""
+class HintedError(Exception):
+    """``message`` (what happened) and ``hint`` (what to do next), like every deltahub error. The
+    layers that import nothing of ``deltahub.errors`` (this package, and the runtime above it) build
+    their errors on it; the CLI's table maps them."""
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
@@ -56,6 +55,11 @@ class CodecError(ValueError):
 
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class CodecError(HintedError, ValueError):
+    """Bad input to a codec: shape mismatch, non-finite values, bad packed shape or dtype,
+    or an unknown packing layout."""
 
 
 class NonFiniteDeltaError(CodecError):

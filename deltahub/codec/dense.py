@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Encoded, JSONValue, PartSpec, TensorCodec
+from .base import Encoded, JSONValue, PartSpec, TensorCodec, as_output
 from .codecs import CodecError
 
 __all__ = ["DenseCodec"]
@@ -39,7 +39,4 @@ class DenseCodec(TensorCodec):
         t = parts.get("tensor")
         if t is None:
             raise CodecError("codec dense needs its part 'tensor'")
-        if out is not None:
-            out.copy_(t)  # the dtype conversion rounds exactly like .to()
-            return out
-        return t.to(out_dtype) if t.dtype != out_dtype else t.clone()
+        return as_output(t, out_dtype, out)

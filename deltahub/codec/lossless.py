@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Encoded, JSONValue, PartSpec, TensorCodec
+from .base import Encoded, JSONValue, PartSpec, TensorCodec, as_output
 from .codecs import CodecError
 
 __all__ = ["LosslessCodec", "BITS_VIEW"]
@@ -72,7 +72,4 @@ class LosslessCodec(TensorCodec):
         stacked = torch.stack([parts[f"byte{j}"] for j in range(width)], dim=-1).contiguous()
         ints = BITS_VIEW[base.dtype]
         exact = (stacked.view(ints).reshape(base.shape) ^ base.contiguous().view(ints)).view(base.dtype)
-        if out is not None:
-            out.copy_(exact)
-            return out
-        return exact.to(out_dtype) if exact.dtype != out_dtype else exact
+        return as_output(exact, out_dtype, out)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Encoded, JSONValue, PartSpec, TensorCodec
+from .base import Encoded, JSONValue, PartSpec, TensorCodec, as_output
 from .codecs import CodecError
 
 __all__ = ["SameCodec"]
@@ -37,7 +37,4 @@ class SameCodec(TensorCodec):
                out_dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
         if base is None:
             raise CodecError("codec same needs the base tensor")
-        if out is not None:
-            out.copy_(base)  # the dtype conversion rounds exactly like .to()
-            return out
-        return base.to(out_dtype) if base.dtype != out_dtype else base.clone()
+        return as_output(base, out_dtype, out)

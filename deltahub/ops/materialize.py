@@ -153,7 +153,7 @@ def write_checkpoint(
         target.parent.mkdir(parents=True, exist_ok=True)
         write_file(target, config if rel == "config.json" and config is not None else source.file_bytes(rel))
         files.append(rel)
-    inputs = NamedInputs((spec.name for spec in specs), source.iter_inputs(specs))
+    inputs = NamedInputs(source.iter_inputs(specs))
     with progress_bar(sum(spec.nbytes for spec in specs), desc, unit="B", unit_scale=True) as bar:
         files += write_sharded(
             out,
@@ -167,19 +167,21 @@ def write_checkpoint(
 
 
 class NamedInputs:
-    """Read inputs, each under the name of the tensor it was read for.
+    """Read inputs (:class:`~deltahub.ops.reconstruct.Inputs`, each carrying the name of the tensor
+    it was read for), handed out by name.
 
     The shard writer asks for the tensor it is about to write, by name, and gets that tensor's
     inputs or an error: never another tensor's. Tensors of equal shape (q/k/v projections) would
     otherwise be swapped silently if the writer's order ever differed from the order read.
     """
 
-    def __init__(self, names: Iterable[str], inputs: Iterable) -> None:
-        self._pairs = zip(names, inputs)
+    def __init__(self, inputs: Iterable) -> None:
+        self._inputs = iter(inputs)
 
     def take(self, name: str):
         """The inputs read for tensor ``name``, which must be the next one read."""
-        read_name, inputs = next(self._pairs, (None, None))
+        inputs = next(self._inputs, None)
+        read_name = inputs.name if inputs is not None else None
         if read_name != name:
             raise DeltaHubError(
                 f"internal error: writing tensor {name!r} but the next tensor read is {read_name!r}",
@@ -189,10 +191,10 @@ class NamedInputs:
 
     def finish(self) -> None:
         """Raise unless every tensor read was taken."""
-        left = next(self._pairs, None)
+        left = next(self._inputs, None)
         if left is not None:
             raise DeltaHubError(
-                f"internal error: tensor {left[0]!r} was read but never written",
+                f"internal error: tensor {left.name!r} was read but never written",
                 "report this as a bug in deltahub",
             )
 

@@ -27,16 +27,6 @@ from deltahub.ops.prefetch import prefetched
 logger = logging.getLogger(__name__)
 
 
-def stored_planes(manifest: Manifest) -> int:
-    """The most planes any tensor of ``manifest`` stores (1 for a ``sign1`` delta, 0 for a base)."""
-    return manifest.stored_planes()
-
-
-def at_bits(manifest: Manifest, bits: int, name: str = "the model") -> Manifest:
-    """``manifest`` cut to its first ``bits`` planes (:meth:`Manifest.at_bits`)."""
-    return manifest.at_bits(bits, name)
-
-
 @dataclass
 class Inputs:
     """What one tensor is rebuilt from: its stored parts and (codecs that use it) the base tensor.
@@ -59,13 +49,13 @@ class ModelSource:
     @classmethod
     def open(cls, ctx: StoreContext, name: str, verify: bool = True, bits: int | None = None) -> ModelSource:
         """``name`` resolved (with its base). ``bits``: read only the first ``bits`` planes of every
-        progressive tensor (:func:`at_bits`)."""
+        progressive tensor (:meth:`Manifest.at_bits`)."""
         resolved = ctx.resolve(name)
         base = None
         if resolved.manifest.kind is ModelKind.DELTA:
             _base_id, base = ctx.base_of(resolved.manifest)
         if bits is not None:
-            resolved = Resolved(resolved.name, resolved.manifest_id, at_bits(resolved.manifest, bits, resolved.name))
+            resolved = Resolved(resolved.name, resolved.manifest_id, resolved.manifest.at_bits(bits, resolved.name))
         return cls(ctx, resolved, base, verify)
 
     @property

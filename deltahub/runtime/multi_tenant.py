@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltahub.codec import DeltaOperator, TenantDeltas
-from deltahub.codec.codecs import CodecError
+from deltahub.codec.codecs import CodecError, HintedError
 from deltahub.runtime.backend import Backend, choose_backend
 from deltahub.runtime.patch import is_conv1d, module_owners, set_module
 
@@ -54,17 +54,8 @@ BASE = -1
 """The tenant id of rows that use the base model."""
 
 
-class TenantError(ValueError):
-    """The batch's tenant ids are missing, out of range, or do not match the input's rows.
-    ``message`` and ``hint`` as every deltahub error."""
-
-    def __init__(self, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
-
-    def __str__(self) -> str:
-        return f"{self.message} ({self.hint})" if self.hint else self.message
+class TenantError(HintedError, ValueError):
+    """The batch's tenant ids are missing, out of range, or do not match the input's rows."""
 
 
 @dataclass

@@ -418,11 +418,14 @@ def compress(
     """
     options = _calibration(**calib) if calibrate_ else None
     planes = {k: v for k, v in (("planes", bits), ("scales", scales), ("group_size", group_size)) if v is not None}
-    if lossless and (planes or codec != defaults.DEFAULT_CODEC):
+    explicit = ctx.get_parameter_source("codec") is not click.core.ParameterSource.DEFAULT
+    if lossless and (planes or explicit):
         raise click.UsageError("--lossless stores the exact fine-tune: it takes no --codec, --bits, --scales or --group-size")
     if lossless:
         codec = defaults.LOSSLESS_CODEC
-    if planes and codec == defaults.DEFAULT_CODEC:
+    if planes and explicit and codec != defaults.PLANES_CODEC:
+        raise click.UsageError(f"--bits, --scales and --group-size set codec {defaults.PLANES_CODEC}, not {codec}")
+    if planes:
         codec = defaults.PLANES_CODEC
     result = _store(ctx).compress(
         src, base=base, name=name, embeddings=embeddings, force=force, calibrate=calibrate_, calibration=options,

@@ -227,3 +227,54 @@ def test_pull_bits_fetches_only_the_first_planes(filled, model_dirs, tmp_path, h
         assert b.verify().ok
     finally:
         b.close()
+
+
+# ------------------------------------------------------------------ hostile try-out findings
+def test_a_planes_tensor_must_be_floating_and_verify_checks_part_sizes(filled, model_dirs):
+    filled.compress(model_dirs["llama"]["ft"], base="base", name="g", codec="planes",
+                    codec_options={"planes": 2, "scales": "group", "group_size": 32})
+    raw = json.loads(filled._ctx.objects.read(filled.show("g")["manifest_id"]))
+    name = next(n for n, s in raw["tensors"].items() if s["codec"] == "planes")
+    int8 = json.loads(json.dumps(raw))
+    int8["tensors"][name]["dtype"] = "int8"
+    with pytest.raises(Exception, match="must be floating point"):
+        parse_manifest(json.dumps(int8).encode())
+    wider = json.loads(json.dumps(raw))
+    wider["tensors"][name]["params"]["group_size"] = 64  # parses, but the scale parts are too big
+    man = parse_manifest(json.dumps(wider, sort_keys=True, separators=(",", ":")).encode())
+    from deltahub.store import Compression
+
+    ctx = filled._ctx
+    with ctx.writing():
+        info = ctx.put(man.to_bytes(), Compression.AUTO)
+        ctx.register(man, info, {}, [], "tampered", force=False)
+    report = filled.verify()
+    assert [(p["kind"], p["subject"]) for p in report.problems] == [("bad-manifest", info.sha256)] * 2
+    assert "holds" in report.problems[0]["detail"] and "layout needs" in report.problems[0]["detail"]
+
+
+def test_group_size_zero_is_refused_not_defaulted(filled, model_dirs):
+    with pytest.raises(InputError, match="group_size must be a multiple"):
+        filled.compress(model_dirs["llama"]["ft"], base="base", name="x", codec="planes",
+                        codec_options={"planes": 2, "scales": "group", "group_size": 0})
+
+
+def test_cli_refuses_an_explicit_other_codec_with_plane_options(filled, model_dirs):
+    from click.testing import CliRunner
+
+    from deltahub.cli import cli
+
+    home = str(filled._ctx.home)
+    for extra, match in ((["--codec", "sign1", "--bits", "2"], "set codec planes, not sign1"),
+                         (["--codec", "sign1", "--lossless"], "takes no --codec")):
+        r = CliRunner().invoke(cli, ["--home", home, "compress", str(model_dirs["llama"]["ft"]), "--base", "base",
+                                     "--name", "x", *extra])
+        assert r.exit_code == 2 and match in r.output, r.output
+    assert [m["name"] for m in filled.list()] == ["base"]
+
+
+def test_pull_bits_below_one_is_refused_before_any_request(filled, hub_server):
+    n = len(hub_server.requests)
+    with pytest.raises(InputError, match="1 or more"):
+        filled.pull(f"{FAKE_USER}/whatever", bits=0)
+    assert len(hub_server.requests) == n

@@ -43,7 +43,7 @@ class LosslessCodec(TensorCodec):
 
     def check_params(self, params: Mapping[str, JSONValue], shape: tuple[int, ...]) -> dict[str, JSONValue]:
         width = params.get("width")
-        if set(params) != {"width"} or width not in (2, 4) or isinstance(width, bool):
+        if set(params) != {"width"} or not isinstance(width, int) or isinstance(width, bool) or width not in (2, 4):
             raise CodecError(f"lossless takes one parameter, width 2 or 4, got {dict(params)}")
         return {"width": width}
 

@@ -116,6 +116,8 @@ class PlanesCodec(TensorCodec):
         return tuple(f"signs{i}" for i in range(k)) + tuple(f"scales{i}" for i in range(k))
 
     def part_specs(self, shape: tuple[int, ...], dtype: torch.dtype, params: Mapping[str, JSONValue]) -> dict[str, PartSpec]:
+        if not dtype.is_floating_point:
+            raise CodecError(f"a planes tensor must be floating point, not {dtype}")
         n, k = shape
         out = {}
         for i in range(int(params["planes"])):  # type: ignore[arg-type]
@@ -131,7 +133,8 @@ class PlanesCodec(TensorCodec):
             raise CodecError(f"codec planes has no option {unknown[0]!r} (it takes planes, scales, group_size)")
         params: dict[str, Any] = {"planes": options.get("planes", DEFAULT_PLANES), "scales": options.get("scales", DEFAULT_SCALES)}
         if params["scales"] == "group":
-            params["group_size"] = options.get("group_size") or DEFAULT_GROUP_SIZE
+            size = options.get("group_size")
+            params["group_size"] = DEFAULT_GROUP_SIZE if size is None else size
         elif options.get("group_size") is not None:
             raise CodecError("group_size goes with scales='group' only")
         return params

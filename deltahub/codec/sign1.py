@@ -527,6 +527,8 @@ class Sign1Codec(TensorCodec):
 
     def part_specs(self, shape: tuple[int, ...], dtype: torch.dtype,
                    params: Mapping[str, JSONValue]) -> dict[str, PartSpec]:
+        if not dtype.is_floating_point:
+            raise CodecError(f"a sign1 tensor must be floating point, not {dtype}")
         return {"signs": PartSpec(torch.int32, packed_shape(*shape))}
 
     def decode(self, base: torch.Tensor | None, parts: Mapping[str, torch.Tensor], params: Mapping[str, JSONValue],

@@ -135,6 +135,8 @@ def pull(ctx: StoreContext, repo: str, name: str | None = None, force: bool = Fa
     except ValueError as exc:
         raise InputError(str(exc), "use REPO_ID[@REVISION]") from None
     local = validate_name(name if name is not None else default_pull_name(repo_id))
+    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or bits < 1):
+        raise InputError(f"--bits must be a whole number of planes, 1 or more, got {bits!r}", "use --bits 1, 2, ...")
     revision = revision or "main"  # explicit: some mirrors (olah) only resolve /revision/<rev>
     offline = offline_mode()
 

@@ -117,6 +117,34 @@ def alembic_config(connection: Connection | None = None) -> Config:
     return config
 
 
+#: How long a connect-time pragma retries while another connection holds the lock it needs.
+_PRAGMA_BUSY_SECONDS = 30.0
+
+
+def _execute_pragma(cursor: sqlite3.Cursor, pragma: str) -> None:
+    """Run one connect-time pragma, retrying while the database is locked.
+
+    Switching a brand-new database to WAL needs an exclusive lock, and SQLite answers "database is
+    locked" at once, without calling the busy handler, when another process is switching it or
+    creating the schema at that moment (two ``deltahub add`` into a new store). The pragma is
+    retried for up to :data:`_PRAGMA_BUSY_SECONDS`, the same patience as ``busy_timeout``.
+    """
+    deadline = time.monotonic() + _PRAGMA_BUSY_SECONDS
+    delay = 0.005
+    while True:
+        try:
+            cursor.execute(pragma)
+            return
+        except sqlite3.OperationalError as exc:
+            text = str(exc).lower()
+            locked = "database is locked" in text or "database is busy" in text
+            if not locked or time.monotonic() >= deadline:
+                raise
+            logger.debug("%s: the database is locked; retrying", pragma)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+
 def _install_sqlite_listeners(engine: Engine) -> None:
     """Set the pragmas on connect and let SQLAlchemy, not pysqlite, emit ``BEGIN``.
 
@@ -131,7 +159,7 @@ def _install_sqlite_listeners(engine: Engine) -> None:
         cursor = dbapi_connection.cursor()
         try:
             for pragma in _CONNECT_PRAGMAS:
-                cursor.execute(pragma)
+                _execute_pragma(cursor, pragma)
                 if pragma.startswith("PRAGMA journal_mode"):
                     mode = cursor.fetchone()
                     if not mode or str(mode[0]).lower() != "wal":

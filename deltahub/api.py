@@ -71,6 +71,13 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'deltahub.api' has no attribute {name!r}")
 
 
+def _size_arg(size: int | str | None) -> int | None:
+    """A ``max_size`` argument in bytes: an int, or a string such as ``"40MB"`` / ``"1.5GiB"``."""
+    if size is None or isinstance(size, int):
+        return size
+    return parse_size(size)
+
+
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
@@ -137,6 +144,8 @@ class Store:
         allow_nonfinite: bool = False,
         codec: str = defaults.DEFAULT_CODEC,
         codec_options: dict[str, Any] | None = None,
+        avg_bits: float | None = None,
+        max_size: int | str | None = None,
     ) -> CompressResult:
         """Store the fine-tune at ``src`` as a delta against stored base ``base``; its matrices use
         ``codec`` (any registered codec that stores a delta, :mod:`deltahub.codec.registry`) with
@@ -153,13 +162,31 @@ class Store:
         NaN/Inf in any floating tensor of the fine-tune (or in a delta) is refused unless
         ``allow_nonfinite=True``: then dense tensors keep them as they are and a matrix whose delta is
         not finite is stored dense instead of sign1.
+
+        A size budget, ``avg_bits`` (bits per parameter of the model) or ``max_size`` (bytes of
+        tensor data), gives each matrix the planes (codec ``planes``, at most
+        ``codec_options["planes"]``, default 4) that lose the least of the model's output on
+        ``calibration``'s text (default: the bundled corpus) and fit; any smaller budget is then a
+        prefix of the stored delta (:meth:`materialize`/:meth:`pull`/:func:`load_model` ``max_size``).
         """
+        budget = sensitivity = None
+        if avg_bits is not None or max_size is not None:
+            from deltahub.ops.budget import DEFAULT_MAX_PLANES, Budget, SensitivityOptions
+            from deltahub.ops.calibrate import CalibrationOptions
+
+            opts = dict(codec_options or {})
+            budget = Budget(avg_bits=avg_bits, max_bytes=_size_arg(max_size), max_planes=opts.pop("planes", DEFAULT_MAX_PLANES))
+            codec_options = opts
+            cal = calibration or CalibrationOptions()
+            sensitivity = SensitivityOptions(data=cal.data, samples=cal.samples, seq_len=cal.seq_len,
+                                             batch_size=cal.batch_size, device=cal.device, seed=cal.seed)
         if calibrate:
             from deltahub.ops.calibrate import compress_and_calibrate
 
             result, cal = compress_and_calibrate(
                 self._ctx, src, base, name, embeddings=embeddings, force=force, options=calibration,
-                allow_nonfinite=allow_nonfinite, codec=codec, codec_options=codec_options,
+                allow_nonfinite=allow_nonfinite, codec=codec, codec_options=codec_options, budget=budget,
+                sensitivity=sensitivity,
             )
             result.calibration = cal
             return result
@@ -167,7 +194,7 @@ class Store:
 
         return compress_finetune(
             self._ctx, src, base, name, embeddings=embeddings, force=force, allow_nonfinite=allow_nonfinite,
-            codec=codec, codec_options=codec_options,
+            codec=codec, codec_options=codec_options, budget=budget, sensitivity=sensitivity,
         )
 
     def calibrate(
@@ -208,14 +235,16 @@ class Store:
         force: bool = False,
         max_shard_size: str | int = defaults.DEFAULT_MAX_SHARD_BYTES,
         bits: int | None = None,
+        max_size: int | str | None = None,
     ) -> MaterializeResult:
         """Write ``name`` as an ordinary Hugging Face checkpoint into ``out_dir``. ``bits``: from the
-        first ``bits`` sign planes of each tensor only (a ``planes`` delta at a coarser size)."""
+        first ``bits`` sign planes of each tensor only (a ``planes`` delta at a coarser size);
+        ``max_size`` (bytes, or ``"40MB"``): from the best prefix of its planes whose tensor data fits."""
         from deltahub.ops.materialize import materialize
 
         return materialize(
             self._ctx, name, Path(out_dir), dtype=dtype, force=force, max_shard_bytes=parse_size(max_shard_size),
-            bits=bits,
+            bits=bits, max_size=_size_arg(max_size),
         )
 
     def push(
@@ -250,7 +279,8 @@ class Store:
             with_base=with_base,
         )
 
-    def pull(self, repo: str, name: str | None = None, force: bool = False, bits: int | None = None) -> PullResult:
+    def pull(self, repo: str, name: str | None = None, force: bool = False, bits: int | None = None,
+             max_size: int | str | None = None) -> PullResult:
         """Fetch the delta in Hub repo ``repo`` (``"REPO_ID[@REVISION]"``), verify every byte and store it.
 
         The revision is pinned to its commit id first. A base the store lacks is added from the Hub
@@ -261,7 +291,7 @@ class Store:
         """
         from deltahub.ops.pull import pull
 
-        return pull(self._ctx, repo, name=name, force=force, bits=bits)
+        return pull(self._ctx, repo, name=name, force=force, bits=bits, max_size=_size_arg(max_size))
 
     def list(self) -> list[dict[str, Any]]:
         from deltahub.ops.manage import list_models
@@ -301,13 +331,15 @@ class Store:
         mode: str = defaults.DEFAULT_LOAD_MODE,
         trainable_scales: bool = False,
         bits: int | None = None,
+        max_size: int | str | None = None,
     ) -> Any:
         """A transformers model for ``name``. ``mode="delta"`` keeps the deltas packed and applies
-        them at inference (``DeltaLinear``); ``trainable_scales`` makes their scales trainable."""
+        them at inference (``DeltaLinear``); ``trainable_scales`` makes their scales trainable.
+        ``bits`` / ``max_size`` (bytes, or ``"40MB"``): from a prefix of its planes only."""
         from deltahub.ops.load import load_model
 
         return load_model(self._ctx, name, dtype=dtype, device=device, mode=mode, trainable_scales=trainable_scales,
-                          bits=bits)
+                          bits=bits, max_size=_size_arg(max_size))
 
     def load_tokenizer(self, name: str) -> Any:
         from deltahub.ops.load import load_tokenizer
@@ -350,13 +382,15 @@ def load_model(
     mode: str = defaults.DEFAULT_LOAD_MODE,
     trainable_scales: bool = False,
     bits: int | None = None,
+    max_size: int | str | None = None,
 ) -> Any:
     """A transformers model for stored model ``name``, built without writing a checkpoint.
 
-    ``mode="delta"``: the base's weights plus the packed deltas, applied at inference."""
+    ``mode="delta"``: the base's weights plus the packed deltas, applied at inference. ``bits`` /
+    ``max_size`` (bytes, or ``"40MB"``): from a prefix of its planes only (a smaller delta)."""
     with Store(home) as store:
         return store.load_model(name, dtype=dtype, device=device, mode=mode, trainable_scales=trainable_scales,
-                                bits=bits)
+                                bits=bits, max_size=max_size)
 
 
 def load_tokenizer(name: str, home: str | Path | None = None) -> Any:

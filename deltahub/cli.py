@@ -191,6 +191,16 @@ def _store(ctx: click.Context) -> api.Store:
     return obj["store"]
 
 
+def _max_size(value: str | None) -> int | None:
+    """``--max-size`` in bytes (``40MB``, ``1.5GiB``, ``123456``), or None."""
+    if value is None:
+        return None
+    try:
+        return api.parse_size(value)
+    except InvalidSizeError as exc:
+        raise click.BadParameter(str(exc), param_hint="--max-size") from None
+
+
 def _shard_size(value: str) -> int:
     try:
         return api.parse_size(value)
@@ -376,6 +386,12 @@ def _calibration_text(cal: Any) -> str:
 @click.option("--scales", type=click.Choice(defaults.SCALE_GRANULARITIES), default=None,
               help="Scale granularity of each plane (codec planes): one per matrix, per output row, or per group of --group-size columns.")
 @click.option("--group-size", type=int, default=None, help="Columns per scale with --scales group (a multiple of 32; default 128).")
+@click.option("--avg-bits", type=float, default=None,
+              help="Size budget in bits per parameter of the model (e.g. 1.5): each matrix gets the sign planes "
+              "(up to --bits, default 4) that lose the least of the model's output on the --calib-data text; "
+              "smaller budgets are then prefixes of the stored delta (materialize/pull --max-size).")
+@click.option("--max-size", "max_size", default=None, metavar="SIZE",
+              help="Size budget in bytes of tensor data (e.g. 40MB), as --avg-bits.")
 @click.option("--lossless", is_flag=True,
               help="Store the exact fine-tune (bit for bit) as a delta: XOR with the base, bytes split by significance, zstd (--codec lossless).")
 @click.option("--force", is_flag=True, help="Re-point NAME if it already exists.")
@@ -399,6 +415,8 @@ def compress(
     bits: int | None,
     scales: str | None,
     group_size: int | None,
+    avg_bits: float | None,
+    max_size: str | None,
     lossless: bool,
     force: bool,
     calibrate_: bool,
@@ -427,9 +445,17 @@ def compress(
         raise click.UsageError(f"--bits, --scales and --group-size set codec {defaults.PLANES_CODEC}, not {codec}")
     if planes:
         codec = defaults.PLANES_CODEC
+    budgeted = avg_bits is not None or max_size is not None
+    if avg_bits is not None and max_size is not None:
+        raise click.UsageError("--avg-bits and --max-size are two ways to give one budget: give one")
+    if budgeted and lossless:
+        raise click.UsageError("--lossless stores the exact fine-tune: it takes no size budget")
+    if budgeted and options is None:
+        options = _calibration(**calib)  # the text the sensitivity is measured on
     result = _store(ctx).compress(
         src, base=base, name=name, embeddings=embeddings, force=force, calibrate=calibrate_, calibration=options,
         allow_nonfinite=allow_nonfinite, codec=codec, codec_options=planes or None,
+        avg_bits=avg_bits, max_size=_max_size(max_size),
     )
     data = dict(result.__dict__, ratio=result.ratio)
     codecs = ", ".join(f"{n} {c}" for c, n in sorted(result.codecs.items()))
@@ -545,11 +571,14 @@ def eval_(
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it is not empty.")
 @click.option("--bits", type=int, default=None,
               help="Rebuild from the first BITS sign planes of each matrix only (a delta stored with --bits K ≥ BITS).")
+@click.option("--max-size", "max_size", default=None, metavar="SIZE",
+              help="Rebuild from the best prefix of the stored planes whose tensor data fits SIZE (e.g. 30MB; "
+              "a delta compressed with --avg-bits/--max-size stores the order planes pay in).")
 @json_option
 @click.pass_context
 def materialize(
     ctx: click.Context, name: str, out_dir: Path, dtype: str | None, max_shard_size: str, force: bool,
-    bits: int | None, as_json: bool
+    bits: int | None, max_size: str | None, as_json: bool
 ) -> None:
     """Write stored model NAME as an ordinary Hugging Face checkpoint in OUT_DIR.
 
@@ -557,7 +586,8 @@ def materialize(
     renamed at the end; the same store content always gives the same bytes.
     """
     shard = _shard_size(max_shard_size)
-    result = _store(ctx).materialize(name, out_dir, dtype=dtype, force=force, max_shard_size=shard, bits=bits)
+    result = _store(ctx).materialize(name, out_dir, dtype=dtype, force=force, max_shard_size=shard, bits=bits,
+                                     max_size=_max_size(max_size))
     data = {
         "name": result.name,
         "out_dir": str(result.out_dir),
@@ -647,9 +677,13 @@ def push(
 @click.option("--force", is_flag=True, help="Re-point NAME if it already names another model.")
 @click.option("--bits", type=int, default=None,
               help="Fetch only the first BITS sign planes of each matrix (a delta pushed with --bits K ≥ BITS).")
+@click.option("--max-size", "max_size", default=None, metavar="SIZE",
+              help="Fetch only the best prefix of the planes whose tensor data fits SIZE (e.g. 30MB), ending at a "
+              "file boundary of the repo (no file is fetched for a plane that is not kept).")
 @json_option
 @click.pass_context
-def pull(ctx: click.Context, repo: str, name: str | None, force: bool, bits: int | None, as_json: bool) -> None:
+def pull(ctx: click.Context, repo: str, name: str | None, force: bool, bits: int | None, max_size: str | None,
+         as_json: bool) -> None:
     """Fetch the delta in Hub repo REPO_ID (at REVISION: a branch, tag or commit id) into the store.
 
     The revision is pinned to a commit id, every file and tensor is checked against deltahub.json
@@ -657,7 +691,7 @@ def pull(ctx: click.Context, repo: str, name: str | None, force: bool, bits: int
     deltahub.json names (and must match the recorded base tensors). Pulling a delta the store
     already holds downloads only deltahub.json. Uses your Hugging Face login (HF_TOKEN, HF_ENDPOINT).
     """
-    result = _store(ctx).pull(repo, name=name, force=force, bits=bits)
+    result = _store(ctx).pull(repo, name=name, force=force, bits=bits, max_size=_max_size(max_size))
     data = {
         k: getattr(result, k)
         for k in ("repo_id", "revision", "commit", "name", "manifest_id", "already_stored", "downloaded", "bytes")
@@ -739,6 +773,9 @@ def show(ctx: click.Context, name: str, tensors: bool, as_json: bool) -> None:
     if ev is not None:
         lines.append(f"evaluation:  {ev['created_at'][:19]}")
         lines.extend("  " + line for line in _eval_lines(ev))
+    alloc = info.get("allocation")
+    if alloc is not None:
+        lines.extend(_allocation_lines(alloc))
     if tensors:
         lines.append(
             f"{'TENSOR':<52} {'CODEC':<6} {'SCALE':>10} {'INITIAL':>10} {'|dW|/|W|':>9} {'ERR':>7}"
@@ -750,6 +787,20 @@ def show(ctx: click.Context, name: str, tensors: bool, as_json: bool) -> None:
             err = f"{t['rel_recon_error']:.3f}" if t["rel_recon_error"] is not None else "-"
             lines.append(f"{t['name']:<52} {t['codec']:<6} {scale:>10} {initial:>10} {norm:>9} {err:>7}")
     _emit(info, as_json, "\n".join(lines))
+
+
+def _allocation_lines(alloc: dict[str, Any]) -> list[str]:
+    """``show``'s planes per matrix, one line per layer (``q_proj 2  k_proj 1 ...``)."""
+    how = "chosen by sensitivity for a budget" if alloc["ordered"] else "uniform"
+    lines = [
+        f"planes:      {sum(alloc['planes'].values())} over {len(alloc['planes'])} matrices ({how}); tensor data "
+        f"{_human(alloc['tensor_bytes'])} = {alloc['avg_bits']:.3f} bits/param (--max-size down to "
+        f"{_human(alloc['min_tensor_bytes'])} = {alloc['min_avg_bits']:.3f})"
+    ]
+    for entry in alloc["by_layer"]:
+        parts = "  ".join(f"{(rest.rpartition('.')[2] or rest) or '-'} {k}" for rest, k in entry["planes"].items())
+        lines.append(f"  {entry['layer']:<28} {parts}")
+    return lines
 
 
 @cli.command()

@@ -15,7 +15,8 @@ A manifest is stored as an object; its id is the sha256 of its canonical bytes
         "hub": {"repo_id": str, "revision": str} | null,
         "tensors": {"<name>": "<sha256 of the base tensor's bytes>", ...}
       },
-      "packing": {...}                 # deltas only: deltahub.codec.PackingLayout.to_json()
+      "packing": {...},                # deltas only: deltahub.codec.PackingLayout.to_json()
+      "plane_order": [["<name>", plane], ...]   # v2, optional: deltas compressed to a size budget
     }
 
 A **v2** tensor record names its codec (any codec of :mod:`deltahub.codec.registry`), the codec's
@@ -170,11 +171,18 @@ class Manifest:
     format_version: int | None = None
     """``None`` (new manifests): written in the lowest version that holds them; a parsed manifest
     keeps the version it was read in, so it writes back as the same bytes."""
+    plane_order: list[tuple[str, int]] | None = None
+    """v2, progressive deltas compressed to a size budget: the order in which planes are worth
+    adding, ``(tensor, plane)`` for every stored plane ≥ 1 (plane 0 of every tensor always comes
+    first). Any prefix of it is the best delta of its size (:meth:`at_size`). ``None``: the implicit
+    order of :meth:`order` (plane 1 of every tensor, then plane 2, ...)."""
 
     def version(self) -> int:
         """The format version this manifest is written in."""
         if self.format_version is not None:
             return self.format_version
+        if self.plane_order is not None:
+            return MANIFEST_VERSION
         return 1 if all(rec.fits_v1() for rec in self.tensors.values()) else MANIFEST_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -195,6 +203,10 @@ class Manifest:
             assert self.base is not None and self.packing is not None
             out["base"] = self.base.to_json()
             out["packing"] = self.packing.to_json()
+        if self.plane_order is not None:
+            if version < 2:
+                raise ValueError("a plane order needs manifest v2")
+            out["plane_order"] = [[tname, plane] for tname, plane in self.plane_order]
         return out
 
     def to_bytes(self) -> bytes:
@@ -209,6 +221,102 @@ class Manifest:
     def stored_planes(self) -> int:
         """The most planes any tensor stores (1 for a ``sign1`` delta, 0 for a base)."""
         return max((rec.impl.planes(rec.params) for rec in self.tensors.values() if rec.impl.stores_delta), default=0)
+
+    def planes_of(self) -> dict[str, int]:
+        """Tensor → planes stored, for the tensors of a progressive codec."""
+        return {n: rec.impl.planes(rec.params) for n, rec in self.tensors.items() if rec.impl.progressive and rec.parts}
+
+    def order(self) -> list[tuple[str, int]]:
+        """The order in which planes ≥ 1 are added: the stored :attr:`plane_order`, else plane 1 of
+        every progressive tensor (by name), then plane 2, and so on."""
+        if self.plane_order is not None:
+            return list(self.plane_order)
+        planes = self.planes_of()
+        return [(n, p) for p in range(1, max(planes.values(), default=0)) for n in sorted(planes) if planes[n] > p]
+
+    def tensor_nbytes(self) -> int:
+        """Bytes of the tensors' parts (before the store's zstd): what a pull fetches for them, and
+        what ``--max-size`` / ``--avg-bits`` count. Carried files and the manifest are not counted."""
+        return sum(rec.impl.stored_nbytes(rec.shape, dtype_from_name(rec.dtype), rec.params) for rec in self.tensors.values())
+
+    def prefix_sizes(self) -> list[int]:
+        """``sizes[m]``: :meth:`tensor_nbytes` of the delta made of plane 0 of every progressive
+        tensor plus the first ``m`` entries of :meth:`order` (``m`` = 0 … ``len(order)``)."""
+        planes = self.planes_of()
+        one = self._cut({n: 1 for n in planes})
+        sizes = [one.tensor_nbytes()]
+        have = dict.fromkeys(planes, 1)
+        for tname, plane in self.order():
+            rec = self.tensors[tname]
+            dtype = dtype_from_name(rec.dtype)
+            before = rec.impl.stored_nbytes(rec.shape, dtype, rec.impl.prefix(rec.params, rec.parts, have[tname])[0])
+            have[tname] = plane + 1
+            after = rec.impl.stored_nbytes(rec.shape, dtype, rec.impl.prefix(rec.params, rec.parts, plane + 1)[0])
+            sizes.append(sizes[-1] + after - before)
+        return sizes
+
+    def at_size(self, max_bytes: int, name: str = "the model") -> Manifest:
+        """The longest prefix of :meth:`order` whose :meth:`tensor_nbytes` is at most ``max_bytes``:
+        for a delta compressed to a budget, the best delta of that size its stored artifact holds.
+
+        Raises:
+            InputError: ``max_bytes`` is below the smallest delta (one plane per tensor).
+        """
+        return self.at_order_prefix(self.fit_order(max_bytes, name))
+
+    def fit_order(self, max_bytes: int, name: str = "the model") -> int:
+        """How many entries of :meth:`order` the largest prefix within ``max_bytes`` holds.
+
+        Raises:
+            InputError: ``max_bytes`` is not a positive int or is below the smallest delta.
+        """
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+            raise InputError(f"--max-size must be a positive number of bytes, got {max_bytes!r}", "use e.g. --max-size 40MB")
+        if self.kind is not ModelKind.DELTA:
+            raise InputError(f"{name} is a base model: --max-size applies to deltas only", "drop --max-size")
+        sizes = self.prefix_sizes()
+        if max_bytes < sizes[0]:
+            raise InputError(
+                f"{name} needs at least {sizes[0]} bytes of tensor data (one plane per matrix), so --max-size "
+                f"{max_bytes} is too small",
+                f"use --max-size {sizes[0]} or more (all it stores: {sizes[-1]})",
+            )
+        return max(i for i, size in enumerate(sizes) if size <= max_bytes)
+
+    def at_order_prefix(self, m: int) -> Manifest:
+        """This manifest with plane 0 of every progressive tensor and the first ``m`` entries of
+        :meth:`order`."""
+        counts = dict.fromkeys(self.planes_of(), 1)
+        for tname, _plane in self.order()[:m]:
+            counts[tname] += 1
+        return self._cut(counts)
+
+    def _cut(self, counts: dict[str, int]) -> Manifest:
+        """Progressive tensors cut to ``counts[name]`` planes; the plane order keeps what remains."""
+        tensors = {}
+        for tname, rec in self.tensors.items():
+            if tname in counts:
+                params, parts = rec.impl.prefix(rec.params, rec.parts, counts[tname])
+                rec = dataclasses.replace(rec, params=params, parts=parts)
+            tensors[tname] = rec
+        order = None
+        if self.plane_order is not None:
+            order = [(n, p) for n, p in self.plane_order if p < counts.get(n, 0)]
+        return dataclasses.replace(self, tensors=tensors, plane_order=order)
+
+    def select(self, bits: int | None = None, max_size: int | None = None, name: str = "the model") -> Manifest:
+        """:meth:`at_bits` (``bits``) or :meth:`at_size` (``max_size``), or this manifest for neither.
+
+        Raises:
+            InputError: both given, or the one given does not fit what is stored.
+        """
+        if bits is not None and max_size is not None:
+            raise InputError("--bits and --max-size both choose the planes to read: give one", "drop one of them")
+        if bits is not None:
+            return self.at_bits(bits, name)
+        if max_size is not None:
+            return self.at_size(max_size, name)
+        return self
 
     def at_bits(self, bits: int, name: str = "the model") -> Manifest:
         """This manifest with every progressive tensor cut to its first ``bits`` planes: a coarser,
@@ -225,11 +333,7 @@ class Manifest:
                 f"{name} stores at most {most} plane(s) per tensor, so --bits {bits} asks for planes it does not have",
                 f"use --bits 1..{most}" if most else "--bits applies to deltas only",
             )
-        tensors = {}
-        for tname, rec in self.tensors.items():
-            params, parts = rec.impl.prefix(rec.params, rec.parts, bits)
-            tensors[tname] = dataclasses.replace(rec, params=params, parts=parts)
-        return dataclasses.replace(self, tensors=tensors)
+        return self._cut({n: min(bits, k) for n, k in self.planes_of().items()})
 
     def object_ids(self) -> dict[str, str]:
         """Every object the manifest references (object id -> role: 'tensor' or 'file')."""
@@ -273,6 +377,31 @@ def _carried_file(name: str) -> str:
     if name != CONFIG_FILE and name not in AUX_FILES:
         raise _corrupt(f"file {safe_relpath(name)!r} is not one deltahub carries")
     return name
+
+
+def _plane_order(raw: Any, tensors: dict[str, TensorRecord]) -> list[tuple[str, int]]:
+    """A stored plane order: ``[tensor, plane]`` pairs naming every stored plane ≥ 1 of every
+    progressive tensor exactly once, each tensor's planes in increasing order."""
+    if not isinstance(raw, list):
+        raise _corrupt("plane_order is not a list")
+    order: list[tuple[str, int]] = []
+    seen: dict[str, int] = {}
+    for entry in raw:
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+                and isinstance(entry[1], int) and not isinstance(entry[1], bool)):
+            raise _corrupt("plane_order entries must be [tensor, plane] pairs")
+        tname, plane = entry
+        rec = tensors.get(tname)
+        if rec is None or not rec.impl.progressive:
+            raise _corrupt(f"plane_order names {tname[:80]!r}, not a progressive tensor of the manifest")
+        if plane != seen.get(tname, 0) + 1 or plane >= rec.impl.planes(rec.params):
+            raise _corrupt(f"plane_order gives tensor {tname!r} plane {plane} out of order or beyond what it stores")
+        seen[tname] = plane
+        order.append((tname, plane))
+    for tname, rec in tensors.items():
+        if rec.impl.progressive and rec.parts and seen.get(tname, 0) != rec.impl.planes(rec.params) - 1:
+            raise _corrupt(f"plane_order leaves out planes of tensor {tname!r}")
+    return order
 
 
 def _tensor_record(name: str, spec: Any, version: int) -> TensorRecord:
@@ -380,6 +509,11 @@ def parse_manifest(data: bytes | bytearray, strict_names: bool = False) -> Manif
                 packing = PackingLayout.from_json(obj["packing"])
             except CodecError as exc:
                 raise UnsupportedFormatError(f"unsupported sign packing layout: {exc}", "upgrade deltahub") from None
+        plane_order = None
+        if "plane_order" in obj:
+            if version < 2:
+                raise _corrupt("plane_order needs format version 2")
+            plane_order = _plane_order(obj["plane_order"], tensors)
         architectures = model.get("architectures") or []
         if not (isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)):
             raise _corrupt("model.architectures is not a list of strings")
@@ -393,6 +527,7 @@ def parse_manifest(data: bytes | bytearray, strict_names: bool = False) -> Manif
             base=base,
             packing=packing,
             format_version=version,
+            plane_order=plane_order,
         )
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         if isinstance(exc, (UnsupportedFormatError, CorruptObjectError)):

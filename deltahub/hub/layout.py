@@ -126,26 +126,52 @@ def stored_tensors(manifest: Manifest) -> list[StoredTensor]:
     return sorted(out, key=lambda t: t.name)
 
 
+#: A delta compressed to a budget (a stored plane order) starts a new file after about this share
+#: of the bytes of its further planes, so ``pull --max-size`` can stop at a file boundary close to
+#: any budget without fetching a plane it does not keep.
+ORDER_CHUNKS = 32
+
+
 def plan_layout(manifest: Manifest, max_shard_bytes: int) -> HubLayout:
     """Deterministic: stored parts by plane, then name; a new shard when the next part would pass
     the limit, and at every plane boundary, so the parts of the first ``k`` planes of progressive
     codecs lie in a prefix of the files (``pull --bits k`` fetches only those). Without progressive
-    codecs every part is plane 0: tensors in name order, as Hub format v1 always was."""
+    codecs every part is plane 0: tensors in name order, as Hub format v1 always was.
+
+    A delta with a stored plane order (compressed to a budget) lays its planes ≥ 1 out in that order
+    instead, a new file after every ``1/ORDER_CHUNKS`` of their bytes: every prefix of the order that
+    ends at a file boundary is a prefix of the files (``pull --max-size``)."""
     if manifest.kind is not ModelKind.DELTA:
         raise ValueError("only deltas have a Hub layout (yet)")
 
     def plane(t: StoredTensor) -> int:
         return manifest.tensors[t.tensor].impl.part_plane(t.part)
 
+    rank: dict[tuple[str, int], int] = {}
+    chunk = 0
+    if manifest.plane_order is not None:
+        rank = {entry: i + 1 for i, entry in enumerate(manifest.plane_order)}
+        later = sum(t.spec.nbytes for t in stored_tensors(manifest) if plane(t) > 0)
+        chunk = max(1, -(-later // ORDER_CHUNKS))
+
+    def key(t: StoredTensor) -> tuple[int, str]:
+        p = plane(t)
+        return (rank.get((t.tensor, p), 0) if p and rank else p, t.name)
+
     groups: list[list[StoredTensor]] = []
     size = 0
     current = 0
-    for t in sorted(stored_tensors(manifest), key=lambda t: (plane(t), t.name)):
+    for t in sorted(stored_tensors(manifest), key=key):
         nbytes = t.spec.nbytes
-        if not groups or (groups[-1] and (size + nbytes > max_shard_bytes or plane(t) != current)):
+        group = key(t)[0]
+        if rank:  # a budget's order: a boundary after plane 0, then every `chunk` bytes
+            boundary = (group > 0) != (current > 0) or (group > 0 and size >= chunk and group != current)
+        else:
+            boundary = group != current
+        if not groups or (groups[-1] and (size + nbytes > max_shard_bytes or boundary)):
             groups.append([])
             size = 0
-        current = plane(t)
+        current = group
         groups[-1].append(t)
         size += nbytes
     if not groups:
@@ -197,6 +223,7 @@ def hub_manifest(
         "tensors": tensors,
         "base": {"manifest": manifest.base.manifest, "hub": hub, "tensors": dict(sorted(manifest.base.tensors.items()))},
         "packing": manifest.packing.to_json(),
+        **({"plane_order": [[t, p] for t, p in manifest.plane_order]} if manifest.plane_order is not None else {}),
     }
 
 
@@ -327,6 +354,8 @@ def parse_hub_manifest(data: bytes) -> HubManifest:
             "base": base,
             "packing": obj["packing"],
         }
+        if "plane_order" in obj:
+            store_obj["plane_order"] = obj["plane_order"]
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise _hub_corrupt(f"missing or malformed field ({exc!r})") from None
     try:

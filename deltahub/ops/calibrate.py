@@ -470,6 +470,8 @@ def compress_and_calibrate(
     allow_nonfinite: bool = False,
     codec: str = defaults.DEFAULT_CODEC,
     codec_options: dict[str, Any] | None = None,
+    budget: Any = None,
+    sensitivity: Any = None,
 ) -> tuple[Any, CalibrateResult]:
     """``compress --calibrate``: compress ``src`` against ``base_name``, then calibrate with ``src``
     as the teacher. The calibration input is checked (tokenized with the fine-tune's tokenizer) before
@@ -491,7 +493,7 @@ def compress_and_calibrate(
     load_samples(options.data, tokenizer, options.samples, options.seq_len, "calibration", options.seed)
     compressed = compress_finetune(
         ctx, src, base_name, name, embeddings=embeddings, force=force, allow_nonfinite=allow_nonfinite, codec=codec,
-        codec_options=codec_options
+        codec_options=codec_options, budget=budget, sensitivity=sensitivity,
     )
     if hub is not None:
         compressed.hub_repo_id, compressed.hub_revision = hub

@@ -22,7 +22,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -36,12 +36,16 @@ from deltahub.formats.manifest import BaseRef, Manifest, ModelKind, TensorRecord
 from deltahub.formats.paths import validate_name
 from deltahub.formats.safetensors_io import dtype_from_name, dtype_name, tensor_bytes
 from deltahub.hub.source import resolve_source
+from deltahub.ops.budget import Budget, SensitivityOptions, allocate, budget_codec, measure_finetune
 from deltahub.ops.context import Resolved, StoreContext, TensorStat, fp16_bytes
 from deltahub.ops.files import store_files
 from deltahub.ops.finite import ALLOW_HINT, check_finite, nonfinite_summary
 from deltahub.ops.prefetch import prefetched
 from deltahub.progress import progress_bar
 from deltahub.store import Compression, ObjectInfo
+
+if TYPE_CHECKING:
+    from deltahub.calibrate.sensitivity import Sensitivity
 
 logger = logging.getLogger(__name__)
 
@@ -235,6 +239,37 @@ def _check_encoded(impl: TensorCodec, tname: str, enc: Encoded, shape: tuple[int
             raise bad(f"part {part!r} as {got}, expected {want.dtype} {list(want.shape)}")
 
 
+def _encode_tensor(planned: TensorCodec, tname: str, tensor: torch.Tensor, base_t: torch.Tensor | None,
+                   allow_nonfinite: bool, options: dict[str, Any] | None) -> tuple[TensorCodec, Encoded]:
+    """The codec tensor ``tname`` is stored with and what it encodes to: ``same`` when bit-identical
+    to the base, else ``planned`` (with ``options``), else ``dense``; checked (:func:`_check_encoded`)."""
+    shape = tuple(tensor.shape)
+    chosen: TensorCodec = planned
+    enc = None
+    if base_t is not None and _bit_identical(tensor, base_t):
+        if not allow_nonfinite:
+            check_finite(tensor, tname, "the fine-tune")
+        chosen = codecs.SAME
+        enc = chosen.encode(base_t, tensor)
+    elif planned.uses_base:
+        assert base_t is not None
+        if not allow_nonfinite and not planned.checks_finite:
+            check_finite(tensor, tname, "the fine-tune")  # the one NaN/Inf rule, for every codec
+        enc = _encode_delta(planned, tname, base_t, tensor, allow_nonfinite, options)
+        if enc is None:  # a matrix whose delta is not finite (allowed): stored dense
+            chosen = codecs.DENSE
+    if enc is None:
+        if chosen is planned and not allow_nonfinite:
+            check_finite(tensor, tname, "the fine-tune")
+        chosen = codecs.DENSE
+        enc = chosen.encode(None, tensor)
+        if base_t is not None and tensor.is_floating_point() and base_t.is_floating_point():
+            norm = _rel_norm(tensor, base_t)
+            enc.rel_delta_norm = norm if norm is not None and math.isfinite(norm) else None
+    _check_encoded(chosen, tname, enc, shape, tensor.dtype)
+    return chosen, enc
+
+
 def compress_finetune(
     ctx: StoreContext,
     src: Path | str,
@@ -246,8 +281,15 @@ def compress_finetune(
     allow_nonfinite: bool = False,
     codec: str = defaults.DEFAULT_CODEC,
     codec_options: dict[str, Any] | None = None,
+    budget: Budget | None = None,
+    sensitivity: SensitivityOptions | None = None,
 ) -> CompressResult:
     """Compress the checkpoint at ``src`` against stored base ``base_name`` and name it ``name``.
+
+    ``budget``: choose the planes of each matrix (codec ``planes``, at most ``budget.max_planes``)
+    by its measured sensitivity so that the delta's tensor data fits the budget
+    (:mod:`deltahub.ops.budget`), measured on ``sensitivity``'s calibration text; the order in which
+    further planes pay is stored, so any smaller budget is a prefix of the result.
 
     ``src`` that is no local path but a Hub ``REPO_ID[@REVISION]`` is fetched from the Hub like
     ``add`` does (:func:`deltahub.hub.source.resolve_source`: pinned to its commit, no pickles,
@@ -257,14 +299,21 @@ def compress_finetune(
     ``allow_nonfinite`` (:mod:`deltahub.ops.finite`); a refusal mid-way leaves the store unchanged.
     """
     embeddings = EmbeddingsMode(embeddings)
+    if budget is not None:
+        budget.check()
+        codec, codec_options = budget_codec(codec, codec_options, budget)
     matrix, options = matrix_codec(codec, codec_options)
     validate_name(name)
     source = resolve_source(src)  # a Hub checkpoint is downloaded here, outside the writer lock
     src, hub = source.path, source.hub
+    weights = None
+    if budget is not None:  # slow (a forward and backward pass per batch): outside the writer lock
+        weights = measure_finetune(ctx, Path(src), base_name, sensitivity or SensitivityOptions())
     # The writer lock is taken before the base is resolved, so gc cannot remove the base's objects
     # between the lookup and the reads (gc waits for writers).
     with ctx.writing():
-        result = _compress_locked(ctx, Path(src), base_name, name, embeddings, force, verify_base, allow_nonfinite, matrix, options)
+        result = _compress_locked(ctx, Path(src), base_name, name, embeddings, force, verify_base, allow_nonfinite, matrix,
+                                  options, budget, weights)
     if hub is not None:
         result.hub_repo_id, result.hub_revision = hub
     return result
@@ -281,6 +330,8 @@ def _compress_locked(
     allow_nonfinite: bool = False,
     matrix: TensorCodec | None = None,
     options: dict[str, Any] | None = None,
+    budget: Budget | None = None,
+    weights: dict[str, Sensitivity] | None = None,
 ) -> CompressResult:
     base = ctx.resolve(base_name)
     if base.manifest.kind is not ModelKind.BASE:
@@ -314,35 +365,29 @@ def _compress_locked(
             base_bytes = math.prod(brec.shape) * dtype_from_name(brec.dtype).itemsize if brec else 0
             return ft.tensors[tname][1].nbytes + base_bytes
 
+        tensor_planes: dict[str, int] = {}
+        plane_order: list[tuple[str, int]] | None = None
+        if budget is not None:
+            assert matrix is not None
+            bar.set_description(f"measure {name}")
+            tensor_planes, plane_order = allocate(
+                ft, plan, matrix, options or {}, budget, weights or {},
+                prefetched(list(plan), load, size=input_bytes),
+                lambda planned, tname, tensor, base_t, opts: _encode_tensor(planned, tname, tensor, base_t, allow_nonfinite, opts),
+                bar,
+            )
+            bar.reset(ft.total_bytes())
+            bar.set_description(f"compress {name}")
         for tname, (tensor, base_t) in prefetched(list(plan), load, size=input_bytes):
             planned = plan[tname]
             shape = tuple(tensor.shape)
             dtype = dtype_name(tensor.dtype)
             brec = bman.tensors.get(tname)
             stat = TensorStat(tname, planned.name, dtype, shape, 0)
-            chosen: TensorCodec = planned
-            enc = None
-            if base_t is not None and _bit_identical(tensor, base_t):
-                if not allow_nonfinite:
-                    check_finite(tensor, tname, "the fine-tune")
-                chosen = codecs.SAME
-                enc = chosen.encode(base_t, tensor)
-            elif planned.uses_base:
-                assert base_t is not None
-                if not allow_nonfinite and not planned.checks_finite:
-                    check_finite(tensor, tname, "the fine-tune")  # the one NaN/Inf rule, for every codec
-                enc = _encode_delta(planned, tname, base_t, tensor, allow_nonfinite, options if planned is matrix else None)
-                if enc is None:  # a matrix whose delta is not finite (allowed): stored dense
-                    chosen = codecs.DENSE
-            if enc is None:
-                if chosen is planned and not allow_nonfinite:
-                    check_finite(tensor, tname, "the fine-tune")
-                chosen = codecs.DENSE
-                enc = chosen.encode(None, tensor)
-                if base_t is not None and tensor.is_floating_point() and base_t.is_floating_point():
-                    norm = _rel_norm(tensor, base_t)
-                    enc.rel_delta_norm = norm if norm is not None and math.isfinite(norm) else None
-            _check_encoded(chosen, tname, enc, shape, tensor.dtype)
+            tensor_options = None
+            if planned is matrix:
+                tensor_options = {**(options or {}), "planes": tensor_planes[tname]} if tname in tensor_planes else options
+            chosen, enc = _encode_tensor(planned, tname, tensor, base_t, allow_nonfinite, tensor_options)
             parts: dict[str, str] = {}
             for part in sorted(enc.parts):
                 info = ctx.put(tensor_bytes(enc.parts[part]), Compression.AUTO if chosen.compressible else Compression.NONE)
@@ -373,6 +418,7 @@ def _compress_locked(
             tensors=used_base,
         ),
         packing=PACKING_V1,
+        plane_order=plane_order,
     )
     manifest_info = ctx.put(manifest.to_bytes(), Compression.AUTO)
     result.manifest_id = ctx.register(manifest, manifest_info, objects, stats, name, force)

@@ -69,9 +69,11 @@ def load_model(
     mode: str | LoadMode = LoadMode.MATERIALIZE,
     trainable_scales: bool = False,
     bits: int | None = None,
+    max_size: int | None = None,
 ) -> Any:
     """Build the transformers model for ``name`` straight from the store (``bits``: from the first
-    ``bits`` planes of each progressive tensor only).
+    ``bits`` planes of each progressive tensor only; ``max_size``: from the best prefix of the stored
+    plane order whose tensor data fits that many bytes).
 
     ``mode="materialize"``: tensors are rebuilt one at a time into the state dict handed to
     ``from_pretrained``; no checkpoint is written.
@@ -90,7 +92,7 @@ delta-mode model is frozen. A base model loads normally.
     mode = parse_mode(mode)
     out_dtype = parse_output_dtype(dtype)
     with ctx.reading():  # gc waits until every object is read
-        source = ModelSource.open(ctx, name, verify=verify, bits=bits)
+        source = ModelSource.open(ctx, name, verify=verify, bits=bits, max_size=max_size)
         out_dtype = out_dtype or source.default_dtype()
         if mode is LoadMode.DELTA and source.base is not None:
             model = _load_delta_mode(source, name, out_dtype, trainable_scales)

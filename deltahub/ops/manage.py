@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -108,6 +110,9 @@ def _show_model(ctx: StoreContext, name: str, tensors: bool) -> dict[str, Any]:
             k: sum(ctx.objects.info(oid).stored_size for oid in resolved.manifest.at_bits(k).object_ids())
             for k in range(1, planes + 1)
         }
+    allocation = planes_allocation(resolved.manifest)
+    if allocation is not None:
+        summary["allocation"] = allocation
     if tensors:
         summary["tensors"] = [
             {
@@ -124,6 +129,36 @@ def _show_model(ctx: StoreContext, name: str, tensors: bool) -> dict[str, Any]:
             for st in stats
         ]
     return summary
+
+
+_LAYER_RE = re.compile(r"^(.*?\.\d+)\.(.+)$")
+
+
+def planes_allocation(manifest: Any) -> dict[str, Any] | None:
+    """For a delta with progressive tensors: the planes each got, grouped by layer, whether a plane
+    order is stored (compressed to a budget) and the tensor data of the smallest and the whole
+    delta (bytes and bits per parameter), the range ``--max-size`` picks from. ``None`` otherwise."""
+    planes = manifest.planes_of()
+    if not planes:
+        return None
+    by_layer: dict[str, dict[str, int]] = {}
+    for tname in sorted(planes):
+        short = tname.removesuffix(".weight")
+        match = _LAYER_RE.match(short)
+        layer, rest = (match.group(1), match.group(2)) if match else (short, "")
+        by_layer.setdefault(layer, {})[rest] = planes[tname]
+    sizes = manifest.prefix_sizes()
+    n_params = sum(rec.numel for rec in manifest.tensors.values())
+    return {
+        "ordered": manifest.plane_order is not None,
+        "planes": dict(sorted(planes.items())),
+        "by_layer": [{"layer": layer, "planes": tensors} for layer, tensors in by_layer.items()],
+        "tensor_bytes": sizes[-1],
+        "min_tensor_bytes": sizes[0],
+        "avg_bits": 8 * sizes[-1] / max(1, n_params),
+        "min_avg_bits": 8 * sizes[0] / max(1, n_params),
+        "further_planes": len(sizes) - 1,
+    }
 
 
 def disk_usage(ctx: StoreContext) -> dict[str, Any]:

@@ -208,10 +208,12 @@ def materialize(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     verify: bool = True,
     bits: int | None = None,
+    max_size: int | None = None,
 ) -> MaterializeResult:
     """Write model ``name`` to ``out_dir`` as safetensors shards + config + tokenizer files.
     ``bits``: rebuild from the first ``bits`` planes of each progressive tensor only (a coarser model
-    from the same stored artifact; the other planes are not read)."""
+    from the same stored artifact; the other planes are not read). ``max_size``: from the best prefix
+    of the stored plane order whose tensor data fits that many bytes (:meth:`Manifest.at_size`)."""
     out_dir = Path(os.path.abspath(out_dir))
     out_dtype = parse_output_dtype(dtype)
     home = ctx.home.resolve()
@@ -228,7 +230,7 @@ def materialize(
             f"{out_dir} is not empty", "choose an empty or new directory, or pass --force to replace it"
         )
     with ctx.reading():  # gc waits until every object is read
-        return _materialize(ctx, name, out_dir, out_dtype, force, max_shard_bytes, verify, bits)
+        return _materialize(ctx, name, out_dir, out_dtype, force, max_shard_bytes, verify, bits, max_size)
 
 
 def _materialize(
@@ -240,8 +242,9 @@ def _materialize(
     max_shard_bytes: int,
     verify: bool,
     bits: int | None = None,
+    max_size: int | None = None,
 ) -> MaterializeResult:
-    source = ModelSource.open(ctx, name, verify=verify, bits=bits)
+    source = ModelSource.open(ctx, name, verify=verify, bits=bits, max_size=max_size)
     specs = source.specs(out_dtype)  # None: every tensor keeps its stored dtype
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(out_dir)

@@ -42,6 +42,7 @@ from deltahub.formats.checkpoint import carried_file_problem
 from deltahub.formats.paths import validate_name
 from deltahub.formats.safetensors_io import SafetensorsReader, dtype_from_name, tensor_bytes
 from deltahub.hub.cache import cached_commit, is_commit_id, write_ref
+from deltahub.formats.manifest import Manifest
 from deltahub.hub.layout import (
     HUB_MANIFEST_FILE,
     HubManifest,
@@ -124,12 +125,15 @@ def _check_base(ctx: StoreContext, repo_id: str, hub: HubManifest, reserved: str
     return fetched
 
 
-def pull(ctx: StoreContext, repo: str, name: str | None = None, force: bool = False, bits: int | None = None) -> PullResult:
+def pull(ctx: StoreContext, repo: str, name: str | None = None, force: bool = False, bits: int | None = None,
+         max_size: int | None = None) -> PullResult:
     """Pull the delta in Hub repo ``repo`` (``REPO_ID[@REVISION]``) into the store as ``name``.
 
     ``bits``: fetch and store only the first ``bits`` planes of each progressive tensor (a coarser
-    delta; the Hub layout puts later planes in later files, which are not downloaded). ``name`` then
-    points at that prefix's own manifest."""
+    delta; the Hub layout puts later planes in later files, which are not downloaded). ``max_size``:
+    the longest prefix of the delta's plane order whose tensor data fits that many bytes and ends at
+    a file boundary of the repo (:func:`prefix_on_file_boundary`), so no plane is fetched that is not
+    kept. ``name`` then points at that prefix's own manifest."""
     try:
         repo_id, revision = parse_base_repo(repo)
     except ValueError as exc:
@@ -171,8 +175,10 @@ def pull(ctx: StoreContext, repo: str, name: str | None = None, force: bool = Fa
     if not offline:
         write_ref(repo_id, revision, commit)  # a later offline pull/add of the branch finds it
     manifest, manifest_id = hub.manifest, hub.manifest_id
-    if bits is not None:
-        manifest = manifest.at_bits(bits, f"{repo_id}@{revision}")
+    if bits is not None or max_size is not None:
+        manifest = manifest.select(bits, max_size, f"{repo_id}@{revision}")
+        if max_size is not None:
+            manifest = prefix_on_file_boundary(hub, max_size, f"{repo_id}@{revision}")
         manifest_id = manifest.manifest_id()
     needed = set(manifest.object_ids())
     tensors = [t for t in hub.tensors if t.stored.object in needed]
@@ -244,6 +250,32 @@ def pull(ctx: StoreContext, repo: str, name: str | None = None, force: bool = Fa
         ctx.register(manifest, manifest_info, objects, stats, local, force)
     logger.info("pulled %s as %s (manifest %s)", at, local, manifest_id[:12])
     return result
+
+
+def prefix_on_file_boundary(hub: HubManifest, max_size: int, name: str) -> Manifest:
+    """The longest prefix of ``hub``'s plane order that fits ``max_size`` bytes of tensor data
+    (:meth:`Manifest.at_size`) and whose files hold no part it leaves out: every file it needs is
+    fetched whole, and holds nothing but parts it keeps.
+
+    Raises:
+        InputError: ``max_size`` is below the smallest delta.
+    """
+    full = hub.manifest
+    best = m = full.fit_order(max_size, name)
+    file_of = {t.stored.object: t.file for t in hub.tensors}
+    parts_in: dict[str, set[str]] = {}
+    for t in hub.tensors:
+        parts_in.setdefault(t.file, set()).add(t.stored.object)
+    while True:
+        candidate = full.at_order_prefix(m)
+        needed = set(candidate.object_ids())
+        files = {file_of[oid] for oid in needed if oid in file_of}
+        if m == 0 or all(parts_in[f] <= needed for f in files):
+            if m < best:
+                logger.info("--max-size %d: %d of %d further planes (the last file boundary that fits; %d would fit)",
+                            max_size, m, len(full.order()), best)
+            return candidate
+        m -= 1
 
 
 def fetch_base_for_pull(ctx: StoreContext, delta_repo: str, base_manifest: str, base_repo_id: str,

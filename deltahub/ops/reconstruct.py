@@ -47,15 +47,18 @@ class ModelSource:
     verify: bool = True
 
     @classmethod
-    def open(cls, ctx: StoreContext, name: str, verify: bool = True, bits: int | None = None) -> ModelSource:
+    def open(cls, ctx: StoreContext, name: str, verify: bool = True, bits: int | None = None,
+             max_size: int | None = None) -> ModelSource:
         """``name`` resolved (with its base). ``bits``: read only the first ``bits`` planes of every
-        progressive tensor (:meth:`Manifest.at_bits`)."""
+        progressive tensor (:meth:`Manifest.at_bits`); ``max_size``: the best prefix of the stored
+        plane order whose tensor data fits that many bytes (:meth:`Manifest.at_size`)."""
         resolved = ctx.resolve(name)
         base = None
         if resolved.manifest.kind is ModelKind.DELTA:
             _base_id, base = ctx.base_of(resolved.manifest)
-        if bits is not None:
-            resolved = Resolved(resolved.name, resolved.manifest_id, resolved.manifest.at_bits(bits, resolved.name))
+        if bits is not None or max_size is not None:
+            resolved = Resolved(resolved.name, resolved.manifest_id,
+                                resolved.manifest.select(bits, max_size, resolved.name))
         return cls(ctx, resolved, base, verify)
 
     @property

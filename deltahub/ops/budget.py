@@ -1,0 +1,301 @@
+"""Size budgets: how many planes each tensor of a progressive delta gets (``compress --avg-bits`` /
+``--max-size``).
+
+A budget is a number of bytes of tensor data (:meth:`Manifest.tensor_nbytes`: the parts before the
+store's zstd, what a pull fetches for them). ``--avg-bits B`` is ``B`` bits for every parameter of the
+model (``B · n_params / 8`` bytes), dense and shared tensors included.
+
+Allocation. Every progressive tensor (codec ``planes``) first gets one plane; every other tensor costs
+what its codec stores. For each progressive tensor ``t`` and plane count ``j`` the compressor measures
+``D_t(j)``, the Fisher-weighted error of ``t`` with ``j`` planes (:mod:`deltahub.calibrate.sensitivity`:
+how much that error moves the model's output on calibration data). :func:`plane_order` then orders
+every further plane by the error it removes per byte, greedily over the lower convex hull of each
+tensor's curve (so a plane that pays only with the next one is taken with it). The stored delta is the
+longest prefix of that order that fits the budget, and the order is stored with it
+(:attr:`Manifest.plane_order`): any smaller budget is a prefix, served from the same artifact.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import statistics
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from deltahub import defaults
+from deltahub.errors import InputError
+
+if TYPE_CHECKING:
+    from deltahub.calibrate.sensitivity import Sensitivity
+    from deltahub.codec import Encoded, TensorCodec
+    from deltahub.formats.checkpoint import Checkpoint
+    from deltahub.ops.context import StoreContext
+
+__all__ = [
+    "Budget",
+    "DEFAULT_MAX_PLANES",
+    "SensitivityOptions",
+    "allocate",
+    "budget_codec",
+    "fit_prefix",
+    "measure_finetune",
+    "plane_order",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Planes a tensor may get under a budget when ``--bits`` does not say (the issue measures 1–4).
+DEFAULT_MAX_PLANES = 4
+
+
+@dataclass(frozen=True)
+class Budget:
+    """``avg_bits`` (bits per parameter of the model) or ``max_bytes`` (tensor data), exactly one;
+    ``max_planes``: the most planes any tensor may get."""
+
+    avg_bits: float | None = None
+    max_bytes: int | None = None
+    max_planes: int = DEFAULT_MAX_PLANES
+
+    def check(self) -> None:
+        if (self.avg_bits is None) == (self.max_bytes is None):
+            raise InputError("give exactly one of --avg-bits and --max-size", "e.g. --avg-bits 1.5 or --max-size 40MB")
+        if self.avg_bits is not None:
+            bits = self.avg_bits
+            if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not math.isfinite(bits) or bits <= 0:
+                raise InputError(f"--avg-bits must be a positive number of bits per weight, got {bits!r}", "e.g. --avg-bits 1.5")
+        if self.max_bytes is not None:
+            size = self.max_bytes
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise InputError(f"--max-size must be a positive number of bytes, got {size!r}", "e.g. --max-size 40MB")
+        if isinstance(self.max_planes, bool) or not isinstance(self.max_planes, int) or not 1 <= self.max_planes <= 8:
+            raise InputError(f"the planes per tensor of a budget must be 1..8, got {self.max_planes!r}", "use --bits 1..8")
+
+    def bytes_for(self, n_params: int) -> int:
+        """The budget in bytes of tensor data for a model of ``n_params`` parameters."""
+        if self.max_bytes is not None:
+            return self.max_bytes
+        assert self.avg_bits is not None
+        return int(math.floor(self.avg_bits * n_params / 8))
+
+    def describe(self) -> str:
+        return f"--avg-bits {self.avg_bits:g}" if self.avg_bits is not None else f"--max-size {self.max_bytes}"
+
+
+def plane_order(errors: Mapping[str, Sequence[float]], costs: Mapping[str, Sequence[int]]) -> list[tuple[str, int]]:
+    """The order in which to add planes ≥ 1: ``(tensor, plane)`` pairs, each tensor's in increasing order.
+
+    ``errors[t][j]``: the tensor's weighted error with ``j + 1`` planes (``j`` = 0 … k−1);
+    ``costs[t][j]``: the bytes plane ``j`` adds (``costs[t][0]`` is not used). Greedy on error removed
+    per byte: from a tensor's current count ``c`` the candidate is the run of planes ``c … c+r−1``
+    with the best average ratio (the next vertex of the lower convex hull of its curve), emitted
+    together. Ties go to the tensor name, so the order is deterministic.
+    """
+    have = {t: 1 for t in errors}
+
+    def best_run(t: str) -> tuple[float, int] | None:
+        e, c = errors[t], costs[t]
+        j = have[t]
+        if j >= len(e):
+            return None
+        best: tuple[float, int] | None = None
+        spent = 0
+        for r in range(1, len(e) - j + 1):
+            spent += max(1, int(c[j + r - 1]))
+            ratio = (e[j - 1] - e[j + r - 1]) / spent
+            if best is None or ratio > best[0]:
+                best = (ratio, r)
+        return best
+
+    heap: list[tuple[float, str, int]] = []
+    for t in sorted(errors):
+        run = best_run(t)
+        if run is not None:
+            heapq.heappush(heap, (-run[0], t, run[1]))
+    order: list[tuple[str, int]] = []
+    while heap:
+        _neg, t, r = heapq.heappop(heap)
+        for _ in range(r):
+            order.append((t, have[t]))
+            have[t] += 1
+        run = best_run(t)
+        if run is not None:
+            heapq.heappush(heap, (-run[0], t, run[1]))
+    return order
+
+
+def fit_prefix(fixed: int, order: Sequence[tuple[str, int]], costs: Mapping[str, Sequence[int]], budget: int,
+               n_params: int | None = None) -> int:
+    """How many entries of ``order`` fit in ``budget`` bytes on top of ``fixed`` (a prefix: the first
+    plane that does not fit ends it).
+
+    Raises:
+        InputError: ``fixed`` (one plane per tensor, everything else as stored) exceeds the budget.
+    """
+    if fixed > budget:
+        bits = f" ({8 * fixed / n_params:.3f} bits per weight)" if n_params else ""
+        raise InputError(
+            f"the budget is {budget} bytes but the smallest delta (one plane per matrix, the other tensors "
+            f"as stored) needs {fixed}{bits}; nothing was stored",
+            f"raise the budget to at least --max-size {fixed}"
+            + (f" or --avg-bits {math.ceil(8000 * fixed / n_params) / 1000:g}" if n_params else ""),
+        )
+    total, m = fixed, 0
+    for t, plane in order:
+        if total + costs[t][plane] > budget:
+            break
+        total += costs[t][plane]
+        m += 1
+    return m
+
+
+@dataclass
+class SensitivityOptions:
+    """Where and how the sensitivity of a budgeted compress is measured: ``samples`` sequences of
+    ``seq_len`` tokens of ``data`` (``None``: the bundled corpus), as ``calibrate`` reads them."""
+
+    data: Path | None = None
+    samples: int = defaults.CALIB_SAMPLES
+    seq_len: int = defaults.CALIB_SEQ_LEN
+    batch_size: int = defaults.CALIB_BATCH_SIZE
+    device: str = defaults.DEFAULT_DEVICE
+    seed: int = defaults.CALIB_SEED
+    dtype: str = defaults.COMPUTE_DTYPE
+
+
+def budget_codec(codec: str, options: Mapping[str, Any] | None, budget: Budget) -> tuple[str, dict[str, Any]]:
+    """The matrix codec and options of a budgeted compress: a progressive codec (``planes`` unless
+    another progressive one is named) with ``planes`` = the most any tensor may get."""
+    from deltahub import codec as codecs
+    from deltahub.codec import CodecError
+
+    name = codec if codec != defaults.DEFAULT_CODEC else defaults.PLANES_CODEC
+    try:
+        impl = codecs.get(name)
+    except CodecError as exc:
+        raise InputError(str(exc), "pick one of the codecs listed, or register yours first") from None
+    if not impl.progressive:
+        raise InputError(
+            f"a size budget chooses the planes of each matrix, but codec {name!r} has no planes",
+            f"drop --codec, or use --codec {defaults.PLANES_CODEC}",
+        )
+    return name, {**dict(options or {}), "planes": budget.max_planes}
+
+
+def measure_finetune(ctx: StoreContext, src: Path, base_name: str, options: SensitivityOptions) -> dict[str, Sensitivity]:
+    """The Fisher weights (:func:`~deltahub.calibrate.sensitivity.measure_sensitivity`) of the
+    fine-tune in folder ``src`` on ``options``' calibration text, tokenized with its own tokenizer
+    (else the stored base's)."""
+    from deltahub.calibrate.data import load_samples
+    from deltahub.calibrate.sensitivity import measure_sensitivity
+    from deltahub.formats.checkpoint import open_checkpoint
+    from deltahub.ops.load import load_tokenizer, model_class
+
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+    except (OSError, ValueError, KeyError):
+        tokenizer = load_tokenizer(ctx, base_name)
+    samples = load_samples(options.data, tokenizer, options.samples, options.seq_len, "calibration", options.seed)
+    ckpt = open_checkpoint(src)
+    cls = model_class(ckpt.architectures)
+    try:
+        model = cls.from_pretrained(str(src), dtype=getattr(torch, options.dtype), use_safetensors=True, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(
+            f"cannot load the fine-tune in {src} with transformers to measure its sensitivity: {exc}"[:400],
+            "a size budget needs a model transformers can run; use --bits K for a uniform number of planes",
+        ) from None
+    model = model.to(options.device)
+    try:
+        return measure_sensitivity(model, samples.tokens, options.batch_size, options.device, options.seed)
+    except ValueError as exc:
+        raise InputError(f"cannot measure the sensitivity of {src}: {exc}",
+                         "use --bits K for a uniform number of planes") from None
+    finally:
+        del model
+
+
+def allocate(
+    ft: Checkpoint,
+    plan: Mapping[str, TensorCodec],
+    matrix: TensorCodec,
+    options: Mapping[str, Any],
+    budget: Budget,
+    weights: Mapping[str, Sensitivity],
+    items: Iterable[tuple[str, tuple[torch.Tensor, torch.Tensor | None]]],
+    encode: Callable[[TensorCodec, str, torch.Tensor, torch.Tensor | None, dict[str, Any] | None], tuple[TensorCodec, Encoded]],
+    bar: Any = None,
+) -> tuple[dict[str, int], list[tuple[str, int]]]:
+    """The planes of each matrix under ``budget`` and the stored plane order.
+
+    One pass over ``items`` (``(name, (fine-tune tensor, base tensor or None))`` in plan order, as
+    compress reads them): each tensor is encoded as compress would (``encode``); for a tensor of the
+    progressive ``matrix`` codec, the error of each plane prefix, weighted by its sensitivity, and the
+    bytes each plane adds; for any other, the bytes it stores. Tensors the sensitivity does not cover
+    (not in a Linear/Embedding layer) are weighted by the median sensitivity per entry of those it does.
+
+    Returns: ``{tensor: planes}`` for the progressive tensors and the plane order (stored prefix).
+
+    Raises:
+        InputError: the budget is below the smallest delta; nothing is written by this function.
+    """
+    per_entry = [w.total() / max(1, _numel(ft, n)) for n, w in weights.items() if n in plan]
+    fallback = statistics.median(per_entry) if per_entry else 1.0
+    fixed = 0
+    n_params = 0
+    errors: dict[str, list[float]] = {}
+    costs: dict[str, list[int]] = {}
+    unweighted: list[str] = []
+    for tname, (tensor, base_t) in items:
+        planned = plan[tname]
+        n_params += tensor.numel()
+        chosen, enc = encode(planned, tname, tensor, base_t, dict(options) if planned is matrix else None)
+        shape, dtype = tuple(tensor.shape), tensor.dtype
+        if not (chosen is matrix and chosen.progressive):
+            fixed += chosen.stored_nbytes(shape, dtype, enc.params)
+        else:
+            assert base_t is not None
+            sens = weights.get(tname)
+            if sens is None:
+                unweighted.append(tname)
+            target = tensor.to(torch.float32)
+            curve, sizes = [], []
+            for k in range(1, chosen.planes(enc.params) + 1):
+                params, parts = chosen.prefix(enc.params, enc.parts, k)  # type: ignore[arg-type]
+                approx = chosen.decode(base_t, parts, params, torch.float32)  # type: ignore[arg-type]
+                approx -= target
+                curve.append(sens.weighted_error(approx) if sens is not None else fallback * float(approx.double().square().sum()))
+                sizes.append(chosen.stored_nbytes(shape, dtype, params))
+                del approx
+            errors[tname] = curve
+            costs[tname] = [sizes[0]] + [b - a for a, b in zip(sizes, sizes[1:])]
+            fixed += sizes[0]
+            del target
+        if bar is not None:
+            bar.update(tensor.numel() * tensor.element_size())
+        del tensor, base_t, enc
+    if unweighted:
+        logger.info("%d matrix(es) outside Linear/Embedding layers get the median sensitivity: %s",
+                    len(unweighted), ", ".join(unweighted[:3]))
+    order = plane_order(errors, costs)
+    limit = budget.bytes_for(n_params)
+    m = fit_prefix(fixed, order, costs, limit, n_params)
+    counts = dict.fromkeys(errors, 1)
+    for tname, _plane in order[:m]:
+        counts[tname] += 1
+    size = fixed + sum(costs[t][p] for t, p in order[:m])
+    logger.info("budget %s: %d bytes of %d (%.3f bits per weight), %d of %d further planes",
+                budget.describe(), size, limit, 8 * size / max(1, n_params), m, len(order))
+    return counts, list(order[:m])
+
+
+def _numel(ft: Checkpoint, name: str) -> int:
+    return math.prod(ft.shape(name)) if name in ft.tensors else 1

@@ -1,0 +1,273 @@
+"""Size budgets (issue 11 part 3): ``compress --avg-bits / --max-size`` chooses the planes of each
+matrix by measured sensitivity, stores the order in which planes pay, and ``materialize`` / ``pull``
+/ ``load_model`` ``max_size`` pick the best prefix of one stored artifact."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import deltahub
+from deltahub.errors import CorruptObjectError, InputError, UnsupportedFormatError
+from deltahub.formats.manifest import parse_manifest
+from deltahub.ops.budget import Budget, fit_prefix, plane_order
+from hub_fixtures import FAKE_USER, hub_server, plant_repo  # noqa: F401
+
+@pytest.fixture
+def filled(store, model_dirs):
+    store.add(model_dirs["llama"]["base"], name="base")
+    return store
+
+
+def _manifest(store, name):
+    return parse_manifest(store._ctx.objects.read(store.show(name)["manifest_id"]))
+
+
+def _n_params(manifest) -> int:
+    return sum(rec.numel for rec in manifest.tensors.values())
+
+
+# ------------------------------------------------------------------------------ the allocation
+def test_plane_order_takes_the_most_error_per_byte_first_and_keeps_each_tensors_order():
+    errors = {"a": [10.0, 4.0, 3.0], "b": [5.0, 4.5, 1.0], "c": [8.0, 2.0, 1.9]}
+    costs = {"a": [1, 2, 2], "b": [1, 2, 2], "c": [1, 1, 1]}
+    order = plane_order(errors, costs)
+    # c's plane 1 removes 6 per byte, a's 3; b's plane 1 pays only with its plane 2 (3.5 over 4
+    # bytes beats 0.5 over 2): it comes as a run of two
+    assert order[:2] == [("c", 1), ("a", 1)]
+    assert order.index(("b", 1)) + 1 == order.index(("b", 2))
+    for t in errors:
+        planes = [p for n, p in order if n == t]
+        assert planes == sorted(planes) == list(range(1, len(errors[t])))
+    assert len(order) == 6
+
+
+def test_fit_prefix_never_exceeds_the_budget_and_refuses_one_below_the_minimum():
+    order = [("a", 1), ("b", 1), ("a", 2)]
+    costs = {"a": [10, 5, 7], "b": [10, 4]}
+    assert fit_prefix(20, order, costs, 20) == 0
+    assert fit_prefix(20, order, costs, 25) == 1
+    assert fit_prefix(20, order, costs, 28) == 1  # b's plane would fit after a's, but a prefix stops
+    assert fit_prefix(20, order, costs, 29) == 2
+    assert fit_prefix(20, order, costs, 10**9) == 3
+    with pytest.raises(InputError, match="needs 20"):
+        fit_prefix(20, order, costs, 19, n_params=100)
+
+
+@pytest.mark.parametrize("bad", [dict(), dict(avg_bits=1.0, max_bytes=10), dict(avg_bits=-1.0), dict(avg_bits=math.nan),
+                                 dict(max_bytes=0), dict(avg_bits=2.0, max_planes=9)])
+def test_bad_budgets_are_refused(bad):
+    with pytest.raises(InputError):
+        Budget(**bad).check()
+
+
+# ------------------------------------------------------------------------------ compress
+@pytest.mark.parametrize("avg_bits", [1.8, 2.5, 3.5])
+def test_a_budget_is_met_and_never_exceeded(filled, model_dirs, avg_bits):
+    filled.compress(model_dirs["llama"]["ft"], base="base", name="d", avg_bits=avg_bits, calibration=_cal())
+    m = _manifest(filled, "d")
+    assert m.version() == 2 and m.plane_order is not None
+    budget = math.floor(avg_bits * _n_params(m) / 8)
+    assert m.tensor_nbytes() <= budget
+    # every stored plane is in the order, and the order is what the tensors hold
+    planes = m.planes_of()
+    assert len(m.plane_order) == sum(k - 1 for k in planes.values())
+    assert max(planes.values()) <= 4
+
+
+def test_more_budget_buys_more_planes_and_a_smaller_budget_is_a_prefix(filled, model_dirs, tmp_path):
+    ft = model_dirs["llama"]["ft"]
+    filled.compress(ft, base="base", name="big", avg_bits=3.5, calibration=_cal())
+    filled.compress(ft, base="base", name="small", avg_bits=2.2, calibration=_cal())
+    big, small = _manifest(filled, "big"), _manifest(filled, "small")
+    assert big.tensor_nbytes() > small.tensor_nbytes()
+    assert sum(big.planes_of().values()) > sum(small.planes_of().values())
+    # the small budget, served from the big artifact, is exactly the small compress
+    cut = big.at_size(math.floor(2.2 * _n_params(big) / 8))
+    assert cut.tensors == small.tensors
+    assert cut.plane_order == small.plane_order
+    # and materializes to the same bytes
+    filled.materialize("big", tmp_path / "cut", max_size=math.floor(2.2 * _n_params(big) / 8))
+    filled.materialize("small", tmp_path / "small")
+    assert (tmp_path / "cut" / "model.safetensors").read_bytes() == (tmp_path / "small" / "model.safetensors").read_bytes()
+
+
+def test_the_sensitivity_decides_the_allocation(filled, model_dirs, store, tmp_path):
+    """A matrix whose error moves the output more gets more planes: with the fine-tune's change to
+    one matrix scaled up 20x (its error too), that matrix gets more planes than before, and the most."""
+    from conftest import save_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dirs["llama"]["ft"]))
+    base = AutoModelForCausalLM.from_pretrained(str(model_dirs["llama"]["base"]))
+    loud = "model.layers.0.mlp.up_proj.weight"
+    with torch.no_grad():
+        w, b = dict(model.named_parameters())[loud], dict(base.named_parameters())[loud]
+        w.copy_(b + 20 * (w - b))
+    save_checkpoint(model, tmp_path / "loud")
+    filled.compress(tmp_path / "loud", base="base", name="loud", avg_bits=2.5, calibration=_cal())
+    filled.compress(model_dirs["llama"]["ft"], base="base", name="quiet", avg_bits=2.5, calibration=_cal())
+    planes, before = _manifest(filled, "loud").planes_of(), _manifest(filled, "quiet").planes_of()
+    assert planes[loud] == max(planes.values()) > before[loud]
+
+
+def test_a_budget_below_the_smallest_delta_changes_nothing(filled, model_dirs):
+    before = (sorted(m["name"] for m in filled.list()), filled.du()["objects"])
+    with pytest.raises(InputError, match="smallest delta") as err:
+        filled.compress(model_dirs["llama"]["ft"], base="base", name="d", max_size=1000, calibration=_cal())
+    assert "--max-size" in err.value.hint
+    assert (sorted(m["name"] for m in filled.list()), filled.du()["objects"]) == before
+    assert filled.verify().ok
+
+
+def test_a_budget_needs_a_progressive_codec(filled, model_dirs):
+    with pytest.raises(InputError, match="has no planes"):
+        filled.compress(model_dirs["llama"]["ft"], base="base", name="d", avg_bits=2.0, codec="lossless")
+
+
+# ------------------------------------------------------------------------------ reading a prefix
+def test_max_size_reads_the_best_prefix_and_refuses_bad_sizes(filled, model_dirs, tmp_path):
+    filled.compress(model_dirs["llama"]["ft"], base="base", name="d", avg_bits=3.0, calibration=_cal())
+    m = _manifest(filled, "d")
+    sizes = m.prefix_sizes()
+    mid = sizes[len(sizes) // 2]
+    filled.materialize("d", tmp_path / "mid", max_size=mid)
+    filled.materialize("d", tmp_path / "mid1", max_size=mid + 1)  # one byte more buys nothing new
+    assert (tmp_path / "mid" / "model.safetensors").read_bytes() == (tmp_path / "mid1" / "model.safetensors").read_bytes()
+    filled.materialize("d", tmp_path / "all")
+    filled.materialize("d", tmp_path / "min", max_size=sizes[0])
+    full, least, half = (load_file(tmp_path / d / "model.safetensors") for d in ("all", "min", "mid"))
+    ft = load_file(model_dirs["llama"]["ft"] / "model.safetensors")
+
+    def err(x):
+        return sum(float((x[k].float() - ft[k].float()).norm() ** 2) for k in ft)
+
+    assert err(full) < err(half) < err(least)
+    with pytest.raises(InputError, match="too small"):
+        filled.materialize("d", tmp_path / "x", max_size=sizes[0] - 1)
+    with pytest.raises(InputError, match="give one"):
+        filled.materialize("d", tmp_path / "x", max_size=mid, bits=1)
+    with pytest.raises(InputError, match="deltas only"):
+        filled.materialize("base", tmp_path / "x", max_size=10**9)
+    assert not (tmp_path / "x").exists()
+
+
+def test_load_model_max_size_matches_materialize(filled, model_dirs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    filled.compress(model_dirs["llama"]["ft"], base="base", name="d", avg_bits=3.0, calibration=_cal())
+    mid = _manifest(filled, "d").prefix_sizes()[3]
+    filled.materialize("d", tmp_path / "m", max_size=mid)
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m")).eval()
+    x = torch.randint(3, 100, (2, 12))
+    want = ref(input_ids=x).logits
+    for mode in ("materialize", "delta"):
+        got = filled.load_model("d", mode=mode, max_size=f"{mid}B")(input_ids=x).logits
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), mode
+
+
+def test_show_prints_the_allocation_per_layer(filled, model_dirs):
+    from click.testing import CliRunner
+
+    from deltahub.cli import cli
+
+    home = str(filled._ctx.home)
+    r = CliRunner().invoke(cli, ["--home", home, "compress", str(model_dirs["llama"]["ft"]), "--base", "base",
+                                 "--name", "d", "--avg-bits", "2.5", "--calib-samples", "8", "--json"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["--home", home, "show", "d"])
+    assert r.exit_code == 0, r.output
+    assert "chosen by sensitivity for a budget" in r.output
+    for layer in ("model.layers.0", "model.layers.1"):
+        line = next(line for line in r.output.splitlines() if line.strip().startswith(layer))
+        assert "q_proj" in line and "down_proj" in line
+    info = json.loads(CliRunner().invoke(cli, ["--home", home, "show", "d", "--json"]).output)
+    alloc = info["allocation"]
+    assert alloc["ordered"] and alloc["planes"] == _manifest(filled, "d").planes_of()
+    assert alloc["avg_bits"] <= 2.5 and alloc["min_tensor_bytes"] <= alloc["tensor_bytes"]
+    r = CliRunner().invoke(cli, ["--home", home, "compress", str(model_dirs["llama"]["ft"]), "--base", "base",
+                                 "--name", "e", "--avg-bits", "2", "--max-size", "1MB"])
+    assert r.exit_code == 2 and "give one" in r.output
+    r = CliRunner().invoke(cli, ["--home", home, "materialize", "d", "out", "--max-size", "lots"])
+    assert r.exit_code == 2 and "--max-size" in r.output
+
+
+# ------------------------------------------------------------------------------ the Hub
+def test_pull_max_size_fetches_only_the_files_of_the_planes_it_keeps(filled, model_dirs, tmp_path, hub_server):
+    plant_repo(hub_server, "someone/tiny-base", "c" * 40)
+    filled.compress(model_dirs["llama"]["ft"], base="base", name="d", avg_bits=3.5, calibration=_cal())
+    full = _manifest(filled, "d")
+    repo = f"{FAKE_USER}/budgeted"
+    pushed = filled.push("d", repo, base_repo="someone/tiny-base@" + "c" * 40)
+    sizes = full.prefix_sizes()
+    b = deltahub.Store(tmp_path / "b")
+    try:
+        b.add(model_dirs["llama"]["base"], name="base")
+        budget = sizes[len(sizes) // 2]
+        small = b.pull(repo, name="small", max_size=budget)
+        got = _manifest(b, "small")
+        assert got.tensor_nbytes() <= budget
+        assert got.plane_order == full.plane_order[: len(got.plane_order)]
+        # every fetched delta file holds only parts the pulled manifest keeps
+        kept = set(got.object_ids())
+        fetched = [f for f in small.downloaded if f.startswith("delta-")]
+        delta_files = sorted(f for f in pushed.files if f.startswith("delta-"))
+        assert fetched == delta_files[: len(fetched)] and len(fetched) < len(delta_files)
+        from deltahub.hub.layout import parse_hub_manifest
+
+        hub = parse_hub_manifest(_hub_json_bytes(tmp_path, repo))
+        for t in hub.tensors:
+            if t.file in fetched:
+                assert t.stored.object in kept
+        # the pulled prefix is the same model as that prefix read from the full artifact
+        b.materialize("small", tmp_path / "b_out")
+        filled.materialize("d", tmp_path / "a_out", max_size=got.tensor_nbytes())
+        assert (tmp_path / "a_out" / "model.safetensors").read_bytes() == (tmp_path / "b_out" / "model.safetensors").read_bytes()
+        whole = b.pull(repo, name="whole")
+        assert whole.manifest_id == filled.show("d")["manifest_id"]
+        assert not set(whole.downloaded) & set(fetched)  # what the small pull fetched is not fetched again
+        with pytest.raises(InputError, match="too small"):
+            b.pull(repo, name="tiny", max_size=sizes[0] - 1)
+        assert "tiny" not in {m["name"] for m in b.list()}
+        assert b.verify().ok
+    finally:
+        b.close()
+
+
+def _hub_json_bytes(tmp_path, repo):
+    from huggingface_hub import hf_hub_download
+
+    return open(hf_hub_download(repo, "deltahub.json", cache_dir=tmp_path / "hfc"), "rb").read()
+
+
+# ------------------------------------------------------------------------------ the format
+def test_a_plane_order_is_validated_when_read(filled, model_dirs):
+    filled.compress(model_dirs["llama"]["ft"], base="base", name="d", avg_bits=3.0, calibration=_cal())
+    m = _manifest(filled, "d")
+    obj = json.loads(m.to_bytes())
+    assert parse_manifest(m.to_bytes()).to_bytes() == m.to_bytes()
+    t, p = obj["plane_order"][0]
+
+    def bad(change):
+        o = json.loads(m.to_bytes())
+        change(o)
+        with pytest.raises((CorruptObjectError, UnsupportedFormatError)):
+            parse_manifest(json.dumps(o).encode())
+
+    bad(lambda o: o["plane_order"].pop())  # a stored plane left out
+    bad(lambda o: o["plane_order"].append([t, p]))  # twice
+    bad(lambda o: o["plane_order"].insert(0, ["no.such.weight", 1]))
+    bad(lambda o: o["plane_order"].insert(0, [t, 0]))  # plane 0 is never ordered
+    bad(lambda o: o.update(plane_order="a"))
+    bad(lambda o: o.update(plane_order=[[t, True]]))
+    bad(lambda o: o.update(format_version=1))
+
+
+def _cal():
+    from deltahub.api import CalibrationOptions
+
+    return CalibrationOptions(samples=8, seq_len=64)

@@ -34,6 +34,8 @@ MATERIALIZED = WORK / "materialized"
 BASE_NAME = "smollm2-135m"
 PLANES_NAME = "shakespeare-planes"  # one artifact, 2 sign planes with per-row scales
 LOSSLESS_NAME = "shakespeare-exact"  # the fine-tune bit for bit
+BUDGET_NAME = "shakespeare-budget"  # --avg-bits: planes per matrix chosen by measured sensitivity
+BUDGET_BITS = 1.5  # bits per parameter, between the 1- and the 2-plane delta
 FT_NAME = "smollm2-shakespeare"            # --embeddings sign1
 FT_DENSE_NAME = "smollm2-shakespeare-dense"  # --embeddings dense
 
@@ -168,12 +170,16 @@ def main(argv=None) -> int:
                      "--embeddings", mode)
         run_cli("compress", ft_dir, "--base", BASE_NAME, "--name", PLANES_NAME, "--bits", "2", "--scales", "row")
         run_cli("compress", ft_dir, "--base", BASE_NAME, "--name", LOSSLESS_NAME, "--lossless")
+        run_cli("compress", ft_dir, "--base", BASE_NAME, "--name", BUDGET_NAME, "--avg-bits", str(BUDGET_BITS),
+                "--calib-samples", "32")
         run_cli("show", names[modes[0]])
         run_cli("ls")
         run_cli("du")
         sizes = {mode: delta_sizes(names[mode]) for mode in modes}
         planes_bytes = json.loads(run_cli("show", PLANES_NAME, "--json", capture=True))["bytes_by_bits"]
         lossless_bytes = delta_sizes(LOSSLESS_NAME)["stored_bytes"]
+        budget_alloc = json.loads(run_cli("show", BUDGET_NAME, "--json", capture=True))["allocation"]
+        budget_bytes = delta_sizes(BUDGET_NAME)["stored_bytes"]
 
     with stage(f"4/6 deltahub: materialize as {args.dtype}"):
         for mode in modes:
@@ -181,6 +187,7 @@ def main(argv=None) -> int:
         for bits in (1, 2):  # one stored artifact, two sizes: the first plane only, then both
             run_cli("materialize", PLANES_NAME, MATERIALIZED / f"{PLANES_NAME}-{bits}", "--dtype", args.dtype,
                     "--bits", str(bits))
+        run_cli("materialize", BUDGET_NAME, MATERIALIZED / BUDGET_NAME, "--dtype", args.dtype)
 
     from transformers import AutoTokenizer
 
@@ -190,7 +197,8 @@ def main(argv=None) -> int:
     with stage("5/6 held-out perplexity and samples: base, fine-tune, compressed"):
         for label, path in [("base", base_dir), ("fine-tune", ft_dir)] + [
                 (f"compressed ({m} emb.)", MATERIALIZED / names[m]) for m in modes] + [
-                (f"planes @{b} bit", MATERIALIZED / f"{PLANES_NAME}-{b}") for b in (1, 2)]:
+                (f"planes @{b} bit", MATERIALIZED / f"{PLANES_NAME}-{b}") for b in (1, 2)] + [
+                ("budget", MATERIALIZED / BUDGET_NAME)]:
             model = load_hf(path)
             results[label] = evaluate(label, model, tok, held, args)
             if label == f"compressed ({modes[0]} emb.)":
@@ -235,6 +243,11 @@ def main(argv=None) -> int:
         kept = (ppl_b - r["ppl"]) / (ppl_b - ppl_f) if ppl_b != ppl_f else float("nan")
         print(f"{f'delta, {b} plane(s), row scales':<34} {human(size):>10} {ft_fp16 / size:>8.1f}x "
               f"{r['ppl']:>13.2f} {kept:>10.0%}")
+    size, r = budget_bytes, results["budget"]
+    kept = (ppl_b - r["ppl"]) / (ppl_b - ppl_f) if ppl_b != ppl_f else float("nan")
+    label = f"delta, budget {budget_alloc['avg_bits']:.2f} bit/param"
+    print(f"{label:<34} {human(size):>10} {ft_fp16 / size:>8.1f}x {r['ppl']:>13.2f} {kept:>10.0%}"
+          f"   (--avg-bits {BUDGET_BITS}: planes per matrix by sensitivity)")
     ft_own = sum(p.stat().st_size for p in ft_dir.glob("*.safetensors"))
     print(f"{'delta, lossless (bit-exact)':<34} {human(lossless_bytes):>10} {ft_own / lossless_bytes:>8.1f}x "
           f"{ppl_f:>13.2f} {'100%':>10}   (x: vs the fine-tune's own {human(ft_own)} safetensors)")

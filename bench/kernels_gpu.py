@@ -28,6 +28,12 @@ Measured, in one run (medians; CUDA-event timing; ``triton.testing.do_bench`` fl
    Each step is captured in a CUDA graph (no launch overhead; ``--no-graph`` to disable). Printed:
    speed-up of (a) over (b) beside the memory-traffic bound ``16B/(16+B)`` and its fraction of it,
    and the speed-up of (a) over (c). Goals (issue 5): >= 80% of the bound and >= 4x over (c) at B=64.
+4. **Planes kernels** (issue 11, codec ``planes``): ``planes_matmul`` (base + delta, fp16) for
+   ``--planes`` (1, 2, 4) sign planes with per-row and per-group-of-128 scales, ``N = K`` in
+   ``--planes-sizes`` (4096, 8192) at batch ``M`` in ``--kernel-batches``: GB/s (bytes = fp16 W + P planes of bits +
+   scales + x + y) and % of the copy bandwidth, and its time over sign1's fused kernel (same N, K,
+   M; ideal ``(16 + P + scale bytes) / 17``); and ``multi_tenant_planes_matmul`` (rows and grouped)
+   for B = max(``--tenants``) tenants, one row each, over ``multi_tenant_sign_matmul``.
 
 Outputs are checked against the kernels' torch references (and (a) against (c)) before timing; a
 mismatch is reported in the JSON and the exit status is 1. Results: a table per section on
@@ -217,6 +223,88 @@ def bench_kernels(torch, K, timer: Timer, device: str, sizes: list[int], batches
     return out, bad
 
 
+def random_plane_scales(torch, lead: tuple[int, ...], n: int, k: int, granularity: str, gen, device: str):
+    """fp32 scales ``[*lead, R, C]``: ``"row"`` → ``[N, 1]``, ``"group128"`` → ``[N, ceil(K/128)]``."""
+    c = -(-k // 128) if granularity == "group128" else 1
+    return (torch.rand(*lead, n, c, generator=gen) * 0.004 + 0.001).to(device)
+
+
+def bench_planes(torch, K, timer: Timer, device: str, args, copy_gbps: float, tol: float):
+    """Section 4: the planes kernels beside sign1's (see the module docstring)."""
+    gen = torch.Generator().manual_seed(2)
+    rows, mt_rows, out, bad = [], [], [], []
+    for size in args.planes_sizes:
+        n, k = args.planes_n or size, size
+        w = (torch.randn(n, k, generator=gen) * 0.02).to(device=device, dtype=torch.float16)
+        sign = random_packed(torch, (n,), k, gen, device)
+        scale = torch.tensor(0.003, device=device)
+        bits = sign.numel() * 4
+        for m in args.kernel_batches:
+            x = torch.randn(m, k, generator=gen).to(device=device, dtype=torch.float16)
+            io = 2 * m * k + 2 * m * n
+            t_sign = timer.kernel_ms(lambda: K.sign_matmul(x, sign, scale, w))
+            for p in args.planes:
+                packed = random_packed(torch, (p, n), k, gen, device)
+                for gran in ("row", "group128"):
+                    sc = random_plane_scales(torch, (p,), n, k, gran, gen, device)
+                    g = 128 if gran == "group128" else None
+                    err = rel_err(torch, K.planes_matmul(x, packed, sc, w, group_size=g),
+                                  K.planes_matmul_ref(x, packed, sc, w, group_size=g))
+                    if err > tol:
+                        bad.append(f"planes_matmul {n}x{k} M={m} P={p} {gran}: rel err {err:.2e}")
+                    ms = timer.kernel_ms(lambda: K.planes_matmul(x, packed, sc, w, group_size=g))
+                    moved = 2 * n * k + p * bits + sc.numel() * 4 + io
+                    gbps = moved / (ms * 1e-3) / GB
+                    ideal = moved / (2 * n * k + bits + io)
+                    out.append({"kernel": "planes_matmul (W + delta)", "n": n, "k": k, "m": m, "planes": p, "scales": gran,
+                                "ms": ms, "bytes": moved, "gbps": gbps, "frac_of_copy": gbps / copy_gbps,
+                                "sign1_ms": t_sign, "ratio_vs_sign1": ms / t_sign, "ideal_ratio_vs_sign1": ideal})
+                    rows.append([f"P={p} {gran}", f"{n}x{k}", m, f"{ms * 1e3:.1f}", _fmt(gbps),
+                                 f"{100 * gbps / copy_gbps:.0f}%", f"{ms / t_sign:.2f} (ideal {ideal:.2f})"])
+                del packed
+        # multi-tenant: B tenants, one row each (a decode step of one square linear)
+        b = max(args.tenants)
+        x = torch.randn(b, k, generator=gen).to(device=device, dtype=torch.float16)
+        tenant = torch.arange(b, dtype=torch.int32, device=device)
+        signs_t = random_packed(torch, (b, n), k, gen, device)
+        scales_t = (torch.rand(b, generator=gen) * 0.004 + 0.001).to(device)
+        t_mt_sign = min(timer.kernel_ms(lambda s=s: K.multi_tenant_sign_matmul(x, w, signs_t, scales_t, tenant,
+                                                                               validate=False, strategy=s))
+                        for s in args.strategies)
+        for p in args.planes:
+            packed = random_packed(torch, (b, p, n), k, gen, device)
+            for gran in ("row", "group128"):
+                sc = random_plane_scales(torch, (b, p), n, k, gran, gen, device)
+                g = 128 if gran == "group128" else None
+                ref = K.multi_tenant_planes_matmul_ref(x, w, packed, sc, tenant, group_size=g)
+                times = {}
+                for strategy in args.strategies:
+                    fn = lambda s=strategy: K.multi_tenant_planes_matmul(x, w, packed, sc, tenant, group_size=g,  # noqa: E731
+                                                                       validate=False, strategy=s)
+                    err = rel_err(torch, fn(), ref)
+                    if err > tol:
+                        bad.append(f"multi_tenant_planes {n}x{k} B={b} P={p} {gran} {strategy}: rel err {err:.2e}")
+                    times[strategy] = timer.kernel_ms(fn)
+                best = min(times, key=times.get)
+                moved = 2 * n * k + b * (p * (n * ((k + 31) // 32) * 4) + sc[0].numel() * 4) + 4 * b * (k + n)
+                gbps = moved / (times[best] * 1e-3) / GB
+                out.append({"kernel": "multi_tenant_planes_matmul", "n": n, "k": k, "tenants": b, "planes": p,
+                            "scales": gran, "ms": times, "best_strategy": best, "bytes": moved, "gbps": gbps,
+                            "frac_of_copy": gbps / copy_gbps, "sign1_ms": t_mt_sign,
+                            "ratio_vs_sign1": times[best] / t_mt_sign})
+                mt_rows.append([f"P={p} {gran}", f"{n}x{k}", b, *(f"{times[s] * 1e3:.1f}" for s in args.strategies),
+                                f"{t_mt_sign * 1e3:.1f}", _fmt(gbps), f"{100 * gbps / copy_gbps:.0f}%",
+                                f"{times[best] / t_mt_sign:.2f}"])
+            del packed
+        del w, sign, signs_t
+    print_table("planes_matmul (fp16, base + delta) vs sign1's sign_matmul", ["planes / scales", "N x K", "M", "time us", "GB/s",
+                "of copy", "time / sign1"], rows)
+    print_table("multi_tenant_planes_matmul (fp16, one row per tenant) vs multi_tenant_sign_matmul",
+                ["planes / scales", "N x K", "B", *(f"{s} us" for s in args.strategies), "sign1 us", "GB/s", "of copy",
+                 "time / sign1"], mt_rows)
+    return out, bad
+
+
 def llama_linears(hidden: int, inter: int) -> list[tuple[str, int, int]]:
     """(name, N, K) of one Llama layer's linears."""
     return [("q", hidden, hidden), ("k", hidden, hidden), ("v", hidden, hidden), ("o", hidden, hidden),
@@ -318,6 +406,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strategies", type=lambda s: s.split(","), default=["grouped", "rows"],
                     help="multi-tenant kernel strategies to time (a)")
     ap.add_argument("--separate-pool-gb", type=float, default=24.0, help="memory for (b)'s distinct model copies")
+    ap.add_argument("--planes", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 4],
+                    help="sign planes per delta for the planes kernels (section 4)")
+    ap.add_argument("--planes-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[4096, 8192],
+                    help="N = K of the planes kernels' matrices (section 4)")
+    ap.add_argument("--planes-n", type=int, default=0, help="N of the planes kernels' matrices (0: N = K)")
     ap.add_argument("--copy-gb", type=float, default=1.0)
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--no-graph", action="store_true", help="time decode steps eagerly, not as CUDA graphs")
@@ -328,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         args.sizes, args.kernel_batches, args.tenants = [48], [3], [1, 3]
         args.hidden, args.intermediate, args.layers = 40, 72, 1
         args.copy_gb, args.separate_pool_gb, args.reps = 0.001, 0.001, 1
+        args.planes_sizes, args.planes_n, args.planes = [160], 24, [1, 2, 4]  # K = 160: a partial 2nd group of 128
 
     import torch
     import triton
@@ -356,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
                 [["device-to-device copy", f"{copy['bytes'] / GB:.2f} GB", f"{copy['ms']:.3f}", _fmt(copy["gbps"])]])
     kernels, bad_k = bench_kernels(torch, K, timer, device, args.sizes, args.kernel_batches, copy["gbps"], tol)
     decode, bad_d = bench_decode(torch, K, timer, device, args, tol)
+    planes, bad_p = bench_planes(torch, K, timer, device, args, copy["gbps"], tol)
     at_max = decode[-1]
     goals = {
         "tenants": at_max["tenants"],
@@ -366,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nat B={goals['tenants']}: {100 * goals['frac_of_bound']:.0f}% of the 16B/(16+B) bound (goal 80%), "
           f"{goals['speedup_vs_unfused']:.2f}x the unfused approach (goal 4x)" + (" [smoke: times mean nothing]" if args.smoke else ""))
     results = {"info": info, "copy": copy, "kernels": kernels, "decode": decode, "goals_at_max_B": goals,
-               "mismatches": bad_k + bad_d}
+               "planes": planes, "mismatches": bad_k + bad_d + bad_p}
     for m in results["mismatches"]:
         print(f"MISMATCH: {m}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,13 @@ __all__ = [
     "check_apply_delta",
     "check_scale",
     "check_tenant_ids",
+    "check_planes_matmul",
+    "check_multi_tenant_planes",
+    "MAX_PLANES",
 ]
+
+MAX_PLANES = 8
+"""Sign planes per delta the planes kernels take (the ``planes`` codec stores 1..8)."""
 
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 """Activation / weight dtypes the kernels accept."""
@@ -202,3 +208,122 @@ def check_apply_delta(
             )
         _same_device("out", o, w.device)
     return n, k
+
+
+# ------------------------------------------------------------------------------------------ planes
+_PLANES_HINT = "stack the planes' int32 [N, ceil(K/32)] packed signs: torch.stack(planes) (layout v1)"
+
+
+def _check_group_size(group_size: object) -> int | None:
+    if group_size is None:
+        return None
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 32 or group_size % 32:
+        raise KernelInputError(
+            f"group_size must be a positive multiple of 32, got {group_size!r}",
+            "the planes codec groups scales by a multiple of 32 columns (one packed word); None for per-matrix/row scales",
+        )
+    return group_size
+
+
+def _check_planes(packed: object, lead: tuple[int, ...], lead_names: str, k: int, device: torch.device) -> tuple[int, int]:
+    """``packed`` int32 ``[*lead, P, N, ceil(K/32)]``; returns ``(P, N)``."""
+    p = _tensor("packed", packed)
+    if p.dtype != torch.int32:
+        raise KernelInputError(f"packed must be torch.int32, got {p.dtype}", _LAYOUT_HINT)
+    dims = len(lead) + 3
+    if p.dim() != dims or p.shape[-1] != words_per_row(k) or tuple(p.shape[: len(lead)]) != lead:
+        want = f"[{lead_names}P, N, {words_per_row(k)}]"
+        raise KernelInputError(f"packed must be {want} for K={k} columns, got shape {list(p.shape)}", _PLANES_HINT)
+    planes = p.shape[-3]
+    if not 1 <= planes <= MAX_PLANES:
+        raise KernelInputError(
+            f"packed holds {planes} planes; the kernels take 1 to {MAX_PLANES}",
+            "pass the first planes of the delta (any prefix is a valid delta)",
+        )
+    _same_device("packed", p, device)
+    return planes, p.shape[-2]
+
+
+def _check_plane_scales(scales: object, lead: tuple[int, ...], lead_names: str, n: int, k: int,
+                        group_size: int | None, device: torch.device) -> None:
+    """``scales`` floating ``[*lead, R, C]``: R = 1 (per matrix) or N (per row); C = 1, or
+    ``ceil(K/group_size)`` when ``group_size`` is given (per row and group)."""
+    s = _tensor("scales", scales)
+    groups = -(-k // group_size) if group_size is not None else 1
+    want = f"[{lead_names}R, C] with R = 1 or N = {n}, C = " + (
+        f"ceil(K/group_size) = {groups}" if group_size is not None else "1"
+    )
+    if not s.is_floating_point() or s.dim() != len(lead) + 2 or tuple(s.shape[: len(lead)]) != lead:
+        raise KernelInputError(
+            f"scales must be a floating tensor {want}, got {s.dtype} {list(s.shape)}",
+            "one fp32 [R, C] scale matrix per plane, stacked like packed",
+        )
+    r, c = s.shape[-2], s.shape[-1]
+    if r not in (1, n):
+        raise KernelInputError(
+            f"scales have {r} rows; need 1 (one scale per matrix) or N = {n} (one per output row)",
+            "per-matrix scales are [1, 1], per-row [N, 1], per-group [N, ceil(K/G)]",
+        )
+    if c != groups:
+        hint = (
+            "pass group_size=G with per-group scales [N, ceil(K/G)]" if group_size is None
+            else f"per-group scales for K={k} and group_size={group_size} have {groups} columns"
+        )
+        raise KernelInputError(f"scales have {c} columns, want {want}", hint)
+    _same_device("scales", s, device)
+
+
+def check_planes_matmul(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    group_size: int | None = None,
+) -> tuple[int, int, int, int]:
+    """Check the arguments of ``planes_matmul``; return ``(M, N, K, P)``."""
+    m, k = _check_x(x)
+    group = _check_group_size(group_size)
+    planes, n = _check_planes(packed, (), "", k, x.device)
+    _check_plane_scales(scales, (planes,), "P, ", n, k, group, x.device)
+    if weight is not None:
+        _check_weight(weight, n, k, x.dtype, x.device)
+    if bias is not None:
+        _check_bias(bias, n, x.device)
+    return m, n, k, planes
+
+
+def check_multi_tenant_planes(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    tenant: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int | None = None,
+) -> tuple[int, int, int, int, int]:
+    """Check the arguments of ``multi_tenant_planes_matmul`` (not the tenant id values: see
+    :func:`check_tenant_ids`); return ``(M, N, K, T, P)``."""
+    m, k = _check_x(x)
+    group = _check_group_size(group_size)
+    p = _tensor("packed", packed)
+    if p.dim() != 4:
+        raise KernelInputError(
+            f"packed must be a stack [T, P, N, {words_per_row(k)}] for K={k} columns, got shape {list(p.shape)}",
+            "torch.stack the [P, N, ceil(K/32)] planes of the T deltas (same P for all)",
+        )
+    t = p.shape[0]
+    planes, n = _check_planes(p, (t,), "T, ", k, x.device)
+    _check_plane_scales(scales, (t, planes), "T, P, ", n, k, group, x.device)
+    if weight is not None:
+        _check_weight(weight, n, k, x.dtype, x.device)
+    if bias is not None:
+        _check_bias(bias, n, x.device)
+    ten = _tensor("tenant", tenant)
+    if ten.dim() != 1 or ten.shape[0] != m or ten.dtype not in (torch.int32, torch.int64):
+        raise KernelInputError(
+            f"tenant must be int32/int64 [M] = [{m}], got {ten.dtype} {list(ten.shape)}",
+            "one delta index per row of x (-1 = base only)",
+        )
+    _same_device("tenant", ten, x.device)
+    return m, n, k, t, planes

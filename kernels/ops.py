@@ -17,7 +17,14 @@ from typing import Any
 import torch
 
 from .backend import interpreter_enabled, triton_unavailable_reason
-from .checks import check_apply_delta, check_multi_tenant, check_sign_matmul, check_tenant_ids
+from .checks import (
+    check_apply_delta,
+    check_multi_tenant,
+    check_multi_tenant_planes,
+    check_planes_matmul,
+    check_sign_matmul,
+    check_tenant_ids,
+)
 from .errors import KernelInputError, TritonUnavailableError
 from .layout import words_per_row
 
@@ -28,6 +35,10 @@ __all__ = [
     "launch_sign_matmul",
     "launch_multi_tenant",
     "launch_apply_delta",
+    "planes_matmul",
+    "multi_tenant_planes_matmul",
+    "launch_planes_matmul",
+    "launch_multi_tenant_planes",
     "STRATEGIES",
 ]
 
@@ -352,6 +363,217 @@ def apply_delta(
         TritonUnavailableError: the Triton path cannot run for these tensors.
     """
     return launch_apply_delta(weight, packed, scale, out)
+
+
+# ------------------------------------------------------------------------------------------ planes
+def _plane_scales(scales: torch.Tensor, group_size: int | None) -> tuple[torch.Tensor, int, bool, tuple[int, int]]:
+    """``(fp32 scales, G, GROUPED, (stride_sn, stride_sc))``: a broadcast dimension (one row, one
+    column) gets stride 0, so per-matrix, per-row and per-group scales run the same code."""
+    s = scales if scales.dtype == torch.float32 else scales.float()
+    r, c = s.shape[-2], s.shape[-1]
+    grouped = group_size is not None and c > 1
+    stride_sn = s.stride(-2) if r > 1 else 0
+    stride_sc = s.stride(-1) if grouped else 0
+    return s, int(group_size) if grouped else 32, grouped, (stride_sn, stride_sc)
+
+
+def launch_planes_matmul(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    group_size: int | None = None,
+    config: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """:func:`planes_matmul` with an optional explicit block config (None: autotuned / interpreter)."""
+    m, n, k, planes = check_planes_matmul(x, packed, scales, weight, bias, group_size)
+    _check_int32_offsets(m * n, x=x, weight=weight, planes=packed, scales=scales)
+    _require_triton(x, packed, scales, weight, bias)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    from .tl_common import DECODE_MAX_M, m_bucket
+    from .tl_planes import planes_matmul_decode, planes_matmul_kernel, planes_matmul_prefill
+
+    s32, g, grouped, (stride_sn, stride_sc) = _plane_scales(scales, group_size)
+    w = weight if weight is not None else x
+    b = bias if bias is not None else x
+    meta, launch = _launch_cfg(config)
+    _check_block_k(meta)
+    args = (
+        x, w, packed, s32, b, y, m, n, k, words_per_row(k), g,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), packed.stride(0), packed.stride(1), packed.stride(2),
+        s32.stride(0), stride_sn, stride_sc, y.stride(0), y.stride(1), m_bucket(m),
+    )
+    flags = {
+        "NUM_PLANES": planes,
+        "HAS_WEIGHT": weight is not None,
+        "HAS_BIAS": bias is not None,
+        "GROUPED": grouped,
+        "FP32_DOT": _fp32_dot(x.dtype),
+        "BF16_FIX": _bf16_fix(x.dtype),
+    }
+    if meta is not None:
+        grid = (triton_cdiv(m, meta["BLOCK_M"]), triton_cdiv(n, meta["BLOCK_N"]))
+        planes_matmul_kernel[grid](*args, **flags, **meta, **launch)
+    else:
+        kernel = planes_matmul_decode if m <= DECODE_MAX_M else planes_matmul_prefill
+        kernel[lambda c: (triton_cdiv(m, c["BLOCK_M"]), triton_cdiv(n, c["BLOCK_N"]))](*args, **flags)
+    return y
+
+
+def planes_matmul(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    group_size: int | None = None,
+) -> torch.Tensor:
+    """``y = x·Wᵀ + Σᵢ (x·Sᵢᵀ) ⊙ sᵢ (+ bias)`` for a delta of P sign planes (the ``planes`` codec),
+    fused with the base GEMM (Triton), fp32 accumulation.
+
+    Per K step the kernel builds ``W + Σᵢ sᵢ ⊙ Sᵢ`` in fp32 registers (exactly deltahub's decode
+    of that tile), rounds it once to ``x.dtype`` (fp16/bf16; fp32 stays fp32) and runs one dot.
+
+    Args:
+        x: ``[M, K]`` float16 / bfloat16 / float32 (any M; 1 for decode).
+        packed: ``int32`` ``[P, N, ceil(K/32)]``: the P sign planes ``Sᵢ`` (layout v1), 1 <= P <= 8;
+            any strides (e.g. a view of the planes' common storage).
+        scales: floating ``[P, R, C]`` on x's device (fp32; other float dtypes are converted):
+            ``[P, 1, 1]`` per matrix, ``[P, N, 1]`` per output row, ``[P, N, ceil(K/group_size)]``
+            per row and group of ``group_size`` columns.
+        weight: ``[N, K]`` base weight in ``x.dtype``, or None (delta term only).
+        bias: ``[N]`` floating, or None.
+        group_size: columns per scale group (a multiple of 32) for per-group scales, else None.
+
+    Returns:
+        ``[M, N]`` in ``x.dtype``.
+
+    Raises:
+        KernelInputError: bad shapes, dtypes or devices.
+        TritonUnavailableError: the Triton path cannot run for these tensors.
+    """
+    return launch_planes_matmul(x, packed, scales, weight, bias, group_size=group_size)
+
+
+def launch_multi_tenant_planes(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    tenant: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    group_size: int | None = None,
+    validate: bool = True,
+    strategy: str = "auto",
+    config: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """:func:`multi_tenant_planes_matmul` with an optional explicit block config."""
+    if strategy not in STRATEGIES:
+        raise KernelInputError(f"unknown strategy {strategy!r}", f"use one of {', '.join(STRATEGIES)}")
+    m, n, k, t, planes = check_multi_tenant_planes(x, weight, packed, scales, tenant, bias, group_size)
+    # the tenant axis is indexed with int64 offsets: check one tenant's planes and scales
+    _check_int32_offsets(m * n, x=x, weight=weight, planes=packed[0] if t else None, scales=scales[0] if t else None)
+    _require_triton(x, weight, packed, scales, tenant, bias)
+    if validate:
+        check_tenant_ids(tenant, t)
+    if m == 0 or n == 0:
+        return torch.empty((m, n), dtype=x.dtype, device=x.device)
+    from .tl_common import DECODE_MAX_M, m_bucket
+    from .tl_planes import (
+        mt_planes_grouped_decode,
+        mt_planes_grouped_kernel,
+        mt_planes_grouped_prefill,
+        mt_planes_rows_kernel,
+        mt_planes_rows_tuned,
+    )
+
+    if strategy == "auto":
+        strategy = "rows" if m <= DECODE_MAX_M else "grouped"
+    order = None
+    if strategy == "grouped" and m > DECODE_MAX_M:
+        order = torch.argsort(tenant, stable=True)  # a row block then holds few distinct tenants
+        x, tenant = x.index_select(0, order), tenant.index_select(0, order)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    s32, g, grouped, (stride_sn, stride_sc) = _plane_scales(scales, group_size)
+    w = weight if weight is not None else x
+    b = bias if bias is not None else x
+    args = (
+        x, w, packed, s32, tenant, b, y, m, n, k, words_per_row(k), g,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+        packed.stride(0), packed.stride(1), packed.stride(2), packed.stride(3),
+        s32.stride(0), s32.stride(1), stride_sn, stride_sc, y.stride(0), y.stride(1), m_bucket(m),
+    )
+    flags = {
+        "NUM_PLANES": planes,
+        "HAS_WEIGHT": weight is not None,
+        "HAS_BIAS": bias is not None,
+        "GROUPED": grouped,
+        "FP32_DOT": _fp32_dot(x.dtype),
+        "BF16_FIX": _bf16_fix(x.dtype),
+    }
+    meta, launch = _launch_cfg(config)
+    _check_block_k(meta)
+    if meta is not None:
+        raw = mt_planes_rows_kernel if strategy == "rows" else mt_planes_grouped_kernel
+        grid = (triton_cdiv(m, meta["BLOCK_M"]), triton_cdiv(n, meta["BLOCK_N"]))
+        raw[grid](*args, **flags, **meta, **launch)
+    else:
+        if strategy == "rows":
+            kernel = mt_planes_rows_tuned
+        else:
+            kernel = mt_planes_grouped_decode if m <= DECODE_MAX_M else mt_planes_grouped_prefill
+        kernel[lambda c: (triton_cdiv(m, c["BLOCK_M"]), triton_cdiv(n, c["BLOCK_N"]))](*args, **flags)
+    if order is not None:
+        out = torch.empty_like(y)
+        out.index_copy_(0, order, y)
+        return out
+    return y
+
+
+def multi_tenant_planes_matmul(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    tenant: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    group_size: int | None = None,
+    validate: bool = True,
+    strategy: str = "auto",
+) -> torch.Tensor:
+    """``y[m] = x[m]·Wᵀ + Σᵢ (x[m]·S_{t,i}ᵀ) ⊙ s_{t,i} (+ bias)``, ``t = tenant[m]`` (``-1``: base
+    only), for a stack of T ``planes`` deltas with the same P and scale layout, fused with the
+    shared base GEMM (Triton).
+
+    Args:
+        x: ``[M, K]`` float16 / bfloat16 / float32.
+        weight: ``[N, K]`` shared base in ``x.dtype``, or None.
+        packed: ``int32`` ``[T, P, N, ceil(K/32)]``: the T deltas' planes (1 <= P <= 8).
+        scales: floating ``[T, P, R, C]`` (fp32), R = 1 or N, C = 1 or ``ceil(K/group_size)``.
+        tenant: ``int32``/``int64`` ``[M]`` in ``[-1, T)``; any order, repeats allowed.
+        bias: ``[N]`` floating, or None.
+        group_size: columns per scale group (a multiple of 32) for per-group scales, else None.
+        validate: check that every id is in ``[-1, T)`` (one device sync; pass False when the
+            caller checked them).
+        strategy: ``"grouped"``, ``"rows"`` or ``"auto"`` (rows for ``M <= 64``), as for
+            :func:`multi_tenant_sign_matmul`.
+
+    Returns:
+        ``[M, N]`` in ``x.dtype``.
+
+    Raises:
+        KernelInputError: bad shapes, dtypes, devices, or (validate) tenant ids.
+        TritonUnavailableError: the Triton path cannot run for these tensors.
+    """
+    return launch_multi_tenant_planes(x, weight, packed, scales, tenant, bias, group_size=group_size,
+                                      validate=validate, strategy=strategy)
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -20,12 +20,18 @@ __all__ = [
     "rtne_for_bf16",
     "store_tile",
     "sign_bits_kn",
+    "add_planes_kn3",
     "SIGN_MATMUL_DECODE",
     "SIGN_MATMUL_PREFILL",
     "MT_GROUPED_DECODE",
     "MT_GROUPED_PREFILL",
     "MT_ROWS_CONFIGS",
     "APPLY_DELTA_CONFIGS",
+    "PLANES_DECODE",
+    "PLANES_PREFILL",
+    "MT_PLANES_GROUPED_DECODE",
+    "MT_PLANES_GROUPED_PREFILL",
+    "MT_PLANES_ROWS_CONFIGS",
     "INTERPRET_CONFIG",
     "to_triton_configs",
     "m_bucket",
@@ -88,6 +94,49 @@ def sign_bits_kn(words, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     shifts = 31 - tl.arange(0, 32)
     bits = (words[:, None, :] << shifts[None, :, None]) & _SIGN_BIT  # [BK/32, 32, BN]
     return tl.reshape(bits, (BLOCK_K, BLOCK_N))
+
+
+@triton.jit
+def add_planes_kn3(tile, p_ptrs, s_ptr, k0, offs_w, offs_n, w_mask, n_mask, G, stride_pp, stride_sp, stride_sn,
+                   stride_sc, NUM_PLANES: tl.constexpr, GROUPED: tl.constexpr):
+    """``tile + Σᵢ sᵢ ⊙ Sᵢ`` over one K step of the planes codec, transposed for ``tl.dot(x, ·)``.
+
+    Args:
+        tile: fp32 ``[BLOCK_K // 32, 32, BLOCK_N]``: element ``(w, j, n)`` is column ``k0 + 32*w + j``
+            of output row ``n`` (the base weight tile, or zeros / ``-0.0`` for the delta alone).
+        p_ptrs: ``[BLOCK_K // 32, BLOCK_N]`` pointers to plane 0's words of this K step (layout v1);
+            plane ``i`` is at ``+ i * stride_pp``.
+        s_ptr: pointer to plane 0's scales (fp32 ``[R, C]`` with strides ``stride_sn`` / ``stride_sc``:
+            0 for a broadcast dimension, so per-matrix, per-row and per-group scales share the code);
+            plane ``i`` at ``+ i * stride_sp``.
+        k0: first column of the step; offs_w: ``arange(BLOCK_K // 32)``; offs_n: the tile's rows.
+        w_mask: ``[BLOCK_K // 32, BLOCK_N]`` words in bounds; n_mask: ``[BLOCK_N]``.
+        G: columns per scale group (a multiple of 32; read only if ``GROUPED``).
+        NUM_PLANES: ``P`` (unrolled). GROUPED: the scales vary along K (per word: a word's 32
+            columns always share a group, since G is a multiple of 32; no constraint on BLOCK_K).
+
+    Returns:
+        fp32 ``[BLOCK_K // 32, 32, BLOCK_N]``: planes added in order (as deltahub's decode does:
+        bit-identical fp32 sums). ``sᵢ·Sᵢ`` is ``-sᵢ`` with its sign bit XOR-ed by the packed bit
+        moved to bit 31 (shift, and, xor per element; exact). Columns past K get ``±s`` (x is 0
+        there, and so is W).
+    """
+    shifts = 31 - tl.arange(0, 32)
+    if GROUPED:
+        s_off = ((k0 + offs_w * 32) // G)[:, None] * stride_sc + offs_n[None, :] * stride_sn
+    else:
+        s_off = offs_n * stride_sn
+    for i in tl.static_range(NUM_PLANES):
+        words = tl.load(p_ptrs + i * stride_pp, mask=w_mask, other=0)
+        if GROUPED:
+            s = tl.load(s_ptr + i * stride_sp + s_off, mask=w_mask, other=0.0).to(tl.float32)
+            neg = (-s).to(tl.int32, bitcast=True)[:, None, :]
+        else:
+            s = tl.load(s_ptr + i * stride_sp + s_off, mask=n_mask, other=0.0).to(tl.float32)
+            neg = (-s).to(tl.int32, bitcast=True)[None, None, :]
+        bits = (words[:, None, :] << shifts[None, :, None]) & _SIGN_BIT  # [BK/32, 32, BN]
+        tile += (bits ^ neg).to(tl.float32, bitcast=True)
+    return tile
 
 
 @triton.jit
@@ -165,6 +214,14 @@ MT_ROWS_CONFIGS = [
     _cfg(16, 64, 128, 8, 2),
     _cfg(16, 128, 64, 8, 2),
 ]
+# planes (k sign planes, scales per matrix / row / group): the same tile shapes as sign1, whose
+# K-step work they resemble (one unpacked [BLOCK_K, BLOCK_N] fp32 tile, now the sum of the planes and
+# the base, then ONE tl.dot instead of two). Not yet tuned on a GPU (bench/kernels_gpu.py measures).
+PLANES_DECODE = SIGN_MATMUL_DECODE
+PLANES_PREFILL = SIGN_MATMUL_PREFILL
+MT_PLANES_GROUPED_DECODE = MT_GROUPED_DECODE
+MT_PLANES_GROUPED_PREFILL = MT_GROUPED_PREFILL
+MT_PLANES_ROWS_CONFIGS = MT_ROWS_CONFIGS
 # apply_delta: elementwise over [N, K] tiles (BLOCK_M = rows of W). One fixed config, not autotuned:
 # it is a streaming copy (any reasonable tile runs at memory speed), and autotuning would re-run it
 # on `out`, which may alias the weight (in-place update).

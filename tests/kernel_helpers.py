@@ -33,3 +33,18 @@ def inputs(m: int, n: int, k: int, dtype: torch.dtype, seed: int = 0):
 def close(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
     assert y.dtype == ref.dtype == dtype and y.shape == ref.shape
     torch.testing.assert_close(y.float(), ref.float(), **TOL[dtype])
+
+
+def planes_inputs(m: int, n: int, k: int, planes: int, scales: str, group: int | None, dtype: torch.dtype, seed: int = 0):
+    """``x [m, k]``, ``w [n, k]``, ``b [n]`` in ``dtype``; ``planes`` packed sign planes int32
+    ``[P, n, ceil(k/32)]``, their fp32 scales ``[P, R, C]`` for ``scales`` in matrix/row/group
+    (``group`` columns per group), and the dense signs fp64 ``[P, n, k]``."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    w = (torch.randn(n, k, generator=gen) * 0.1).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype)
+    pairs = [signs(n, k, gen) for _ in range(planes)]
+    r = 1 if scales == "matrix" else n
+    c = -(-k // group) if scales == "group" else 1
+    sc = torch.rand(planes, r, c, generator=gen) * 0.1 + 0.01
+    return x, w, b, torch.stack([p for p, _ in pairs]), sc, torch.stack([d for _, d in pairs])

@@ -1,6 +1,7 @@
 """deltahub.kernels: the references against an independent dense computation (deltahub.codec),
 argument checks, the refusal to run without a GPU or the interpreter, and — in a subprocess with
-TRITON_INTERPRET=1 — every Triton kernel against its reference (tests/kernels_interp_cases.py).
+TRITON_INTERPRET=1 — every Triton kernel against its reference (tests/kernels_interp_cases.py; the
+planes kernels and the planes codec's kernel hooks: tests/kernels_planes_interp_cases.py).
 
 The interpreter must be on before triton is first imported (``@triton.jit``, triton's own standard
 library included, picks it when a function is defined), and other tests of this process import
@@ -21,26 +22,28 @@ import torch
 import deltahub.kernels as K
 from deltahub.codec.packing import unpack_signs
 from deltahub.kernels import KernelInputError, TritonUnavailableError
-from kernel_helpers import DTYPES, close, inputs, signs
+from kernel_helpers import DTYPES, close, inputs, planes_inputs, signs
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = REPO / "tests" / "kernels_interp_cases.py"
+PLANES_CASES = REPO / "tests" / "kernels_planes_interp_cases.py"
 
 
 def test_kernels_match_references_under_the_interpreter(tmp_path):
-    """Runs tests/kernels_interp_cases.py (every kernel vs its reference, 65 cases) in a child
+    """Runs tests/kernels_interp_cases.py (every sign1 kernel vs its reference, 65 cases) and
+    tests/kernels_planes_interp_cases.py (the planes kernels and hooks, 39 cases) in one child
     pytest with TRITON_INTERPRET=1; any failure there fails here, with the child's report."""
     pytest.importorskip("triton", reason="install the test extra: pip install -e .[test]")
     env = dict(os.environ, TRITON_INTERPRET="1", TRITON_CACHE_DIR=str(tmp_path / "cache"))
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES)],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES), str(PLANES_CASES)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )
     report = proc.stdout[-6000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, report
     summary = proc.stdout.strip().splitlines()[-1]
     passed = re.search(r"(\d+) passed", summary)
-    assert passed and int(passed.group(1)) >= 60, summary
+    assert passed and int(passed.group(1)) >= 60 + 35, summary
     assert not re.search(r"failed|error|skipped|xfail", summary), summary
 
 
@@ -70,6 +73,46 @@ def test_references_match_dense_computation(dtype):
 
     want_w = (w.float() + torch.tensor(0.3, dtype=torch.float32) * dense.float()).to(dtype)
     assert torch.equal(K.apply_delta_ref(w, packed, 0.3), want_w)
+
+
+@pytest.mark.parametrize("p,scales,group", [(1, "row", None), (2, "matrix", None), (3, "group", 32),
+                                            (2, "group", 64), (3, "group", 128)])
+def test_planes_references_match_dense_codec_operator_and_decode(p, scales, group):
+    """planes_matmul_ref and multi_tenant_planes_matmul_ref against (a) a formula written here in
+    fp64 from deltahub.codec's unpack_signs, (b) the codec's own torch path (PlanesOperator.matmul)
+    and (c) decode-then-matmul, on a real encode (odd N, K)."""
+    from deltahub import codec as codecs
+
+    n, k = 9, 300
+    x, w, b, _, _, _ = planes_inputs(17, n, k, p, scales, group, torch.float32, seed=p)
+    gen = torch.Generator().manual_seed(p)
+    ft = w + 0.01 * torch.randn(n, k, generator=gen)
+    planes = codecs.get("planes")
+    enc = planes.encode(w, ft, planes=p, scales=scales, **({"group_size": group} if group else {}))
+    packed = torch.stack([enc.parts[f"signs{i}"] for i in range(p)])
+    sc = torch.stack([enc.parts[f"scales{i}"] for i in range(p)])
+    dense = torch.zeros(n, k, dtype=torch.float64)
+    for i in range(p):
+        s = sc[i].double()
+        if s.shape[1] > 1:
+            s = torch.cat([s[:, j : j + 1].expand(n, min(group, k - j * group)) for j in range(s.shape[1])], dim=1)
+        dense += s * unpack_signs(packed[i], k, torch.float64)
+    xd = x.double()
+    g = group if scales == "group" else None
+    close(K.planes_matmul_ref(x, packed, sc, w, b, group_size=g), (xd @ (w.double() + dense).T + b.double()).float(), torch.float32)
+    op = planes.operator(enc.parts, enc.params, (n, k))
+    close(K.planes_matmul_ref(x, packed, sc, group_size=g), op.matmul(x), torch.float32)
+    decoded = planes.decode(w, enc.parts, enc.params, torch.float32)
+    close(K.planes_matmul_ref(x, packed, sc, w, group_size=g), x @ decoded.T, torch.float32)
+    # multi-tenant: tenant 1 is this delta, tenant 0 its signs flipped, -1 the base
+    stack = torch.stack([~packed, packed])  # padding bits set too: unpacking ignores them
+    tenant = torch.tensor([1, -1, 0] * 5 + [1, 1])
+    y = K.multi_tenant_planes_matmul_ref(x, w, stack, torch.stack([sc, sc]), tenant, b, group_size=g)
+    rows = {1: K.planes_matmul_ref(x, packed, sc, w, b, group_size=g),
+            0: K.planes_matmul_ref(x, stack[0], sc, w, b, group_size=g),
+            -1: (xd @ w.double().T + b.double()).float()}
+    for i, t in enumerate(tenant.tolist()):
+        close(y[i : i + 1], rows[t][i : i + 1], torch.float32)
 
 
 def test_unpack_signs_dense_matches_codec():
@@ -125,6 +168,11 @@ def test_without_gpu_or_interpreter_the_kernels_refuse(monkeypatch):
     with pytest.raises(TritonUnavailableError):
         K.multi_tenant_sign_matmul(x, w, packed[None], torch.ones(1), torch.zeros(2, dtype=torch.long))
     assert K.sign_matmul_ref(x, packed, 1.0, w).shape == (2, 5)
+    with pytest.raises(TritonUnavailableError, match="TRITON_INTERPRET=1"):
+        K.planes_matmul(x, packed[None], torch.ones(1, 5, 1), w)
+    with pytest.raises(TritonUnavailableError):
+        K.multi_tenant_planes_matmul(x, w, packed[None, None], torch.ones(1, 1, 1, 1), torch.zeros(2, dtype=torch.long))
+    assert K.planes_matmul_ref(x, packed[None], torch.ones(1, 5, 1), w).shape == (2, 5)
 
 
 def test_tensors_beyond_int32_offsets_are_refused():
@@ -140,6 +188,12 @@ def test_tensors_beyond_int32_offsets_are_refused():
     stack = torch.empty(3, 65536, 1024, dtype=torch.int32, device="meta")  # tenant axis: int64, fine
     with pytest.raises(KernelInputError, match="weight spans"):
         K.multi_tenant_sign_matmul(x, big, stack, torch.ones(3, device="meta"), torch.zeros(1, dtype=torch.long, device="meta"))
+    planes = torch.empty(2, 65536, 1024, dtype=torch.int32, device="meta")
+    with pytest.raises(KernelInputError, match="weight spans"):
+        K.planes_matmul(x, planes, torch.ones(2, 65536, 1, device="meta"), big)
+    with pytest.raises(KernelInputError, match="planes spans"):  # the plane axis uses int32 offsets
+        K.planes_matmul(x, torch.empty(64, 65536, 1024, dtype=torch.int32, device="meta")[::8],
+                        torch.ones(8, 65536, 1, device="meta"))
     small = torch.empty(65536, 4096, dtype=torch.float16, device="meta")
     with pytest.raises(TritonUnavailableError):  # offsets fine: refused only for the meta device
         K.multi_tenant_sign_matmul(

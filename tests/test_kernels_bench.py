@@ -47,3 +47,10 @@ def test_kernels_gpu_smoke(tmp_path):
         assert d["bound_16B_over_16_plus_B"] == pytest.approx(16 * d["tenants"] / (16 + d["tenants"]))
     assert data["goals_at_max_B"]["tenants"] == 3
     assert "## decode step" in proc.stdout and "16B/(16+B)" in proc.stdout
+    planes = data["planes"]  # section 4: P = 1, 2, 4 x row / group-128 scales, single and multi-tenant
+    single = [e for e in planes if e["kernel"] == "planes_matmul (W + delta)"]
+    multi = [e for e in planes if e["kernel"] == "multi_tenant_planes_matmul"]
+    assert sorted((e["planes"], e["scales"]) for e in single) == sorted((p, g) for p in (1, 2, 4) for g in ("row", "group128"))
+    assert len(multi) == 6 and all(e["tenants"] == 3 and set(e["ms"]) == {"grouped", "rows"} for e in multi)
+    assert all(e["gbps"] > 0 and e["ratio_vs_sign1"] > 0 for e in planes)
+    assert "## planes_matmul" in proc.stdout and "## multi_tenant_planes_matmul" in proc.stdout

@@ -11,7 +11,9 @@ every kernel, specialized as Triton does for contiguous tensors on a GPU (unit s
 16-divisible pointers and sizes), in fp16 with all optional inputs; for sm_80 the first config of
 each kernel so (to keep the test fast on 2 cores); and for both targets, on one config per kernel,
 the other dtypes (bf16, and fp32 with IEEE ``tl.dot``) and the variants without base weight / bias /
-scale pointer, unspecialized.
+scale pointer, unspecialized. The planes kernels (``tl_planes``): every config of
+``planes_matmul_kernel`` for sm_90, the first config of each multi-tenant one, and variants (bf16,
+fp32, 1 plane per row without base or bias, 8 planes) on both targets.
 Running the kernels needs a GPU: ``bench/kernels_gpu.py`` does that.
 
 Run as a script (``python tests/test_kernels_compile.py --cc 90``) it compiles and prints one JSON
@@ -33,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 # argument-name -> signature type; "X" = the activation dtype
 _PTR_TYPES = {
     "x_ptr": "X", "w_ptr": "X", "b_ptr": "X", "y_ptr": "X", "o_ptr": "X",
-    "p_ptr": "i32", "scale_ptr": "fp32", "scales_ptr": "fp32", "t_ptr": "i64",
+    "p_ptr": "i32", "scale_ptr": "fp32", "scales_ptr": "fp32", "s_ptr": "fp32", "t_ptr": "i64",
 }
 _UNIT_STRIDES = {"stride_xk", "stride_wk", "stride_pw", "stride_yn", "stride_ok"}
 _TL = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
@@ -45,8 +47,8 @@ def _cases(all_configs: bool) -> list[dict]:
 
     cases = []
 
-    def add(kernel, configs, flags, variants):
-        for cfg in configs if all_configs else configs[:1]:  # fp16, everything on, specialized
+    def add(kernel, configs, flags, variants, every_config=True):
+        for cfg in configs if all_configs and every_config else configs[:1]:  # fp16, everything on, specialized
             cases.append(dict(kernel=kernel, dtype="float16", flags=flags, config=cfg, specialized=True))
         for dtype, override in variants:  # other dtypes / flags on the first config, generic
             cases.append(dict(kernel=kernel, dtype=dtype, flags={**flags, **override}, config=configs[0], specialized=False))
@@ -65,6 +67,22 @@ def _cases(all_configs: bool) -> list[dict]:
     ]
     add("tl_multi_tenant.mt_grouped_kernel", c.MT_GROUPED_DECODE + c.MT_GROUPED_PREFILL, mt, mt_variants)
     add("tl_multi_tenant.mt_rows_kernel", c.MT_ROWS_CONFIGS, mt, mt_variants)
+    # planes: every config of the single-delta kernel on sm_90 (2 planes, per-group scales); the
+    # multi-tenant ones on their first config; variants: other dtypes, 1 plane per row without
+    # base/bias, and 8 planes (the most registers)
+    pl = dict(NUM_PLANES=2, HAS_WEIGHT=True, HAS_BIAS=True, GROUPED=True, FP32_DOT=False, BF16_FIX=False)
+    add("tl_planes.planes_matmul_kernel", c.PLANES_DECODE + c.PLANES_PREFILL, pl, [
+        ("bfloat16", {}),
+        ("float32", {"FP32_DOT": True}),
+        ("float16", {"NUM_PLANES": 1, "HAS_WEIGHT": False, "HAS_BIAS": False, "GROUPED": False}),
+        ("float16", {"NUM_PLANES": 8}),
+    ])
+    pl_variants = [
+        ("float32", {"FP32_DOT": True, "GROUPED": False}),
+        ("float16", {"NUM_PLANES": 8, "HAS_WEIGHT": False, "HAS_BIAS": False}),
+    ]
+    add("tl_planes.mt_planes_grouped_kernel", c.MT_PLANES_GROUPED_DECODE, pl, pl_variants, every_config=False)
+    add("tl_planes.mt_planes_rows_kernel", c.MT_PLANES_ROWS_CONFIGS, pl, pl_variants, every_config=False)
     ad = dict(SCALE_FROM_PTR=True, BF16_FIX=False)
     add("tl_apply_delta.apply_delta_kernel", c.APPLY_DELTA_CONFIGS, ad, [
         ("bfloat16", {"SCALE_FROM_PTR": False}),
@@ -141,7 +159,7 @@ def _expects_mma(case: dict) -> bool:
     kernel, flags = case["kernel"], case["flags"]
     if kernel.endswith("apply_delta_kernel") or flags.get("FP32_DOT"):
         return False
-    return not (kernel.endswith("mt_rows_kernel") and not flags["HAS_WEIGHT"])
+    return not (kernel.endswith(("mt_rows_kernel", "mt_planes_rows_kernel")) and not flags["HAS_WEIGHT"])
 
 
 def _child_env(cache: Path) -> dict[str, str]:
@@ -181,7 +199,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
                 if _expects_mma(r["case"]):
                     assert r["ptx_has_mma"], f"sm_{cc} {r['case']}: no mma instruction in the PTX"
     assert not failures, "\n\n".join(failures)
-    assert counts[90] >= 30 and counts[80] >= 15, counts
+    assert counts[90] >= 30 + 20 and counts[80] >= 15 + 11, counts
 
 
 if __name__ == "__main__":

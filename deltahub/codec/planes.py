@@ -26,9 +26,10 @@ import torch
 from torch import Tensor
 
 from . import signs
-from .base import DeltaOperator, Encoded, JSONValue, PartSpec, TensorCodec
+from .base import DeltaOperator, Encoded, JSONValue, PartSpec, TenantDeltas, TensorCodec
 from .codecs import CodecError, NonFiniteDeltaError
 from .packing import WORD_BITS, pack_signs, packed_shape
+from .planes_apply import planes_kernel_linear, stack_planes
 
 __all__ = ["PlanesCodec", "PlanesOperator", "GRANULARITIES", "MAX_PLANES"]
 
@@ -261,3 +262,13 @@ class PlanesOperator(DeltaOperator):
                 packed, index, self.in_features, torch.float32
             )
         return out
+
+    # ---- kernels (deltahub.codec.planes_apply): the runtime hands in deltahub.kernels on a GPU
+    def kernel_linear(self, kernels: Any, x2d: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
+        """``x·(W + Δ)ᵀ + bias`` in one ``kernels.planes_matmul`` call (``[M, N]`` in x's dtype)."""
+        return planes_kernel_linear(self, kernels, x2d, weight, bias)
+
+    @classmethod
+    def stack(cls, ops: Mapping[int, DeltaOperator], n_tenants: int) -> TenantDeltas:
+        """Several tenants' planes deltas of one weight (``kernels.multi_tenant_planes_matmul``)."""
+        return stack_planes(ops, n_tenants)  # type: ignore[arg-type]

@@ -2,23 +2,29 @@
 
 A synthetic Llama-style fp16 checkpoint pair (base, fine-tune = base + small noise; default about
 1.1 GB each) is written once with the library's safetensors writer, and the base is ``Store.add``-ed.
-Then, each repeated ``--repeats`` times (median reported):
+Then ``--repeats`` rounds (medians reported), each round timing, in this order (interleaved, so a
+change of load on a shared machine hits the baselines and the operations alike):
 
 (a) baseline: read every tensor's bytes of BOTH input checkpoints once
-    (``SafetensorsReader.read``), vs ``Store.compress(ft, base=...)``  -> ratio, goal <= 2x.
+    (``SafetensorsReader.read``), vs ``Store.compress(ft, base=...)`` with each codec of
+    ``--codecs`` (a new name each round):
+      ``sign1``   the default codec (one plane, one scale per matrix)   -> goal <= 2x
+      ``planes1`` ``--codec planes``, 1 plane, per-row scales           -> goal <= 2x
+      ``planes4`` ``--bits 4``: ``planes``, 4 planes, per-row scales    -> goal <= 3x
     A warm-up read runs first, so the baseline and compress both read from the page cache.
-(b) baseline: ``shutil.copytree`` of the fp16 fine-tune checkpoint, vs
-    ``Store.materialize(name, out, dtype="float16")``                   -> ratio, goal <= 1.5x.
-    ``os.sync()`` runs (untimed) before every repeat so earlier writeback does not leak into the
-    next timing. Note materialize fsyncs its output and copytree does not; a copytree + fsync
-    figure is printed as well, for information.
+(b) baseline: ``shutil.copytree`` of the fp16 fine-tune checkpoint followed by an fsync of every
+    file (materialize makes its output durable, so the baseline does too), vs
+    ``Store.materialize(name, out, dtype="float16")`` of the deltas of ``--materialize``
+    (default: the sign1 delta, goal <= 1.5x; planes4 for information). A plain copytree (no fsync)
+    is timed too, for information. ``os.sync()`` runs (untimed) before every timed step so earlier
+    writeback does not leak into the next timing.
 
-Finally one compress and one materialize run under cProfile; the top functions by cumulative time
-go to stderr.
+Finally (unless ``--no-profile``) one compress per codec and one materialize run under cProfile; the
+top functions by cumulative time go to stderr and into the JSON.
 
 Usage:
   python bench/speed.py                       # default ~1.1 GB per checkpoint
-  python bench/speed.py --layers 2 --repeats 1 --vocab 8000    # quick check
+  python bench/speed.py --layers 1 --vocab 4000 --hidden 1024 --intermediate 2816 --heads 8 --repeats 1   # smoke
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
     LlamaShape,
+    Timing,
     add_layout_args,
     add_workdir_args,
     drop_dirty_pages,
@@ -44,15 +51,20 @@ from bench.common import (  # noqa: E402
     profile_top,
     scratch_dir,
     setup_torch,
-    time_repeats,
     tree_bytes,
     write_checkpoint_pair,
     write_results,
 )
 
 DEFAULT_LAYOUT = LlamaShape(hidden=2048, intermediate=5632, layers=8, vocab=32000, heads=16)
-GOAL_COMPRESS = 2.0
 GOAL_MATERIALIZE = 1.5
+
+#: name -> (Store.compress codec, codec_options, goal vs reading both checkpoints, description)
+CODECS: dict[str, tuple[str, dict | None, float, str]] = {
+    "sign1": ("sign1", None, 2.0, "sign1 (1 plane, matrix scale)"),
+    "planes1": ("planes", {"planes": 1, "scales": "row"}, 2.0, "planes x1, row scales"),
+    "planes4": ("planes", {"planes": 4, "scales": "row"}, 3.0, "planes x4, row scales (--bits 4)"),
+}
 
 
 def read_checkpoint(ckpt_dir: Path) -> int:
@@ -71,6 +83,33 @@ def fsync_tree(root: Path) -> None:
         for f in files:
             with open(os.path.join(dirpath, f), "rb") as fh:
                 os.fsync(fh.fileno())
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def codec_list(text: str) -> list[str]:
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    bad = [c for c in names if c not in CODECS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown codec(s) {bad}; choose from {', '.join(CODECS)}")
+    return names
+
+
+def timed(fn, label: str, times: list[float]) -> float:
+    """Run ``fn`` once after an (untimed) ``os.sync``; append and return its wall time."""
+    import gc
+
+    drop_dirty_pages()
+    gc.collect()
+    t0 = time.perf_counter()
+    fn()
+    dt = time.perf_counter() - t0
+    times.append(dt)
+    log(f"  {label}: {dt:.2f} s")
+    return dt
 
 
 def main() -> int:
@@ -78,7 +117,12 @@ def main() -> int:
     add_layout_args(p, DEFAULT_LAYOUT)
     add_workdir_args(p)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--embeddings", choices=["dense", "sign1"], default="dense")
+    p.add_argument("--embeddings", choices=["dense", "sign1"], default=None,
+                   help="embeddings mode of every compress (default: the library's, sign1)")
+    p.add_argument("--codecs", type=codec_list, default=list(CODECS),
+                   help=f"codecs to compress with, comma-separated (default: {','.join(CODECS)})")
+    p.add_argument("--materialize", type=codec_list, default=["sign1", "planes4"],
+                   help="deltas to materialize (of those compressed; default sign1,planes4; the goal is sign1's)")
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
@@ -86,10 +130,27 @@ def main() -> int:
     os.environ.setdefault("DELTAHUB_DISABLE_PROGRESS_BARS", "1")
 
     import deltahub
+    from deltahub import defaults
 
+    embeddings = args.embeddings or defaults.DEFAULT_EMBEDDINGS
+    codecs = args.codecs
+    mats = [c for c in args.materialize if c in codecs]
     layout = layout_from_args(args)
     log(layout.describe())
-    res: dict = {"goals": {"compress_over_read": GOAL_COMPRESS, "materialize_over_copytree": GOAL_MATERIALIZE}}
+    load_start = os.getloadavg()
+    res: dict = {
+        "goals": {f"compress_{c}_over_read": CODECS[c][2] for c in CODECS}
+        | {"materialize_over_copytree_fsync": GOAL_MATERIALIZE},
+        "embeddings": embeddings,
+        "load_avg_at_start": load_start,
+    }
+    read_times: list[float] = []
+    comp_times: dict[str, list[float]] = {c: [] for c in codecs}
+    copy_times: list[float] = []
+    copy_sync_times: list[float] = []
+    mat_times: dict[str, list[float]] = {c: [] for c in mats}
+    deltas: dict[str, dict] = {}
+    prof: dict = {}
     with scratch_dir("speed", args.workdir, args.keep) as work:
         base_dir, ft_dir = work / "base", work / "ft"
         t = time.perf_counter()
@@ -103,82 +164,85 @@ def main() -> int:
         store.add(base_dir, name="base")
         add_s = time.perf_counter() - t
         log(f"Store.add(base): {add_s:.1f} s (informational, not repeated)")
-        drop_dirty_pages()
 
-        # ---------------------------------------------------------------- (a) compress
-        log("warm-up read of both checkpoints (page cache)")
-        read_checkpoint(base_dir)
-        read_checkpoint(ft_dir)
-        read_t = time_repeats(lambda i: (read_checkpoint(base_dir), read_checkpoint(ft_dir)), args.repeats, label="read both checkpoints")
-        results: list = []
-        comp_t = time_repeats(
-            lambda i: results.append(store.compress(ft_dir, base="base", name=f"ft-{i}", embeddings=args.embeddings)),
-            args.repeats,
-            before=lambda i: drop_dirty_pages(),
-            label="Store.compress",
-        )
-        cres = results[0]
-        log(f"delta: {fmt_bytes(cres.stored_bytes)} ({cres.codecs}), fp16/delta = {cres.ratio:.2f}x")
-
-        # ---------------------------------------------------------------- (b) materialize
         def rm(path: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
-        copy_t = time_repeats(
-            lambda i: shutil.copytree(ft_dir, work / f"copy-{i}"),
-            args.repeats,
-            before=lambda i: drop_dirty_pages(),
-            after=lambda i: rm(work / f"copy-{i}"),
-            label="shutil.copytree(ft)",
-        )
-        copy_sync_t = time_repeats(
-            lambda i: (shutil.copytree(ft_dir, work / f"copys-{i}"), fsync_tree(work / f"copys-{i}")),
-            args.repeats,
-            before=lambda i: drop_dirty_pages(),
-            after=lambda i: rm(work / f"copys-{i}"),
-            label="copytree + fsync",
-        )
-        mat_t = time_repeats(
-            lambda i: store.materialize("ft-0", work / f"mat-{i}", dtype="float16"),
-            args.repeats,
-            before=lambda i: drop_dirty_pages(),
-            after=lambda i: rm(work / f"mat-{i}"),
-            label="Store.materialize(fp16)",
-        )
+        def compress(c: str, name: str):
+            codec, options, _goal, _desc = CODECS[c]
+            return store.compress(ft_dir, base="base", name=name, embeddings=embeddings, codec=codec,
+                                  codec_options=options)
 
-        # ---------------------------------------------------------------- profiles
-        prof: dict = {}
+        log("warm-up read of both checkpoints (page cache)")
+        read_checkpoint(base_dir)
+        read_checkpoint(ft_dir)
+        for i in range(args.repeats):
+            log(f"round {i + 1}/{args.repeats} (load average {os.getloadavg()[0]:.2f})")
+            timed(lambda: (read_checkpoint(base_dir), read_checkpoint(ft_dir)), "read both checkpoints", read_times)
+            for c in codecs:
+                out: list = []
+                timed(lambda: out.append(compress(c, f"{c}-{i}")), f"compress {c}", comp_times[c])
+                if c not in deltas:
+                    r = out[0]
+                    deltas[c] = {"name": r.name, "manifest_id": r.manifest_id, "stored_bytes": r.stored_bytes,
+                                 "fp16_over_delta": r.ratio, "codecs": r.codecs}
+                    log(f"  delta {c}: {fmt_bytes(r.stored_bytes)} ({r.codecs}), fp16/delta = {r.ratio:.2f}x")
+                elif out[0].manifest_id != deltas[c]["manifest_id"]:
+                    raise SystemExit(f"compress {c} is not deterministic: {out[0].manifest_id} != {deltas[c]['manifest_id']}")
+            timed(lambda: shutil.copytree(ft_dir, work / "copy"), "copytree(ft)", copy_times)
+            rm(work / "copy")
+            timed(lambda: (shutil.copytree(ft_dir, work / "copys"), fsync_tree(work / "copys")), "copytree + fsync",
+                  copy_sync_times)
+            rm(work / "copys")
+            for c in mats:
+                timed(lambda: store.materialize(deltas[c]["name"], work / "mat", dtype="float16"), f"materialize {c}",
+                      mat_times[c])
+                rm(work / "mat")
+
         if not args.no_profile:
-            drop_dirty_pages()
-            prof["compress"] = profile_top(
-                lambda: store.compress(ft_dir, base="base", name="ft-prof", embeddings=args.embeddings),
-                label="Store.compress",
-            )
-            drop_dirty_pages()
-            prof["materialize"] = profile_top(
-                lambda: store.materialize("ft-0", work / "mat-prof", dtype="float16"), label="Store.materialize"
-            )
-            rm(work / "mat-prof")
+            for c in codecs:
+                drop_dirty_pages()
+                prof[f"compress_{c}"] = profile_top(lambda: compress(c, f"{c}-prof"), label=f"Store.compress {c}")
+            for c in mats[:1]:
+                drop_dirty_pages()
+                prof[f"materialize_{c}"] = profile_top(
+                    lambda: store.materialize(deltas[c]["name"], work / "mat-prof", dtype="float16"),
+                    label=f"Store.materialize {c}",
+                )
+                rm(work / "mat-prof")
         store.close()
 
-    r_comp = comp_t.median / read_t.median
-    r_mat = mat_t.median / copy_t.median
-    r_mat_sync = mat_t.median / copy_sync_t.median
+    load_end = os.getloadavg()
+    read_t, copy_t, copy_sync_t = Timing(read_times), Timing(copy_times), Timing(copy_sync_times)
     print()
     print(
-        f"Synthetic {layout.describe()}; fine-tune checkpoint {fmt_bytes(ckpt_bytes)}; "
-        f"median of {args.repeats}; inputs read from the page cache (warm-up read first)."
+        f"Synthetic {layout.describe()}; fine-tune checkpoint {fmt_bytes(ckpt_bytes)}; embeddings {embeddings}; "
+        f"median of {args.repeats} interleaved rounds; inputs read from the page cache (warm-up read first); "
+        f"load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end."
     )
-    rows = [
-        ["baseline: read both checkpoints", f"{read_t.median:.2f}", "1.00", ""],
-        [f"Store.compress (embeddings {args.embeddings})", f"{comp_t.median:.2f}", f"{r_comp:.2f}",
-         f"<= {GOAL_COMPRESS:g}x: {'yes' if r_comp <= GOAL_COMPRESS else 'NO'}"],
-        ["baseline: shutil.copytree(ft)", f"{copy_t.median:.2f}", "1.00", ""],
-        ["(info) copytree + fsync", f"{copy_sync_t.median:.2f}", f"{copy_sync_t.median / copy_t.median:.2f}", ""],
-        ["Store.materialize(dtype=float16)", f"{mat_t.median:.2f}", f"{r_mat:.2f}",
-         f"<= {GOAL_MATERIALIZE:g}x: {'yes' if r_mat <= GOAL_MATERIALIZE else 'NO'} "
-         f"({r_mat_sync:.2f}x vs copytree+fsync)"],
+
+    def verdict(r: float, goal: float) -> str:
+        return f"<= {goal:g}x: {'yes' if r <= goal else 'NO'}"
+
+    rows = [["baseline: read both checkpoints", f"{read_t.median:.2f}", "1.00", ""]]
+    comp_json = {}
+    for c in codecs:
+        t = Timing(comp_times[c])
+        r = t.median / read_t.median
+        rows.append([f"Store.compress {CODECS[c][3]}", f"{t.median:.2f}", f"{r:.2f}", verdict(r, CODECS[c][2])])
+        comp_json[c] = {**t.to_json(), "over_read": r, "goal": CODECS[c][2], "delta": deltas[c]}
+    rows += [
+        ["baseline: copytree(ft) + fsync", f"{copy_sync_t.median:.2f}", "1.00", ""],
+        ["(info) copytree(ft), no fsync", f"{copy_t.median:.2f}", f"{copy_t.median / copy_sync_t.median:.2f}", ""],
     ]
+    mat_json = {}
+    for c in mats:
+        t = Timing(mat_times[c])
+        r = t.median / copy_sync_t.median
+        goal = verdict(r, GOAL_MATERIALIZE) if c == "sign1" else "(info)"
+        rows.append([f"Store.materialize({c}, float16)", f"{t.median:.2f}", f"{r:.2f}",
+                     f"{goal} ({t.median / copy_t.median:.2f}x vs copytree without fsync)"])
+        mat_json[c] = {**t.to_json(), "over_copytree_fsync": r, "over_copytree": t.median / copy_t.median}
     print_table(["operation", "median s", "ratio", "goal"], rows)
     print()
     res.update(
@@ -189,17 +253,14 @@ def main() -> int:
             },
             "checkpoint_bytes": ckpt_bytes,
             "page_cache": "warm: a warm-up read precedes the timed reads and compresses",
+            "repeats": args.repeats,
             "add_base_s": add_s,
             "read_both": read_t.to_json(),
-            "compress": comp_t.to_json(),
-            "compress_over_read": r_comp,
+            "compress": comp_json,
             "copytree": copy_t.to_json(),
             "copytree_fsync": copy_sync_t.to_json(),
-            "materialize": mat_t.to_json(),
-            "materialize_over_copytree": r_mat,
-            "materialize_over_copytree_fsync": r_mat_sync,
-            "delta_bytes": cres.stored_bytes,
-            "delta_codecs": cres.codecs,
+            "materialize": mat_json,
+            "load_avg_at_end": load_end,
             "profile_top_cumulative": prof,
         }
     )

@@ -22,14 +22,16 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from . import signs
 from .base import DeltaOperator, Encoded, JSONValue, PartSpec, TenantDeltas, TensorCodec
 from .codecs import CodecError, NonFiniteDeltaError
-from .packing import WORD_BITS, pack_signs, packed_shape
+from .packing import WORD_BITS, pack_signs, packed_shape, sign_lut
 from .planes_apply import planes_kernel_linear, stack_planes
+from .sign1 import run_row_blocks
 
 __all__ = ["PlanesCodec", "PlanesOperator", "GRANULARITIES", "MAX_PLANES"]
 
@@ -41,7 +43,6 @@ DEFAULT_PLANES = 2
 #: per-row scales keeps 97 % of the fine-tune's gain at 18.4 MB, against sign1's 94 % at 17.6 MB;
 #: two planes with per-row scales keep 99 % at 36.1 MB (docs/design.md).
 DEFAULT_SCALES = "row"
-_ROWS_PER_CHUNK_ELEMS = 1 << 22  # rows decoded at once: ~16 MiB of fp32 temporaries
 
 
 def _scale_shape(n: int, k: int, params: Mapping[str, Any]) -> tuple[int, int]:
@@ -169,28 +170,9 @@ class PlanesCodec(TensorCodec):
         params = self.check_params(self._params(options), tuple(finetuned.shape))
         if base.shape != finetuned.shape:
             raise CodecError(f"shape mismatch: base is {list(base.shape)}, finetuned is {list(finetuned.shape)}")
-        r = finetuned.to(torch.float32) - base.to(torch.float32)
-        if not bool(torch.isfinite(r).all()):
-            raise NonFiniteDeltaError("the delta holds NaN or Inf")
-        n, k = r.shape
-        group = int(params["group_size"]) if params["scales"] == "group" else None
-        delta_sq = float(r.double().pow(2).sum())
-        base_sq = float(base.double().pow(2).sum())
-        parts: dict[str, Tensor] = {}
-        for i in range(int(params["planes"])):
-            bits = r >= 0
-            s = _group_means(r.abs(), params)
-            parts[f"signs{i}"] = pack_signs(r)
-            parts[f"scales{i}"] = s.contiguous()
-            step = _expand(s, n, k, group) * torch.where(bits, 1.0, -1.0)
-            r = r - step
-        err = float(r.double().pow(2).sum())
-        return Encoded(
-            parts=parts,
-            params=params,
-            rel_recon_error=math.sqrt(err / delta_sq) if delta_sq else 0.0,
-            rel_delta_norm=math.sqrt(delta_sq / base_sq) if base_sq else (0.0 if not delta_sq else None),
-        )
+        if params["scales"] == "matrix":  # one scale per plane over the whole matrix: not row-separable
+            return _encode_whole(base, finetuned, params)
+        return _encode_rows(base, finetuned, params)
 
     def decode(self, base: Tensor | None, parts: Mapping[str, Tensor], params: Mapping[str, JSONValue],
                out_dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
@@ -203,15 +185,43 @@ class PlanesCodec(TensorCodec):
             if f"signs{i}" not in parts or f"scales{i}" not in parts:
                 raise CodecError(f"codec planes needs parts signs{i} and scales{i}")
         result = out if out is not None else torch.empty((n, k), dtype=out_dtype)
-        rows = max(1, _ROWS_PER_CHUNK_ELEMS // max(1, k))
-        for r0 in range(0, n, rows):
-            r1 = min(n, r0 + rows)
-            acc = base[r0:r1].to(torch.float32)
-            for i in range(planes):
-                s = parts[f"scales{i}"]
-                s = s if s.shape[0] == 1 else s[r0:r1]
-                acc = acc + _expand(s, r1 - r0, k, group) * signs.unpack_rows(parts[f"signs{i}"][r0:r1], k, torch.float32)
-            result[r0:r1].copy_(acc)
+        if n == 0 or k == 0:
+            return result
+        packed = [parts[f"signs{i}"].contiguous().view(torch.uint8) for i in range(planes)]  # [N, 4W]
+        scales = [parts[f"scales{i}"] for i in range(planes)]
+        nbytes = packed[0].shape[1]
+        wide = nbytes * 8
+        direct = result.dtype == torch.float32  # accumulate straight into the output
+        rows = max(1, _TILE_ELEMS // max(1, k))
+        lut = sign_lut()
+
+        def worker():
+            idx_buf = torch.empty(rows * nbytes, dtype=torch.int32)
+            sgn_buf = torch.empty(rows * nbytes, dtype=torch.int64)
+            sf_buf = torch.empty((rows, k), dtype=torch.float32)
+            acc_buf = None if direct else torch.empty((rows, k), dtype=torch.float32)
+
+            def tile(r0: int, r1: int) -> None:
+                r = r1 - r0
+                acc = result[r0:r1] if acc_buf is None else acc_buf[:r]
+                acc.copy_(base[r0:r1])  # exact widening to fp32
+                sf = sf_buf[:r]
+                idx = idx_buf[: r * nbytes]
+                sgn = sgn_buf[: r * nbytes]
+                for i in range(planes):
+                    idx.copy_(packed[i][r0:r1].reshape(-1))
+                    torch.index_select(lut, 0, idx, out=sgn)  # byte -> 8 int8 signs
+                    sf.copy_(sgn.view(torch.int8).view(r, wide)[:, :k])  # +-1, fp32
+                    s = scales[i]
+                    s = s if s.shape[0] == 1 else s[r0:r1]
+                    # acc + s*S: the product is exactly +-s, then one fp32 rounding per plane
+                    acc.addcmul_(sf, _expand(s, r, k, group))
+                if acc_buf is not None:
+                    result[r0:r1].copy_(acc)  # the single rounding to out_dtype
+
+            return tile
+
+        run_row_blocks(n, rows, n * k, worker)
         return result
 
     # ------------------------------------------------------------------ inference
@@ -272,3 +282,135 @@ class PlanesOperator(DeltaOperator):
     def stack(cls, ops: Mapping[int, DeltaOperator], n_tenants: int) -> TenantDeltas:
         """Several tenants' planes deltas of one weight (``kernels.multi_tenant_planes_matmul``)."""
         return stack_planes(ops, n_tenants)  # type: ignore[arg-type]
+
+# Encode and decode work on tiles of whole rows of at most this many elements (fp32 residual, fp64
+# scratch: they stay in a core's cache between passes), on the codec's worker threads, one intra-op
+# thread each (:func:`deltahub.codec.sign1.run_row_blocks`). Row and group scales depend on their
+# own rows only, so every plane of a tile is computed before the next tile is read.
+_TILE_ELEMS = 1 << 16
+
+
+def _row_sums(x: Tensor) -> Tensor:
+    """Per-row sums of a float64 ``[R, K]`` tensor as ``[R, 1]``, each row reduced alone in the
+    same order whatever ``R`` is (a single row is padded with a zero row: torch reduces a
+    one-output sum differently)."""
+    if x.shape[0] == 1:
+        return torch.cat([x, torch.zeros_like(x)]).sum(dim=1, keepdim=True)[:1]
+    return x.sum(dim=1, keepdim=True)
+
+
+def _encode_rows(base: Tensor, finetuned: Tensor, params: dict[str, Any]) -> Encoded:
+    """Encode with per-row or per-group scales, tile by tile (see :data:`_TILE_ELEMS`).
+
+    Exactly the planes of the whole-matrix definition (:func:`_encode_whole`): the delta in fp32,
+    per plane ``bits = R >= 0``, the scale from float64 sums of ``|R|`` per row (or per group of a
+    row), ``R -= ±s`` (one fp32 rounding). The statistics (``‖Δ‖``, ``‖W‖``, the final residual)
+    are float64 row sums added exactly (``math.fsum``): independent of tiles and threads.
+    """
+    n, k = finetuned.shape
+    planes = int(params["planes"])
+    group = int(params["group_size"]) if params["scales"] == "group" else None
+    sn, sc = _scale_shape(n, k, params)
+    w = packed_shape(n, k)[1]
+    signs_out = [torch.zeros((n, w), dtype=torch.int32) for _ in range(planes)]
+    scales_out = [torch.empty((sn, sc), dtype=torch.float32) for _ in range(planes)]
+    row_dsq = torch.zeros(n, dtype=torch.float64)
+    row_bsq = torch.zeros(n, dtype=torch.float64)
+    row_err = torch.zeros(n, dtype=torch.float64)
+    if n == 0 or k == 0:
+        for sc_t in scales_out:
+            sc_t.zero_()
+        return Encoded(parts=_parts(signs_out, scales_out), params=params, rel_recon_error=0.0, rel_delta_norm=0.0)
+    packed_np = [p.numpy().view(np.uint8) for p in signs_out]  # [N, 4W], share memory
+    nbytes = (k + 7) // 8
+    rows = max(1, _TILE_ELEMS // k)
+
+    def worker():
+        b32_buf = torch.empty((rows, k), dtype=torch.float32)
+        r_buf = torch.empty((rows, k), dtype=torch.float32)
+        step_buf = torch.empty((rows, k), dtype=torch.float32)
+        d64_buf = torch.empty((rows, k), dtype=torch.float64)
+        ge_buf = np.empty((rows, k), dtype=np.bool_)
+
+        def tile(r0: int, r1: int) -> None:
+            t = r1 - r0
+            b32, r, step, d64, ge = b32_buf[:t], r_buf[:t], step_buf[:t], d64_buf[:t], ge_buf[:t]
+            b32.copy_(base[r0:r1])  # exact widening
+            r.copy_(finetuned[r0:r1])
+            r.sub_(b32)
+            r.add_(0.0)  # -0.0 -> +0.0 (its bit is 1 either way), so the sign bit below is the bit
+            d64.copy_(b32)
+            row_bsq[r0:r1] = _row_sums(d64.square_()).reshape(-1)
+            for i in range(planes):
+                rn = r.numpy()
+                np.greater_equal(rn, np.float32(0), out=ge)  # NaN -> False, like the layout says
+                packed_np[i][r0:r1, :nbytes] = np.packbits(ge, axis=-1, bitorder="little")
+                d64.copy_(r)
+                d64.abs_()
+                if i == 0:
+                    sums = _row_sums(d64)
+                    if not bool(torch.isfinite(sums).all()):  # fp32 magnitudes cannot overflow in fp64
+                        raise NonFiniteDeltaError("the delta holds NaN or Inf")
+                    row_dsq[r0:r1] = _row_sums(d64.square()).reshape(-1)
+                if group is None:  # row scales
+                    sums = sums if i == 0 else _row_sums(d64)
+                    s = (sums / max(1, k)).float()
+                elif t == 1:  # a single row: padded, so it is reduced like every other row
+                    s = _group_means(torch.cat([d64, torch.zeros_like(d64)]), params)[:1]
+                else:
+                    s = _group_means(d64, params)
+                scales_out[i][r0:r1] = s
+                # R -= (+s if bit else -s): the step is exactly +-s; one fp32 rounding
+                torch.copysign(_expand(s, t, k, group), r, out=step)
+                r.sub_(step)
+            d64.copy_(r)
+            row_err[r0:r1] = _row_sums(d64.square_()).reshape(-1)
+
+        return tile
+
+    run_row_blocks(n, rows, n * k, worker)
+    delta_sq = math.fsum(row_dsq.tolist())
+    base_sq = math.fsum(row_bsq.tolist())
+    err = math.fsum(row_err.tolist())
+    return Encoded(
+        parts=_parts(signs_out, scales_out),
+        params=params,
+        rel_recon_error=math.sqrt(err / delta_sq) if delta_sq else 0.0,
+        rel_delta_norm=math.sqrt(delta_sq / base_sq) if base_sq else (0.0 if not delta_sq else None),
+    )
+
+
+def _parts(signs_out: list[Tensor], scales_out: list[Tensor]) -> dict[str, Tensor]:
+    parts: dict[str, Tensor] = {}
+    for i, (p, s) in enumerate(zip(signs_out, scales_out)):
+        parts[f"signs{i}"] = p
+        parts[f"scales{i}"] = s
+    return parts
+
+
+def _encode_whole(base: Tensor, finetuned: Tensor, params: dict[str, Any]) -> Encoded:
+    """The whole-matrix definition of the encode (used for per-matrix scales, whose means span the
+    matrix): ``R₀ = Δ`` in fp32, per plane ``Sᵢ = R >= 0``, ``sᵢ`` = float64 mean of ``|R|`` per
+    scale group, ``R -= sᵢ ⊙ Sᵢ``."""
+    r = finetuned.to(torch.float32) - base.to(torch.float32)
+    if not bool(torch.isfinite(r).all()):
+        raise NonFiniteDeltaError("the delta holds NaN or Inf")
+    n, k = r.shape
+    group = int(params["group_size"]) if params["scales"] == "group" else None
+    delta_sq = float(r.double().pow(2).sum())
+    base_sq = float(base.double().pow(2).sum())
+    parts: dict[str, Tensor] = {}
+    for i in range(int(params["planes"])):
+        bits = r >= 0
+        s = _group_means(r.abs(), params)
+        parts[f"signs{i}"] = pack_signs(r)
+        parts[f"scales{i}"] = s.contiguous()
+        step = _expand(s, n, k, group) * torch.where(bits, 1.0, -1.0)
+        r = r - step
+    err = float(r.double().pow(2).sum())
+    return Encoded(
+        parts=parts,
+        params=params,
+        rel_recon_error=math.sqrt(err / delta_sq) if delta_sq else 0.0,
+        rel_delta_norm=math.sqrt(delta_sq / base_sq) if base_sq else (0.0 if not delta_sq else None),
+    )

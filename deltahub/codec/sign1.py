@@ -18,10 +18,13 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from collections.abc import Mapping
@@ -32,7 +35,6 @@ from .packing import (
     WORD_BITS,
     check_packed,
     gather_signs,
-    pack_signs_into,
     packed_shape,
     unpack_signs,
 )
@@ -55,13 +57,14 @@ DEFAULT_CHUNK_BYTES = 64 << 20
 # fp64 scratch + bool signs + packed bytes, rounded up.
 _ENCODE_BYTES_PER_ELEM = 24
 
-# Encode/decode work in row tiles of at most this many elements: big enough that the per-op
-# Python overhead is small and torch's own intra-op threads do the parallel work, small enough
-# (1 MiB of fp32) that a tile's temporaries stay in cache between passes. Measured on 2 cores
-# (11008x4096 fp16): 32K-element tiles on two worker threads 0.26 s per encode, 256K-element tiles
-# on the calling thread with torch's threads 0.063 s. ``threads=N`` still spreads tiles over N
-# worker threads (useful when torch runs single-threaded).
-_SERIAL_ELEMS = 1 << 18
+# Encode/decode work in row tiles of at most this many elements, each tile's ops single-threaded
+# (one intra-op thread), tiles handed out to one worker thread per torch thread of the caller
+# (``torch.get_num_threads()``). Measured on the shared 2-core machine (5632x2048 fp16, load
+# average 6-8): torch's own intra-op threads inside 256K-element tiles took 0.3-2.5 s per encode
+# (every op ends on an OpenMP barrier, and a descheduled thread stalls each one), one thread 0.046 s;
+# worker threads that take tiles from a queue never wait for each other. 64K elements keep a tile's
+# temporaries (fp32 base, delta, fp64 scratch) within a core's L2 cache.
+_SERIAL_ELEMS = 1 << 16
 # Below this many elements encode/decode run inline on the calling thread.
 _PARALLEL_MIN_ELEMS = 1 << 20
 
@@ -177,26 +180,47 @@ class _BlockQueue:
 
 
 def _workers(n_blocks: int, numel: int, k: int, threads: int | None = None) -> int:
-    """Worker threads for a chunked job: ``threads`` (default 1: torch's intra-op threads
-    parallelise each tile), at most one per block, and one for small matrices or very long rows."""
-    if numel < _PARALLEL_MIN_ELEMS or k > _SERIAL_ELEMS:
+    """Worker threads for a chunked job: ``threads`` (default: the caller's
+    ``torch.get_num_threads()``), at most one per block, and one for small matrices."""
+    if numel < _PARALLEL_MIN_ELEMS:
         return 1
-    wanted = 1 if threads is None else threads
+    wanted = torch.get_num_threads() if threads is None else threads
     return max(1, min(wanted, n_blocks))
+
+
+@contextmanager
+def _one_intraop_thread(restore: int) -> Iterator[None]:
+    """Run this thread's torch ops on one intra-op thread, then set ``restore`` threads again.
+
+    The intra-op thread count of OpenMP is per thread (each thread's own ICV): setting it here does
+    not change the other threads' ops. Torch also keeps the value for threads that start later, so it
+    is put back to the caller's count at the end.
+    """
+    if restore <= 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(restore)
 
 
 def _run_blocks(n_blocks: int, workers: int, fn: Callable[[_BlockQueue], None]) -> None:
     """Run ``fn(queue)`` on ``workers`` threads (inline if 1) until the queue is empty.
 
     Each call of ``fn`` takes blocks from the shared queue until it is empty (dynamic
-    scheduling: a thread descheduled by other processes just takes fewer blocks). Torch
-    releases the GIL inside ops, so the threads' torch work runs in parallel.
+    scheduling: a thread descheduled by other processes just takes fewer blocks, and no thread
+    ever waits for another mid-way). Every worker runs its torch ops on one intra-op thread, so
+    ``workers`` threads use ``workers`` cores; torch releases the GIL inside ops, so the threads'
+    torch work runs in parallel.
     """
     queue = _BlockQueue(n_blocks)
+    restore = torch.get_num_threads()
 
     def run() -> None:
         try:
-            with torch.no_grad():  # grad mode is per thread
+            with torch.no_grad(), _one_intraop_thread(restore):  # grad mode is per thread
                 fn(queue)
         except BaseException:
             queue.limit(0)  # the other workers stop after their current block
@@ -209,6 +233,23 @@ def _run_blocks(n_blocks: int, workers: int, fn: Callable[[_BlockQueue], None]) 
         futures = [pool.submit(run) for _ in range(workers)]
     for fut in futures:
         fut.result()  # re-raises the first worker's exception, if any
+
+
+def run_row_blocks(n_rows: int, rows: int, numel: int, worker: Callable[[], Callable[[int, int], None]],
+                   threads: int | None = None) -> None:
+    """Process rows ``0 .. n_rows`` in consecutive blocks of ``rows`` rows on the worker threads of
+    :func:`_run_blocks` (each with one intra-op thread): each worker thread calls ``worker()`` once
+    (to allocate its buffers) and then the function it returns with ``(r0, r1)`` for every block it
+    takes. Blocks must write only their own rows; the result then does not depend on the threads.
+    An exception in any block stops the others after their current block and is re-raised."""
+    n_blocks = (n_rows + rows - 1) // rows
+
+    def work(queue: _BlockQueue) -> None:
+        fn = worker()
+        while (b := queue.take()) is not None:
+            fn(b * rows, min(n_rows, (b + 1) * rows))
+
+    _run_blocks(n_blocks, _workers(n_blocks, numel, 1, threads), work)
 
 
 def _describe_nonfinite(delta: torch.Tensor, row0: int) -> str:
@@ -273,6 +314,7 @@ def encode_sign1(
     row_bsq = torch.empty(n, dtype=torch.float64)
     rows = max(1, min(_SERIAL_ELEMS // k, chunk_bytes // (k * _ENCODE_BYTES_PER_ELEM)))
     n_blocks = (n + rows - 1) // rows
+    nbytes = (k + 7) // 8
     bad_blocks: list[int] = []
     base_f32 = base.dtype == torch.float32
     ft_f32 = finetuned.dtype == torch.float32
@@ -281,6 +323,7 @@ def encode_sign1(
         b32_buf = None if base_f32 else torch.empty((rows, k), dtype=torch.float32)
         d32_buf = torch.empty((rows, k), dtype=torch.float32)
         d64_buf = torch.empty((rows, k), dtype=torch.float64)
+        ge_buf = np.empty((rows, k), dtype=np.bool_)
         while (b := queue.take()) is not None:
             r0 = b * rows
             r1 = min(n, r0 + rows)
@@ -296,6 +339,11 @@ def encode_sign1(
             else:
                 d32.copy_(finetuned[r0:r1])
                 d32.sub_(b32)  # delta in fp32
+            # numpy's compare is vectorized (torch's compares into bool run ~20x slower here); NaN
+            # gives False like torch's, -0.0 gives True.
+            ge = ge_buf[:r]
+            np.greater_equal(d32.numpy(), np.float32(0), out=ge)
+            packed_bytes[r0:r1, :nbytes] = np.packbits(ge, axis=-1, bitorder="little")
             d64 = d64_buf[:r]
             d64.copy_(d32)
             _row_sums_into(d64.abs_(), row_abs[r0:r1])
@@ -305,7 +353,6 @@ def encode_sign1(
                 bad_blocks.append(b)
                 queue.limit(b)  # blocks before b are already handed out and will finish
                 return
-            pack_signs_into(d32, packed_bytes[r0:r1])
             _row_sums_into(d64.square_(), row_dsq[r0:r1])  # |d|^2 == d^2 exactly
             d64.copy_(b32)
             _row_sums_into(d64.square_(), row_bsq[r0:r1])

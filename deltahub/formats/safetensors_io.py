@@ -29,7 +29,7 @@ import torch
 
 from deltahub.errors import MalformedSafetensorsError
 from deltahub.formats import safe_json
-from deltahub.fileio import pwrite_all, reserve, write_all
+from deltahub.fileio import pwrite_all, reserve, start_writeback, write_all
 
 #: safetensors dtype code ↔ torch dtype.
 ST_TO_TORCH: dict[str, torch.dtype] = {
@@ -363,6 +363,8 @@ class SafetensorsWriter:
                 mm.close()
             except BufferError:  # a caller kept a reference: the map goes with it
                 pass
+        # The disk writes this tensor while the next ones are filled (close() still fsyncs).
+        start_writeback(self._fd, start, spec.nbytes)
 
     def close(self) -> None:
         """Check every tensor was written, fix the file's length, fsync, close."""

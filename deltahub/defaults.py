@@ -18,11 +18,13 @@ PLANES_CODEC = "planes"
 #: The codec `--lossless` selects (the exact fine-tune, XOR with the base, bytes split for zstd).
 LOSSLESS_CODEC = "lossless"
 SCALE_GRANULARITIES = ("matrix", "row", "group")
-#: How embeddings and the LM head are stored: ``sign1`` (1-bit delta) or ``dense`` (the fine-tune's).
-#: Measured on SmolLM2-135M + a Shakespeare fine-tune (docs/design.md): sign1 embeddings keep 94%
-#: of the fine-tune's perplexity gain at 15.3x smaller, dense ones 96% at 2.3x.
+#: How embeddings and the LM head are stored: ``sign1`` (1-bit delta with the matrix codec),
+#: ``rowsparse`` (changed rows as signs + a scale per row, unchanged rows free, added tokens dense)
+#: or ``dense`` (the fine-tune's). Measured on SmolLM2-135M + a Shakespeare fine-tune
+#: (docs/design.md): sign1 embeddings keep 94% of the fine-tune's perplexity gain at 15.3x smaller,
+#: dense ones 96% at 2.3x.
 DEFAULT_EMBEDDINGS = "sign1"
-EMBEDDINGS_MODES = ("sign1", "dense")
+EMBEDDINGS_MODES = ("sign1", "rowsparse", "dense")
 
 # -------------------------------------------------------------------------------------- checkpoints
 #: Largest safetensors file written by ``materialize`` and ``push`` (as ``save_pretrained``).

@@ -173,22 +173,24 @@ class RowSparseCodec(TensorCodec):
             r1 = min(v, r0 + rows)
             changed, d = _changed_rows(base[r0:r1], finetuned[r0:r1])
             masks.append(changed)
-            base_sq += float(base[r0:r1].double().pow(2).sum())
+            b = base[r0:r1].reshape(-1).to(torch.float32)
+            base_sq += float(torch.dot(b, b))  # a statistic: an fp32 dot product suffices
             if not bool(changed.any()):
                 continue
-            dc = d[changed]
-            if not bool(torch.isfinite(dc).all()):
-                bad = int((~torch.isfinite(dc)).any(dim=1).nonzero()[0])
+            dc = d[changed] if not bool(changed.all()) else d
+            a = dc.abs().double()
+            abs_sum = a.sum(dim=1, keepdim=True)  # float64, exact for the scale's rounding
+            if not bool(torch.isfinite(abs_sum).all()):  # a row sum is finite iff the row is
+                bad = int((~torch.isfinite(abs_sum.reshape(-1))).nonzero()[0])
                 row = int(changed.nonzero()[bad]) + r0
                 raise NonFiniteDeltaError(f"the delta of row {row} holds NaN or Inf")
-            a = dc.double().abs()
-            s = (a.sum(dim=1, keepdim=True) / h).float()  # mean|Δ_r|, float64 sum, one rounding
+            s = (abs_sum / h).float()  # mean|Δ_r|, one rounding to fp32
             packed.append(pack_signs(dc))
             scales.append(s)
-            dsq = float(dc.double().pow(2).sum())
-            delta_sq += dsq
+            sq_sum = a.square_().sum(dim=1, keepdim=True)
+            delta_sq += float(sq_sum.sum())
             sd = s.double()
-            err_sq += float((dc.double().pow(2).sum(dim=1, keepdim=True) - 2 * sd * a.sum(dim=1, keepdim=True) + sd * sd * h).sum())
+            err_sq += float((sq_sum - 2 * sd * abs_sum + sd * sd * h).sum())  # ‖Δ_r − s_r·S_r‖²
         mask = torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool)
         r = int(mask.sum())
         parts: dict[str, Tensor] = {"rows": pack_row_mask(mask)}

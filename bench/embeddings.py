@@ -154,6 +154,7 @@ def main() -> int:
                 tensors = store.show(name, tensors=True)["tensors"]
                 emb = [t for t in tensors if is_embedding(t["name"], tuple(t["shape"]), vocab)]
                 row = {
+                    "manifest_id": res.manifest_id,
                     "delta_bytes": res.stored_bytes, "ratio_vs_fp16": res.ratio, "compress_s": seconds,
                     "embedding_bytes": sum(t["stored_bytes"] for t in emb),
                     "embedding_codecs": sorted({t["codec"] for t in emb}),
@@ -183,6 +184,12 @@ def main() -> int:
                 log(f"fine-tune {variant}: ppl {ft_stats.perplexity:.3f}")
                 for mode in MODES:
                     name = f"{variant}-{mode}"
+                    twin = next((m for m in MODES[: MODES.index(mode)]
+                                 if runs[variant][m]["manifest_id"] == runs[variant][mode]["manifest_id"]), None)
+                    if twin is not None:  # the same delta (a resized table is dense under sign1 and dense)
+                        runs[variant][mode].update({k: runs[variant][twin][k] for k in ("ppl", "kl_mean", "kept_logppl")})
+                        log(f"{name}: the same manifest as {variant}-{twin}")
+                        continue
                     st = score_model(lambda n=name: load_model(ctx, n, dtype=torch.float32), tokens, 4, "cpu",
                                      against=ft_stats.targets, desc=name)
                     runs[variant][mode].update({

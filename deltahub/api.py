@@ -157,7 +157,9 @@ class Store:
         ``calibrate=True`` then calibrates the scales with ``src`` as the teacher (see
         :meth:`calibrate`; ``result.calibration`` holds what it did).
 
-        ``codec`` names the codec of the 2-D weight matrices (default ``"sign1"``).
+        ``codec`` names the codec of the 2-D weight matrices (default ``"sign1"``). ``embeddings``:
+        how embeddings and the LM head are stored, ``"sign1"`` (with ``codec``), ``"rowsparse"``
+        (changed rows only; a resized vocabulary's added rows dense) or ``"dense"``.
 
         NaN/Inf in any floating tensor of the fine-tune (or in a delta) is refused unless
         ``allow_nonfinite=True``: then dense tensors keep them as they are and a matrix whose delta is

@@ -371,8 +371,9 @@ def _calibration_text(cal: Any) -> str:
     type=click.Choice(defaults.EMBEDDINGS_MODES),
     default=defaults.DEFAULT_EMBEDDINGS,
     show_default=True,
-    help="Store embeddings and the LM head as 1-bit deltas (sign1: much smaller) or dense (exact, "
-    "keeps slightly more of the fine-tune's quality).",
+    help="Store embeddings and the LM head as 1-bit deltas (sign1: much smaller), only their changed "
+    "rows (rowsparse: 1 bit + a scale per changed row, unchanged rows free, added tokens exact) or "
+    "dense (exact, keeps slightly more of the fine-tune's quality).",
 )
 @click.option(
     "--codec",

@@ -18,11 +18,14 @@ PLANES_CODEC = "planes"
 #: The codec `--lossless` selects (the exact fine-tune, XOR with the base, bytes split for zstd).
 LOSSLESS_CODEC = "lossless"
 SCALE_GRANULARITIES = ("matrix", "row", "group")
-#: How embeddings and the LM head are stored: ``sign1`` (1-bit delta) or ``dense`` (the fine-tune's).
-#: Measured on SmolLM2-135M + a Shakespeare fine-tune (docs/design.md): sign1 embeddings keep 94%
-#: of the fine-tune's perplexity gain at 15.3x smaller, dense ones 96% at 2.3x.
+#: How embeddings and the LM head are stored: ``sign1`` (1-bit delta with the matrix codec),
+#: ``rowsparse`` (changed rows as signs + a scale per row, unchanged rows free, added tokens dense)
+#: or ``dense`` (the fine-tune's). Measured on SmolLM2-135M + a 200-step Shakespeare fine-tune
+#: (docs/design.md, bench/embeddings.py): sign1 keeps 73% of the gain at 15.3x smaller, rowsparse 96%
+#: at 15.1x (every row changed), dense 93% at 2.3x. sign1 stays the default until calibration can
+#: train rowsparse's per-row scales (flipping also makes default deltas v2 manifests): see design.md.
 DEFAULT_EMBEDDINGS = "sign1"
-EMBEDDINGS_MODES = ("sign1", "dense")
+EMBEDDINGS_MODES = ("sign1", "rowsparse", "dense")
 
 # -------------------------------------------------------------------------------------- checkpoints
 #: Largest safetensors file written by ``materialize`` and ``push`` (as ``save_pretrained``).

@@ -8,7 +8,9 @@
 * the built-in codecs: :mod:`~deltahub.codec.same`, :mod:`~deltahub.codec.dense`,
   :mod:`~deltahub.codec.sign1` (BitDelta; its apply in :mod:`~deltahub.codec.sign_apply`),
   :mod:`~deltahub.codec.planes` (progressive sign planes, per-matrix/row/group scales),
-  :mod:`~deltahub.codec.lossless` (the exact fine-tune: XOR with the base, bytes split for zstd).
+  :mod:`~deltahub.codec.lossless` (the exact fine-tune: XOR with the base, bytes split for zstd),
+  :mod:`~deltahub.codec.rowsparse` (embeddings and heads: changed rows as signs + a scale per row,
+  unchanged rows free, added tokens dense).
 
 Pure tensor math: imports only torch, numpy and the standard library -- nothing from the rest of
 deltahub. Nothing outside this package branches on a codec's name.
@@ -29,6 +31,7 @@ from .packing import (
 from .registry import UnknownCodecError, get, names, register
 from .lossless import LosslessCodec
 from .planes import PlanesCodec
+from .rowsparse import RowSparseCodec
 from .same import SameCodec
 from .sign1 import (
     DeltaStats,
@@ -45,6 +48,7 @@ DENSE = register(DenseCodec())
 SIGN1 = register(Sign1Codec())
 PLANES = register(PlanesCodec())
 LOSSLESS = register(LosslessCodec())
+ROWSPARSE = register(RowSparseCodec())
 
 __all__ = [
     "Codec",
@@ -63,6 +67,8 @@ __all__ = [
     "PLANES",
     "LOSSLESS",
     "LosslessCodec",
+    "ROWSPARSE",
+    "RowSparseCodec",
     "PlanesCodec",
     "SIGN1",
     "TenantDeltas",

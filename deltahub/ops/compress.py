@@ -6,8 +6,12 @@ Per tensor, in name order, the codec (:mod:`deltahub.codec.registry`) is:
 * the matrix codec (``codec``, default ``sign1``: packed signs of Δ = W_ft − W_base and
   scale = mean(|Δ|) in fp32) – every tensor that codec ``accepts`` (for ``sign1``: 2-D floating
   weight matrices of the base's shape), embeddings and the LM head too unless ``embeddings="dense"``;
+* the embeddings codec (``embeddings="rowsparse"``: ``rowsparse``, unchanged rows free, changed rows
+  as signs + a scale per row, added tokens dense) – embeddings and the LM head, a resized vocabulary
+  included;
 * ``dense`` – everything else (1-D tensors, non-float tensors, embeddings with ``"dense"``, a resized
-  vocabulary, tensors the base does not have): the fine-tuned tensor itself.
+  vocabulary the embeddings codec does not take, tensors the base does not have): the fine-tuned
+  tensor itself.
 
 Everything that can be checked (architecture, tensor names, shapes) is checked before the first
 object is written.
@@ -60,7 +64,12 @@ class EmbeddingsMode(str, enum.Enum):
     (``sign1`` is kept as the name of that choice: it is what every release before codecs meant)."""
 
     DENSE = "dense"
+    ROWSPARSE = "rowsparse"
     SIGN1 = "sign1"
+
+    def codec(self, matrix: TensorCodec) -> TensorCodec:
+        """The codec this mode stores an embedding with, given the delta's matrix codec."""
+        return {EmbeddingsMode.DENSE: codecs.DENSE, EmbeddingsMode.ROWSPARSE: codecs.ROWSPARSE}.get(self, matrix)
 
 
 #: Measured on SmolLM2-135M + a Shakespeare fine-tune (docs/design.md): sign1 embeddings keep
@@ -85,6 +94,15 @@ class CompressResult:
     @property
     def ratio(self) -> float:
         return self.fp16_bytes / self.stored_bytes if self.stored_bytes else math.inf
+
+
+def parse_embeddings(mode: EmbeddingsMode | str) -> EmbeddingsMode:
+    """``mode`` as an :class:`EmbeddingsMode`; an :class:`InputError` naming the choices otherwise."""
+    try:
+        return EmbeddingsMode(mode)
+    except ValueError:
+        choices = ", ".join(m.value for m in EmbeddingsMode)
+        raise InputError(f"unknown embeddings mode {mode!r}", f"use one of {choices}") from None
 
 
 def is_embedding(name: str, shape: tuple[int, ...], vocab_size: int | None) -> bool:
@@ -137,6 +155,7 @@ def plan_codecs(
             "check that this is a complete checkpoint fine-tuned from that base",
         )
     matrix = matrix or codecs.SIGN1
+    emb_codec = embeddings.codec(matrix)
     vocab = ft.config.get("vocab_size")
     plan: dict[str, TensorCodec] = {}
     for name in sorted(ft.tensors):
@@ -145,25 +164,18 @@ def plan_codecs(
         if rec is None:
             plan[name] = codecs.DENSE  # a tensor the base does not have
             continue
+        embedding = is_embedding(name, shape, vocab)
         if rec.shape != shape:
-            resized_vocab = (
-                len(shape) == len(rec.shape) >= 1
-                and shape[1:] == rec.shape[1:]
-                and is_embedding(name, shape, vocab)
-            )
+            resized_vocab = len(shape) == len(rec.shape) >= 1 and shape[1:] == rec.shape[1:] and embedding
             if not resized_vocab:
                 raise IncompatibleBaseError(
                     f"tensor {name!r} has shape {list(shape)} in the fine-tune but {list(rec.shape)} "
                     f"in base {base.name!r}",
                     "compress against the base model this was fine-tuned from",
                 )
-            plan[name] = codecs.DENSE
-            continue
-        fits = matrix.accepts(shape, ft.dtype(name), rec.shape, dtype_from_name(rec.dtype))
-        if fits and (embeddings is not EmbeddingsMode.DENSE or not is_embedding(name, shape, vocab)):
-            plan[name] = matrix
-        else:
-            plan[name] = codecs.DENSE
+        impl = emb_codec if embedding else matrix
+        fits = impl.accepts(shape, ft.dtype(name), rec.shape, dtype_from_name(rec.dtype))
+        plan[name] = impl if fits else codecs.DENSE
     return plan
 
 
@@ -265,7 +277,7 @@ def _encode_tensor(planned: TensorCodec, tname: str, tensor: torch.Tensor, base_
             check_finite(tensor, tname, "the fine-tune")
         chosen = codecs.DENSE
         enc = chosen.encode(None, tensor)
-        if base_t is not None and tensor.is_floating_point() and base_t.is_floating_point():
+        if base_t is not None and base_t.shape == tensor.shape and tensor.is_floating_point() and base_t.is_floating_point():
             norm = _rel_norm(tensor, base_t)
             enc.rel_delta_norm = norm if norm is not None and math.isfinite(norm) else None
     _check_encoded(chosen, tname, enc, shape, tensor.dtype)
@@ -300,7 +312,7 @@ def compress_finetune(
     NaN/Inf in any floating tensor of the fine-tune, or in a delta, is refused unless
     ``allow_nonfinite`` (:mod:`deltahub.ops.finite`); a refusal mid-way leaves the store unchanged.
     """
-    embeddings = EmbeddingsMode(embeddings)
+    embeddings = parse_embeddings(embeddings)
     if budget is not None:
         budget.check()
         codec, codec_options = budget_codec(codec, codec_options, budget)
@@ -357,8 +369,8 @@ def _compress_locked(
         def load(tname: str) -> tuple[torch.Tensor, torch.Tensor | None]:
             tensor = ft.read(tname, copy=False)
             brec = bman.tensors.get(tname)
-            if brec is None or brec.shape != tuple(tensor.shape):
-                return tensor, None
+            if brec is None or (brec.shape != tuple(tensor.shape) and not plan[tname].uses_base):
+                return tensor, None  # (a codec that takes a resized vocabulary reads its base)
             assert brec.object is not None
             return tensor, ctx.read_tensor(brec.object, brec.dtype, brec.shape, verify=verify_base, owned=False)
 

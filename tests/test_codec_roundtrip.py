@@ -42,6 +42,16 @@ def _planes_rows(k: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     return ref
 
 
+def _rowsparse(base: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
+    out = base.float().clone()
+    for r in range(ft.shape[0]):
+        if torch.equal(ft[r].view(torch.uint8), base[r].to(ft.dtype).view(torch.uint8)):
+            continue  # unchanged: the base row
+        d = ft[r].float() - base[r].float()
+        out[r] = base[r].float() + float(d.abs().double().mean()) * _signs(d)
+    return out
+
+
 def _exact(base: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
     return ft
 
@@ -51,6 +61,7 @@ REFERENCES: dict[str, tuple[dict, Callable[[torch.Tensor, torch.Tensor], torch.T
     "sign1": ({}, _sign1, False),
     "planes": ({"planes": 3, "scales": "row"}, _planes_rows(3), False),
     "lossless": ({}, _exact, True),
+    "rowsparse": ({}, _rowsparse, False),
 }
 #: codecs that are never asked for: chosen per tensor by compress (identical tensors, everything else)
 AUTOMATIC = {"same", "dense"}

@@ -4,9 +4,11 @@ group; all planes), written as new objects, signs untouched; ``sign1``'s scalar 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from calibrate_fixtures import one_thread, trained  # noqa: F401
 
 from deltahub import codec as codecs
@@ -229,3 +231,32 @@ def test_sign1_keys_are_unchanged_by_the_parts_path(store, trained):
         assert man.tensors[tname].scale == v["calibrated"]
     again = parse_manifest(man.to_bytes())
     assert dataclasses.asdict(again) == dataclasses.asdict(man)
+
+
+def test_compress_bits_calibrate_verify_and_materialize_bits_commands(home, trained, tmp_path):
+    from click.testing import CliRunner
+
+    from deltahub.cli import cli
+
+    def run(*args, expect: int = 0):
+        result = CliRunner().invoke(cli, ["--home", str(home), *map(str, args)], catch_exceptions=False)
+        assert result.exit_code == expect, result.output
+        return result
+
+    dirs = trained["llama"]
+    run("add", dirs["base"], "--name", "base")
+    fast = ["--calib-data", trained["calib"], "--calib-samples", 16, "--calib-seq-len", 32, "--calib-steps", 5,
+            "--calib-lr", 0.05, "--device", "cpu"]
+    out = json.loads(run("compress", dirs["ft"], "--base", "base", "--name", "ft", "--bits", 2, "--scales", "group",
+                         "--group-size", 32, "--calibrate", *fast, "--json").stdout)
+    cal = out["calibration"]
+    assert cal["loss_after"] < cal["loss_before"] and any("#scales1" in k for k in cal["scales"])
+    assert run("verify").stdout.strip().endswith("ok")  # every part size checked against the layout
+    table = run("show", "ft", "--tensors").stdout
+    assert "INITIAL" in table
+    run("materialize", "ft", tmp_path / "one", "--bits", 1)
+    run("materialize", "ft", tmp_path / "two")
+    one = load_file(str(tmp_path / "one" / "model.safetensors"))
+    two = load_file(str(tmp_path / "two" / "model.safetensors"))
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(one[name], two[name])  # the prefix reads fewer planes

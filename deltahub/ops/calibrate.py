@@ -111,7 +111,12 @@ def check_device(device: str) -> None:
 
 @dataclass
 class CalibrateResult:
-    """What :func:`calibrate` did (``manifest_id`` is the calibrated manifest the name now points at)."""
+    """What :func:`calibrate` did (``manifest_id`` is the calibrated manifest the name now points at).
+
+    ``n_scales``: scale values trained (a ``sign1`` tensor has one, a ``planes`` tensor every element
+    of every plane's scale tensor); ``scales``: per key of
+    :func:`~deltahub.calibrate.distill.delta_scales` (``tensor`` or ``tensor#part``) its value before
+    and after, the mean of the tensor for a scale part."""
 
     name: str
     manifest_id: str
@@ -368,7 +373,7 @@ def calibrate(
         seed=options.seed,
         device=options.device,
         top_k=targets.top_k,
-        n_scales=len(run.final),
+        n_scales=sum(v.numel() if isinstance(v, torch.Tensor) else 1 for v in run.final.values()),
         loss_before=run.loss_before,
         loss_after=run.loss_after,
         seconds=0.0,

@@ -15,6 +15,7 @@ from calibrate_fixtures import one_thread, trained  # noqa: F401
 from deltahub import codec as codecs
 from deltahub.api import CalibrationOptions
 from deltahub.calibrate.data import load_samples
+from deltahub.codec.packing import unpack_signs
 from deltahub.calibrate.distill import DistillConfig, calibrate_scales, delta_scales
 from deltahub.calibrate.targets import DEFAULT_TOP_K, score_model
 from deltahub.errors import DeltaHubError
@@ -41,6 +42,11 @@ def _planes_pair(store, trained, scales: str, group: int | None, planes: int = 2
 
 
 _TEACHER: dict = {}
+
+
+def _part(store, rec, part: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A stored part of ``rec``, read back from its object (flat)."""
+    return torch.frombuffer(bytearray(store._ctx.objects.read(rec.parts[part])), dtype=dtype)
 
 
 def _heldout_kl(store, trained, name: str, bits: int | None = None) -> float:
@@ -112,9 +118,21 @@ def test_calibrated_planes_materialize_equals_delta_mode_at_every_prefix(store, 
         with torch.no_grad():
             a, b = mat(input_ids=x).logits, delta(input_ids=x).logits
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), (bits, float((a - b).abs().max()))
-        # the materialized tensors are the decode of the calibrated (stored) scales
-        out = store.materialize("ft", tmp_path / f"out-{bits}", bits=bits)
-        assert out is not None
+        # the materialized tensors are base + Σ sᵢ⊙Sᵢ with the calibrated (stored) scale objects
+        store.materialize("ft", tmp_path / f"out-{bits}", bits=bits)
+        got = load_file(str(tmp_path / f"out-{bits}" / "model.safetensors"))
+        base = load_file(str(trained["llama"]["base"] / "model.safetensors"))
+        for tname, rec in man.tensors.items():
+            if rec.codec != "planes":
+                continue
+            n, k = rec.shape
+            want = base[tname].float()
+            for i in range(1 if bits == 1 else rec.params["planes"]):
+                s = _part(store, rec, f"scales{i}").reshape(-1, rec.impl.part_specs(rec.shape, torch.float32, rec.params)[f"scales{i}"].shape[1])
+                s = s.repeat_interleave(group, dim=1)[:, :k] if s.shape[1] > 1 else s
+                signs = unpack_signs(_part(store, rec, f"signs{i}", torch.int32).reshape(n, -1), k, torch.float32)
+                want = want + s * signs
+            assert torch.allclose(got[tname].float(), want, rtol=0, atol=1e-6), tname
     # --bits 1 of the calibrated delta reads plane 0 only, with its calibrated scales
     tname = next(n for n, rec in man.tensors.items() if rec.codec == "planes")
     rec = man.tensors[tname]
@@ -124,7 +142,7 @@ def test_calibrated_planes_materialize_equals_delta_mode_at_every_prefix(store, 
 
 def test_a_prefix_of_a_calibrated_two_plane_delta_stays_sensible(store, trained):
     """Scales calibrated for 2 planes, read at 1 plane: still much better than the base and no
-    worse than 1.5x the uncalibrated 1-plane prefix (measured: see docs/design.md)."""
+    worse than 1.25x the uncalibrated 1-plane prefix (measured: see docs/design.md)."""
     _planes_pair(store, trained, "row", None)
     kl1_before = _heldout_kl(store, trained, "ft", bits=1)
     kl2_before = _heldout_kl(store, trained, "ft", bits=2)
@@ -132,7 +150,7 @@ def test_a_prefix_of_a_calibrated_two_plane_delta_stays_sensible(store, trained)
     kl1_after = _heldout_kl(store, trained, "ft", bits=1)
     kl2_after = _heldout_kl(store, trained, "ft", bits=2)
     assert kl2_after < kl2_before
-    assert kl1_after < 1.5 * kl1_before, (kl1_before, kl1_after)
+    assert kl1_after < 1.25 * kl1_before, (kl1_before, kl1_after)
 
 
 def test_the_trained_parameters_are_exactly_the_scale_parts(store, trained):

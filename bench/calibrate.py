@@ -128,6 +128,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--codecs", default=None,
                    help="comma-separated codec configurations to compare (sign1, planes:K:matrix|row|groupG)")
+    p.add_argument("--results-name", default="calibrate-codecs",
+                   help="with --codecs: results go to bench/results/NAME.json (default calibrate-codecs)")
     args = p.parse_args()
     setup_torch(args.threads)
     os.environ.setdefault("DELTAHUB_DISABLE_PROGRESS_BARS", "1")
@@ -368,7 +370,7 @@ def run_codecs(args, configs: list[tuple[str, str, dict]]) -> int:
             log(f"{label}: calibrated in {row['calibration']['seconds']:.0f} s, loss {cal.loss_before:.4f} -> {cal.loss_after:.4f}")
             row["after"] = {j: figures(name, f"{label} @{j} bits, calibrated", None if j == k else j) for j in range(1, k + 1)}
             results["configs"][label] = row
-            write_results("calibrate-codecs", results)  # partial results survive an interrupted run
+            write_results(args.results_name, results)  # partial results survive an interrupted run
         store.close()
 
     def pct(x):
@@ -386,7 +388,7 @@ def run_codecs(args, configs: list[tuple[str, str, dict]]) -> int:
             rows.append([label + ("" if j == k else f" read at --bits {j}"), f"{bpw:.2f}", f"{b['kl_mean']:.4f}",
                          f"{a['kl_mean']:.4f}", pct(b["kept_logppl"]), pct(a["kept_logppl"])])
     print_table(["delta", "bits/weight", "KL before", "KL calibrated", "kept before", "kept calibrated"], rows)
-    write_results("calibrate-codecs", results)
+    write_results(args.results_name, results)
     return 0
 
 

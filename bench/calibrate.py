@@ -21,9 +21,17 @@ Measured, in one run, on the same held-out tokens (models loaded one at a time):
   transformers and deltahub, and one that loads the fine-tune with transformers and runs one batch
   forward (one full-precision model in memory).
 
+``--codecs`` measures codec configurations instead (in this process, no memory figures): for each
+of ``sign1``, ``planes:K:GRAN`` (``K`` planes, ``GRAN`` = ``matrix``/``row``/``groupG``, e.g.
+``planes:2:group128``) the delta is compressed, scored (bits per weight of the matrices it binarizes,
+held-out perplexity, KL, share of the gain kept), calibrated (every scale: ``sign1``'s scalar, every
+plane's scale tensor) and scored again, and for ``K`` > 1 every prefix ``--bits j`` is scored before and
+after (scales calibrated for ``K`` planes, read at ``j``: the prefix property).
+
 Usage:
   python bench/calibrate.py                                  # ~200-step fine-tune cached, then ~20-40 min
   python bench/calibrate.py --calib-data bundled --calib-steps 50
+  python bench/calibrate.py --codecs sign1,planes:1:row,planes:2:row --calib-steps 50
 """
 
 from __future__ import annotations
@@ -118,9 +126,15 @@ def main() -> int:
     p.add_argument("--eval-samples", type=int, default=32)
     p.add_argument("--eval-seq-len", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--codecs", default=None,
+                   help="comma-separated codec configurations to compare (sign1, planes:K:matrix|row|groupG)")
+    p.add_argument("--results-name", default="calibrate-codecs",
+                   help="with --codecs: results go to bench/results/NAME.json (default calibrate-codecs)")
     args = p.parse_args()
     setup_torch(args.threads)
     os.environ.setdefault("DELTAHUB_DISABLE_PROGRESS_BARS", "1")
+    if args.codecs:
+        return run_codecs(args, [parse_config(c) for c in args.codecs.split(",") if c.strip()])
 
     import torch
 
@@ -255,6 +269,126 @@ def main() -> int:
               f"{pct(r['delta_after']['kept_logppl'])} (goal >= {GOAL_KEPT:.0%}: {'met' if r['goal_met'] else 'NOT met'})")
     print_table(["process", "peak RSS", "x one model", "wall"], mrows)
     write_results("calibrate", results)
+    return 0
+
+
+def parse_config(text: str) -> tuple[str, str, dict]:
+    """``sign1`` / ``planes:K:GRAN`` → (label, codec, codec options)."""
+    text = text.strip()
+    if text == "sign1":
+        return text, "sign1", {}
+    parts = text.split(":")
+    if len(parts) != 3 or parts[0] != "planes" or not parts[1].isdigit():
+        raise SystemExit(f"bad codec configuration {text!r}: use sign1 or planes:K:matrix|row|groupG")
+    gran = parts[2]
+    options: dict = {"planes": int(parts[1])}
+    if gran.startswith("group"):
+        options.update(scales="group", group_size=int(gran[5:] or 128))
+    elif gran in ("matrix", "row"):
+        options["scales"] = gran
+    else:
+        raise SystemExit(f"bad scale granularity {gran!r}: matrix, row or groupG")
+    return text, "planes", options
+
+
+def delta_bits(ctx, name: str) -> tuple[float, int]:
+    """(bits per weight of the tensors stored as a delta to the base, stored bytes of the delta)."""
+    man = ctx.resolve(name).manifest
+    bits = numel = total = 0
+    for rec in man.tensors.values():
+        size = sum(ctx.objects.info(oid).stored_size for oid in rec.parts.values())
+        total += size
+        if rec.impl.stores_delta:
+            bits += 8 * size
+            numel += rec.numel
+    return bits / max(1, numel), total
+
+
+def run_codecs(args, configs: list[tuple[str, str, dict]]) -> int:
+    """The ``--codecs`` comparison (see the module docstring)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import deltahub
+    from deltahub.api import CalibrationOptions
+    from deltahub.calibrate.data import load_samples
+    from deltahub.calibrate.evaluate import improvement_kept
+    from deltahub.calibrate.targets import DEFAULT_TOP_K, score_model
+    from deltahub.ops.load import load_model
+
+    base_dir, ft_dir, ft_meta, prepare = ensure_pair(args.pair_dir, args.ft_steps, args.ft_warmup)
+    results: dict = {
+        "pair": {"base": "SmolLM2-135M-Instruct (Q4_1 GGUF -> fp32)", "finetune": ft_meta},
+        "settings": {k: str(v) for k, v in vars(args).items() if k not in ("workdir", "pair_dir")},
+        "configs": {},
+    }
+    with scratch_dir("calibrate-codecs", args.workdir, args.keep) as work:
+        train_texts, held_texts = prepare.load_texts()
+        held_file, train_file = work / "heldout.txt", work / "train.txt"
+        held_file.write_text("".join(held_texts), encoding="utf-8")
+        train_file.write_text("".join(train_texts), encoding="utf-8")
+        store = deltahub.Store(work / "store")
+        store.add(base_dir, name="base")
+        ctx = store._ctx
+        tok = store.load_tokenizer("base")
+        tokens = load_samples(held_file, tok, args.eval_samples, args.eval_seq_len, "eval").tokens
+
+        def scored(label: str, loader, **kw):
+            t0 = time.perf_counter()
+            stats = score_model(loader, tokens, 4, "cpu", desc=label, **kw)
+            log(f"{label}: ppl {stats.perplexity:.3f}" + (f", KL {stats.mean_kl:.4f}" if stats.mean_kl is not None else "")
+                + f" ({time.perf_counter() - t0:.0f} s)")
+            return stats
+
+        ft_stats = scored("fine-tune", lambda: AutoModelForCausalLM.from_pretrained(ft_dir, dtype=torch.float32),
+                          keep_top_k=DEFAULT_TOP_K)
+        targets = ft_stats.targets
+        base_stats = scored("base", lambda: AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32))
+        results["heldout"] = {"samples": int(tokens.shape[0]), "seq_len": int(tokens.shape[1]),
+                              "ppl_base": base_stats.perplexity, "ppl_finetune": ft_stats.perplexity}
+
+        def figures(name: str, label: str, bits: int | None = None) -> dict:
+            st = scored(label, lambda: load_model(ctx, name, dtype=torch.float32, bits=bits), against=targets)
+            return {"ppl": st.perplexity, "kl_mean": st.mean_kl,
+                    "kept_logppl": improvement_kept(base_stats.mean_nll, ft_stats.mean_nll, st.mean_nll)}
+
+        for label, codec, options in configs:
+            name = "d-" + "".join(c if c.isalnum() else "-" for c in label)
+            t0 = time.perf_counter()
+            store.compress(ft_dir, base="base", name=name, codec=codec, codec_options=options or None)
+            bpw, size = delta_bits(ctx, name)
+            k = int(options.get("planes", 1))
+            row: dict = {"codec": codec, "options": options, "bits_per_weight": bpw, "stored_bytes": size,
+                         "compress_s": time.perf_counter() - t0}
+            row["before"] = {j: figures(name, f"{label} @{j} bits, before", None if j == k else j) for j in range(1, k + 1)}
+            t0 = time.perf_counter()
+            cal = store.calibrate(name, ft_dir, CalibrationOptions(
+                data=train_file if args.calib_data != "bundled" else None, samples=args.calib_samples,
+                seq_len=args.calib_seq_len, steps=args.calib_steps, lr=args.calib_lr))
+            row["calibration"] = {"seconds": time.perf_counter() - t0, "loss_before": cal.loss_before,
+                                  "loss_after": cal.loss_after, "n_scales": cal.n_scales, "reverted": cal.reverted}
+            log(f"{label}: calibrated in {row['calibration']['seconds']:.0f} s, loss {cal.loss_before:.4f} -> {cal.loss_after:.4f}")
+            row["after"] = {j: figures(name, f"{label} @{j} bits, calibrated", None if j == k else j) for j in range(1, k + 1)}
+            results["configs"][label] = row
+            write_results(args.results_name, results)  # partial results survive an interrupted run
+        store.close()
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f} %"
+
+    h = results["heldout"]
+    print(f"\nheld-out: {h['samples']} x {h['seq_len']} tokens of 4 unseen plays; ppl base {h['ppl_base']:.3f}, "
+          f"fine-tune {h['ppl_finetune']:.3f}")
+    rows = []
+    for label, r in results["configs"].items():
+        k = int(r["options"].get("planes", 1))
+        for j in range(1, k + 1):
+            b, a = r["before"][j], r["after"][j]
+            bpw = r["bits_per_weight"] * j / k
+            rows.append([label + ("" if j == k else f" read at --bits {j}"), f"{bpw:.2f}", f"{b['kl_mean']:.4f}",
+                         f"{a['kl_mean']:.4f}", pct(b["kept_logppl"]), pct(a["kept_logppl"])])
+    print_table(["delta", "bits/weight", "KL before", "KL calibrated", "kept before", "kept calibrated"], rows)
+    write_results(args.results_name, results)
     return 0
 
 

@@ -1,17 +1,21 @@
 """Scale calibration by distillation (BitDelta's second stage), on a student built in delta mode.
 
-The student is the base model with every ``sign1`` weight applied through a
-:class:`~deltahub.runtime.DeltaLinear` / :class:`~deltahub.runtime.DeltaEmbedding` (packed signs, one
-fp32 scale each). **Only those scales are trained**: every other parameter (embeddings and norms
-stored dense, biases, the base weights, LM heads) is frozen, which :func:`freeze_all_but` enforces
-and :func:`calibrate_scales` checks. The loss is the KL divergence from the teacher's next-token
+The student is the base model with every weight stored by a codec with scales (``sign1``:
+packed signs and one fp32 scale; ``planes``: k sign planes, each with an fp32 scale tensor per matrix,
+row or group) applied through a :class:`~deltahub.runtime.DeltaLinear` /
+:class:`~deltahub.runtime.DeltaEmbedding`. **Only those scales are trained** (the operators'
+``trainable()`` parameters: 0-d codec parameters and scale-tensor parts): every other parameter
+(embeddings and norms stored dense, biases, the base weights, LM heads) is frozen, which
+:func:`freeze_all_but` enforces and :func:`calibrate_scales` checks. The loss is the KL divergence from the teacher's next-token
 distribution (:func:`deltahub.calibrate.targets.kl_from_targets`), averaged over positions; the
 teacher's distributions were computed beforehand, so the teacher is not in memory.
 
 Optimizer: Adam, one parameter group per scale with learning rate ``lr · |s₀|`` (``s₀`` the scale
 before calibration): Adam's steps are about ``lr`` in size whatever the gradient's magnitude, so
 ``lr`` is a *relative* step (``0.01``: about 1 % of the scale per step), the same for a 135M and a 70B
-model whose scales differ by orders of magnitude. The rate decays with a half cosine to 10 % over the
+model whose scales differ by orders of magnitude. A scale *tensor* gets the same relative step per
+element: its group runs at ``lr`` and each element's Adam step is multiplied by ``|s₀|`` of that
+element (a scale that starts at 0 stays 0), then clamped at 0 (scales are magnitudes). The rate decays with a half cosine to 10 % over the
 steps. The student runs in eval mode (no dropout), batches are drawn from a permutation of the
 samples seeded with ``seed``: the same inputs give the same scales.
 
@@ -64,15 +68,16 @@ class DistillResult:
 
     Attributes:
         loss_before / loss_after: mean KL (nats per position) on all calibration samples.
-        initial / final: scale per tensor name (fp32 values as Python floats).
+        initial / final: per key of :func:`delta_scales`: a 0-d scale as a Python float (fp32 value),
+            a scale tensor as an fp32 CPU tensor of its part's shape.
         losses: the training loss of every step (one batch each).
         reverted: the final loss was not lower, so the initial scales were kept.
     """
 
     loss_before: float
     loss_after: float
-    initial: dict[str, float]
-    final: dict[str, float]
+    initial: dict[str, float | torch.Tensor]
+    final: dict[str, float | torch.Tensor]
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     reverted: bool = False
@@ -82,7 +87,8 @@ def delta_scales(model: nn.Module, sign1_names: set[str] | None = None) -> dict[
     """Key → trainable parameter (a codec's scale) of every delta module of ``model``.
 
     The key is the stored tensor's name (the module's path plus ``.weight``) for a parameter named
-    ``scale``, ``<tensor>#<param>`` for any other trainable parameter of the module's delta operator.
+    ``scale``, ``<tensor>#<param>`` for any other trainable parameter of the module's delta operator
+    (a codec parameter or, e.g. ``model.layers.0.mlp.up_proj.weight#scales1``, a trainable part).
     A parameter shared by several modules (a tied LM head) appears once, under the name in
     ``sign1_names`` (the tensors to train) when given.
     """
@@ -96,6 +102,11 @@ def delta_scales(model: nn.Module, sign1_names: set[str] | None = None) -> dict[
         for pname, param in module.delta.trainable().items():
             found.setdefault(id(param), (tname if pname == "scale" else f"{tname}#{pname}", param))
     return {key: p for key, p in sorted(found.values(), key=lambda item: item[0])}
+
+
+def _value(p: torch.Tensor) -> float | torch.Tensor:
+    """A trained parameter's value: a Python float for a 0-d scale, an fp32 CPU copy of a tensor."""
+    return float(p.detach()) if p.dim() == 0 else p.detach().to("cpu", torch.float32).clone()
 
 
 def freeze_all_but(model: nn.Module, trainable: list[nn.Parameter]) -> None:
@@ -132,7 +143,8 @@ def calibrate_scales(
 
     Args:
         student: the delta-mode model, on ``config.device``.
-        scales: from :func:`delta_scales`; 0-d fp32 parameters.
+        scales: from :func:`delta_scales`; fp32 parameters, 0-d (codec parameters) or of a part's
+            shape (scale tensors).
         tokens: int64 ``[S, T]`` calibration samples.
         targets: the teacher's distributions for ``tokens`` (kept on the CPU; moved per batch).
     """
@@ -146,14 +158,17 @@ def calibrate_scales(
     if {id(p) for p in trainable} != {id(p) for p in params}:  # a real check: asserts vanish under -O
         raise DeltaHubError(
             f"calibration would train {len(trainable)} parameters of the model, which are not exactly "
-            f"its {len(params)} sign1 scales",
-            "only the sign1 scales may be trained; report this as a bug in deltahub",
+            f"its {len(params)} delta scales",
+            "only the delta scales may be trained; report this as a bug in deltahub",
         )
-    initial = {name: float(p.detach()) for name, p in scales.items()}
-    base_lrs = [config.lr * max(abs(initial[name]), 1e-12) for name in scales]
+    initial = {name: _value(p) for name, p in scales.items()}
+    # 0-d: Adam at lr·|s₀|. Tensors: Adam at lr, each element's step then multiplied by its |s₀|.
+    rel_step = {name: initial[name].abs() for name, p in scales.items() if p.dim() > 0}  # type: ignore[union-attr]
+    base_lrs = [config.lr if name in rel_step else config.lr * max(abs(initial[name]), 1e-12) for name in scales]  # type: ignore[arg-type]
     opt = torch.optim.Adam(
         [{"params": [p], "lr": lr} for p, lr in zip(params, base_lrs)], betas=(0.9, 0.999), eps=1e-12
     )
+    tensors = [(p, rel_step[name].to(p.device)) for name, p in scales.items() if name in rel_step]
     batch = max(1, min(config.batch_size, int(tokens.shape[0])))
     loss_before = mean_kl(student, tokens, targets, batch, config.device)
     gen = torch.Generator().manual_seed(config.seed)
@@ -174,7 +189,11 @@ def calibrate_scales(
             loss = kl_from_targets(logits, targets.rows(sel, config.device)).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            before = [p.detach().clone() for p, _ in tensors]
             opt.step()
+            with torch.no_grad():
+                for (p, rel), b in zip(tensors, before):
+                    p.copy_(b.addcmul_(p - b, rel).clamp_(min=0.0))
             losses.append(float(loss.detach()))
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -189,9 +208,13 @@ def calibrate_scales(
         )
         with torch.no_grad():
             for name, p in scales.items():
-                p.fill_(initial[name])
+                v = initial[name]
+                if isinstance(v, torch.Tensor):
+                    p.copy_(v)
+                else:
+                    p.fill_(v)
         loss_after, reverted = loss_before, True
-    final = {name: float(p.detach()) for name, p in scales.items()}
+    final = {name: _value(p) for name, p in scales.items()}
     logger.info("calibrated %d scales in %d steps: loss %.5f -> %.5f", len(scales), config.steps, loss_before, loss_after)
     return DistillResult(
         loss_before=loss_before,

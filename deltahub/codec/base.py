@@ -196,6 +196,42 @@ class TensorCodec:
             out[key] = v
         return out
 
+    def trainable_parts(self, params: Mapping[str, JSONValue]) -> tuple[str, ...]:
+        """The parts of a tensor with these (checked) parameters that are **scale tensors** calibration
+        may train (fp32, non-negative; e.g. ``planes``: ``scales0 .. scales{k-1}``). Their operator
+        (:meth:`operator`) holds each as an fp32 ``nn.Parameter`` of the part's shape, named like the
+        part and listed in :attr:`DeltaOperator.trainable_names`. Calibration writes the trained
+        tensors as new objects (:meth:`trained_parts`); every other part stays the same object.
+        Default: none."""
+        return ()
+
+    def trained_parts(self, shape: tuple[int, ...], dtype: torch.dtype, params: Mapping[str, JSONValue],
+                      updates: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Trained values of :meth:`trainable_parts`, checked and ready to store: fp32, contiguous, on
+        the CPU, each of the part's layout (:meth:`part_specs`), finite and non-negative.
+
+        Raises:
+            CodecError: a part that is not trainable, a wrong shape, or a NaN/Inf/negative value.
+        """
+        allowed = set(self.trainable_parts(params))
+        specs = self.part_specs(shape, dtype, params)
+        out: dict[str, Tensor] = {}
+        for part, value in updates.items():
+            if part not in allowed:
+                raise CodecError(f"{self.name} has no trainable part {part!r}")
+            t = value.detach().to(device="cpu", dtype=torch.float32).contiguous()
+            spec = specs[part]
+            if spec.dtype != torch.float32 or tuple(t.shape) != tuple(spec.shape):
+                raise CodecError(f"{self.name}: trained {part} is {list(t.shape)}, its layout is "
+                                 f"{spec.dtype} {list(spec.shape)}")
+            bad = ~torch.isfinite(t)
+            if bool(bad.any()):
+                raise CodecError(f"{self.name}: trained {part} holds {int(bad.sum())} non-finite value(s)")
+            if bool((t < 0).any()):
+                raise CodecError(f"{self.name}: trained {part} holds {int((t < 0).sum())} negative scale(s)")
+            out[part] = t.clone()
+        return out
+
     def rescaled_error(self, params: Mapping[str, JSONValue], initial: Mapping[str, JSONValue],
                        known: Mapping[str, JSONValue], known_error: float | None) -> float | None:
         """``‖Δ − Δ̂‖ / ‖Δ‖`` at trained ``params``, from the error ``known_error`` at parameters
@@ -220,7 +256,8 @@ class DeltaOperator(nn.Module):
     """``Δ`` ``[N, K]`` of one tensor, applied without building it (a codec's inference apply).
 
     Floating parameters of an operator (scales) stay fp32 through ``.to(dtype)``/``.half()``; the
-    parameters named in the codec's ``trainable_params`` are what calibration trains.
+    parameters named in :attr:`trainable_names` (the codec's ``trainable_params``, 0-d, and its
+    ``trainable_parts``, tensors) are what calibration trains.
     """
 
     trainable_names: tuple[str, ...] = ()
@@ -257,7 +294,8 @@ class DeltaOperator(nn.Module):
         return self.rows(torch.arange(self.out_features, device=self._device()))
 
     def trainable(self) -> dict[str, nn.Parameter]:
-        """Name → the trainable parameters of this operator (0-d fp32)."""
+        """Name → the trainable parameters of this operator: 0-d fp32 for a codec's
+        ``trainable_params``, fp32 of the part's shape for its ``trainable_parts`` (same names)."""
         return {n: getattr(self, n) for n in self.trainable_names}
 
     @classmethod

@@ -24,13 +24,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import signs
 from .base import DeltaOperator, Encoded, JSONValue, PartSpec, TenantDeltas, TensorCodec
 from .codecs import CodecError, NonFiniteDeltaError
 from .packing import WORD_BITS, pack_signs, packed_shape, sign_lut
 from .planes_apply import planes_kernel_linear, stack_planes
+from .planes_grad import planes_delta
 from .sign1 import run_row_blocks
 
 __all__ = ["PlanesCodec", "PlanesOperator", "GRANULARITIES", "MAX_PLANES"]
@@ -116,6 +117,10 @@ class PlanesCodec(TensorCodec):
     def parts_for(self, shape: tuple[int, ...], params: Mapping[str, JSONValue]) -> tuple[str, ...]:
         k = int(params["planes"])  # type: ignore[arg-type]
         return tuple(f"signs{i}" for i in range(k)) + tuple(f"scales{i}" for i in range(k))
+
+    def trainable_parts(self, params: Mapping[str, JSONValue]) -> tuple[str, ...]:
+        """Every plane's scales (``scales0 .. scales{k-1}``): calibration trains them all together."""
+        return tuple(f"scales{i}" for i in range(int(params["planes"])))  # type: ignore[arg-type]
 
     def part_specs(self, shape: tuple[int, ...], dtype: torch.dtype, params: Mapping[str, JSONValue]) -> dict[str, PartSpec]:
         if not dtype.is_floating_point:
@@ -234,21 +239,29 @@ class PlanesCodec(TensorCodec):
 
 class PlanesOperator(DeltaOperator):
     """``x·Δᵀ = Σᵢ (x·Sᵢᵀ) ⊙ sᵢ`` from the packed planes (torch path; per-group scales apply to each
-    group's partial product), and ``Δ[idx]`` for embeddings. Nothing ``[N, K]`` is built."""
+    group's partial product), and ``Δ[idx]`` for embeddings. Nothing ``[N, K]`` is built.
+
+    ``packed{i}``: buffers, int32 ``[N, ceil(K/32)]``; ``scales{i}``: fp32 ``nn.Parameter`` s of the
+    stored part's shape (frozen unless calibration trains them: :attr:`trainable_names`); with
+    gradients the product runs through :func:`deltahub.codec.planes_grad.planes_delta`."""
 
     def __init__(self, packed: list[Tensor], scales: list[Tensor], in_features: int, group: int | None) -> None:
         super().__init__(packed[0].shape[0], in_features)
         self.k = len(packed)
         self.group = group
+        self.trainable_names = tuple(f"scales{i}" for i in range(self.k))
         for i, (p, s) in enumerate(zip(packed, scales, strict=True)):
             self.register_buffer(f"packed{i}", p.detach())
-            self.register_buffer(f"scales{i}", s.detach().to(torch.float32))
+            setattr(self, f"scales{i}", nn.Parameter(s.detach().to(torch.float32), requires_grad=False))
 
     def _plane(self, i: int) -> tuple[Tensor, Tensor]:
         return getattr(self, f"packed{i}"), getattr(self, f"scales{i}")
 
     def matmul(self, x2d: Tensor, kernels: Any = None) -> Tensor:
         k = self.in_features
+        planes = [self._plane(i) for i in range(self.k)]
+        if torch.is_grad_enabled() and (x2d.requires_grad or any(s.requires_grad for _, s in planes)):
+            return planes_delta(x2d, [p for p, _ in planes], [s for _, s in planes], k, self.group)
         y = torch.zeros((x2d.shape[0], self.out_features), dtype=torch.float32, device=x2d.device)
         for i in range(self.k):
             packed, s = self._plane(i)

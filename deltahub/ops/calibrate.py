@@ -7,12 +7,15 @@ Order of work (nothing is written before the last step):
    delta: same architecture and shapes, and the signs of ``W_ft − W_base`` must agree with the
    stored signs (:func:`check_finetune_matches`);
 3. the teacher runs over the samples; its next-token distributions are kept and the teacher freed;
-4. the student (the delta loaded in delta mode) trains its ``sign1`` scales only
-   (:mod:`deltahub.calibrate.distill`), then is freed;
-5. a new manifest that differs from the old one only in those scales is written (every other object
-   is shared, bit-identical), then its index rows (manifest, links, per-tensor statistics with the
-   initial scale kept, the calibration record) in one transaction, then the name is moved to it —
-   only if it still points at the manifest that was calibrated.
+4. the student (the delta loaded in delta mode) trains its scales only — every codec's trainable
+   parameters (``sign1``: ``scale``) and trainable scale parts (``planes``: every plane's
+   ``scales{i}``, per matrix, row or group) — (:mod:`deltahub.calibrate.distill`), then is freed;
+5. the trained scale tensors are checked by their codec (layout, finite, non-negative) and written as
+   new objects; a new manifest that differs from the old one only in those scales is written (its
+   records point at the new scale objects; signs and every other object are shared, bit-identical),
+   then its index rows (manifest, links, per-tensor statistics with the initial scale kept, the
+   calibration record) in one transaction, then the name is moved to it — only if it still points
+   at the manifest that was calibrated.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from deltahub import defaults
 from deltahub.calibrate.data import load_samples
 from deltahub.calibrate.distill import DistillConfig, calibrate_scales, delta_scales
 from deltahub.calibrate.targets import DEFAULT_TOP_K, TeacherTargets, score_model
+from deltahub.codec.codecs import CodecError
 from deltahub.codec.sign1 import recon_error_at  # noqa: F401  (kept importable from here)
 from deltahub.errors import (
     DanglingNameError,
@@ -43,13 +47,13 @@ from deltahub.errors import (
 )
 from deltahub.formats.checkpoint import open_checkpoint
 from deltahub.formats.manifest import Manifest, ModelKind, TensorRecord
-from deltahub.formats.safetensors_io import dtype_from_name
+from deltahub.formats.safetensors_io import dtype_from_name, tensor_bytes
 from deltahub.formats.paths import validate_name
 from deltahub.hub.source import resolve_source
 from deltahub.index import TensorStat, TensorStatEntry
 from deltahub.ops.context import Resolved, StoreContext
 from deltahub.ops.reconstruct import ModelSource
-from deltahub.store import Compression
+from deltahub.store import Compression, ObjectInfo
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +111,12 @@ def check_device(device: str) -> None:
 
 @dataclass
 class CalibrateResult:
-    """What :func:`calibrate` did (``manifest_id`` is the calibrated manifest the name now points at)."""
+    """What :func:`calibrate` did (``manifest_id`` is the calibrated manifest the name now points at).
+
+    ``n_scales``: scale values trained (a ``sign1`` tensor has one, a ``planes`` tensor every element
+    of every plane's scale tensor); ``scales``: per key of
+    :func:`~deltahub.calibrate.distill.delta_scales` (``tensor`` or ``tensor#part``) its value before
+    and after, the mean of the tensor for a scale part."""
 
     name: str
     manifest_id: str
@@ -349,6 +358,7 @@ def calibrate(
     run = calibrate_scales(student, scales, samples.tokens, targets, config)
     del student, scales
     gc.collect()
+    trained_parts = _checked_parts(resolved.manifest, run.final)  # refused before anything is written
 
     result = CalibrateResult(
         name=name,
@@ -363,21 +373,53 @@ def calibrate(
         seed=options.seed,
         device=options.device,
         top_k=targets.top_k,
-        n_scales=len(run.final),
+        n_scales=sum(v.numel() if isinstance(v, torch.Tensor) else 1 for v in run.final.values()),
         loss_before=run.loss_before,
         loss_after=run.loss_after,
         seconds=0.0,
         reverted=run.reverted,
-        scales={n: {"initial": run.initial[n], "calibrated": run.final[n]} for n in run.final},
+        scales={n: {"initial": _mean(run.initial[n]), "calibrated": _mean(run.final[n])} for n in run.final},
     )
     result.seconds = time.perf_counter() - t0
-    result.manifest_id = _publish(ctx, resolved, run.final, result)
+    params = {k: v for k, v in run.final.items() if not isinstance(v, torch.Tensor)}
+    initial_parts = {k: v for k, v in run.initial.items() if isinstance(v, torch.Tensor)}
+    result.manifest_id = _publish(ctx, resolved, params, result, trained_parts, initial_parts)
     return result
 
 
+def _mean(value: float | torch.Tensor) -> float:
+    """A 0-d scale itself; the mean of a scale tensor (what the calibration record shows)."""
+    return float(value.double().mean()) if isinstance(value, torch.Tensor) else float(value)
+
+
 def _trainable(rec: TensorRecord) -> bool:
-    """Whether ``rec``'s codec has parameters calibration trains (``sign1``: its scale)."""
-    return bool(rec.impl.trainable_params) and bool(rec.parts)
+    """Whether ``rec``'s codec has scales calibration trains (``sign1``: its scale parameter;
+    ``planes``: its scale parts)."""
+    return bool(rec.parts) and bool(rec.impl.trainable_params or rec.impl.trainable_parts(rec.params))
+
+
+def _checked_parts(manifest: Manifest, values: dict[str, float | torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Tensor name → part → trained scale tensor (fp32, the part's layout), checked by the codec
+    (:meth:`~deltahub.codec.TensorCodec.trained_parts`: finite, non-negative).
+
+    Raises:
+        DeltaHubError: a key naming no trainable part, or a bad trained value (nothing is written).
+    """
+    updates: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in values.items():
+        if isinstance(value, torch.Tensor):
+            tname, _, part = key.partition("#")
+            updates.setdefault(tname, {})[part] = value
+    out = {}
+    for tname, parts in updates.items():
+        rec = manifest.tensors.get(tname)
+        if rec is None or not _trainable(rec):
+            raise DeltaHubError(f"tensor {tname!r} has no trainable scale parts")
+        try:
+            out[tname] = rec.impl.trained_parts(rec.shape, dtype_from_name(rec.dtype), rec.params, parts)
+        except CodecError as exc:
+            raise DeltaHubError(f"calibration gave tensor {tname!r} bad scales: {exc.message}", "lower --calib-lr") from None
+    return out
 
 
 def key_tensor(key: str) -> str:
@@ -385,9 +427,11 @@ def key_tensor(key: str) -> str:
     return key.partition("#")[0]
 
 
-def with_scales(manifest: Manifest, scales: dict[str, float]) -> Manifest:
+def with_scales(manifest: Manifest, scales: dict[str, float], parts: dict[str, dict[str, str]] | None = None) -> Manifest:
     """A copy of ``manifest`` whose tensors named in ``scales`` carry those trained parameters
-    (key ``tensor`` for a codec's ``scale``, ``tensor#param`` for another trainable parameter)."""
+    (key ``tensor`` for a codec's ``scale``, ``tensor#param`` for another trainable parameter), and
+    whose tensors named in ``parts`` point their trainable parts at new objects (tensor → part →
+    object id; the other parts keep their objects)."""
     tensors = dict(manifest.tensors)
     updates: dict[str, dict[str, float]] = {}
     for key, value in scales.items():
@@ -400,13 +444,43 @@ def with_scales(manifest: Manifest, scales: dict[str, float]) -> Manifest:
         if not all(math.isfinite(float(torch.tensor(v, dtype=torch.float32))) for v in values.values()):
             raise DeltaHubError(f"calibration gave tensor {tname!r} a non-finite scale", "lower --calib-lr")
         tensors[tname] = dataclasses.replace(rec, params=rec.impl.with_params(rec.params, values))
+    for tname, new_ids in (parts or {}).items():
+        rec = tensors[tname]
+        if not set(new_ids) <= set(rec.impl.trainable_parts(rec.params)) or not set(new_ids) <= set(rec.parts):
+            raise DeltaHubError(f"tensor {tname!r} ({rec.codec}) has no trainable part {', '.join(sorted(new_ids))}")
+        tensors[tname] = dataclasses.replace(rec, parts={**rec.parts, **new_ids})
     return dataclasses.replace(manifest, tensors=tensors)
 
 
-def _publish(ctx: StoreContext, resolved: Resolved, scales: dict[str, float], result: CalibrateResult) -> str:
-    """Objects → manifest → index rows (+ the calibration record) → name. Returns the new manifest id."""
-    new = with_scales(resolved.manifest, scales)
+def _publish(
+    ctx: StoreContext,
+    resolved: Resolved,
+    scales: dict[str, float],
+    result: CalibrateResult,
+    trained_parts: dict[str, dict[str, torch.Tensor]] | None = None,
+    initial_parts: dict[str, torch.Tensor] | None = None,
+) -> str:
+    """Objects (the trained scale tensors) → manifest → index rows (+ the calibration record) → name.
+    Returns the new manifest id.
+
+    ``trained_parts``: tensor → part → checked fp32 tensor (:func:`_checked_parts`);
+    ``initial_parts``: key ``tensor#part`` → that part before calibration (for the statistics)."""
+    trained_parts = trained_parts or {}
+    new = with_scales(resolved.manifest, scales)  # parameters checked before anything is written
     with ctx.writing():
+        objects: dict[str, ObjectInfo] = {}
+        new_parts: dict[str, dict[str, str]] = {}
+        extra_bytes: dict[str, int] = {}
+        for tname, parts in sorted(trained_parts.items()):
+            rec = new.tensors[tname]
+            compression = Compression.AUTO if rec.impl.compressible else Compression.NONE
+            for part, tensor in sorted(parts.items()):
+                pinfo = ctx.put(tensor_bytes(tensor), compression)  # the writer compress uses
+                objects[pinfo.sha256] = pinfo
+                new_parts.setdefault(tname, {})[part] = pinfo.sha256
+                old_size = ctx.objects.info(rec.parts[part]).stored_size
+                extra_bytes[tname] = extra_bytes.get(tname, 0) + pinfo.stored_size - old_size
+        new = with_scales(new, {}, new_parts)
         info = ctx.put(new.to_bytes(), Compression.AUTO)
         new_id = info.sha256
         ctx.objects.flush()  # the manifest object is durable and in place before any index row (invariant 2)
@@ -415,12 +489,14 @@ def _publish(ctx: StoreContext, resolved: Resolved, scales: dict[str, float], re
             raise DeltaHubError(
                 f"manifest {resolved.manifest_id[:12]} of {resolved.name!r} is not indexed", "run `deltahub verify`"
             )
-        stats = _calibrated_stats(new, ctx.index.tensor_stats(old.id), scales)
+        means = _part_means(trained_parts, initial_parts or {})
+        stats = _calibrated_stats(new, ctx.index.tensor_stats(old.id), scales, means, extra_bytes)
         try:
-            # every other object is the old manifest's, indexed: ONE transaction for the rows, then
-            # the name, moved only if it still points at the manifest that was calibrated
+            # the scale objects are new; every other object is the old manifest's, indexed: ONE
+            # transaction for the rows, then the name, moved only if it still points at the
+            # manifest that was calibrated
             ctx.register(
-                new, info, {}, stats, resolved.name, force=False,
+                new, info, objects, stats, resolved.name, force=False,
                 expected=resolved.manifest_id, info=old.info, calibration=result.to_json(),
             )
         except NameChangedError:
@@ -428,12 +504,41 @@ def _publish(ctx: StoreContext, resolved: Resolved, scales: dict[str, float], re
                 f"{resolved.name!r} was changed by another process during the calibration",
                 "run the calibration again",
             ) from None
-    logger.info("calibrated %s: manifest %s -> %s", resolved.name, resolved.manifest_id[:12], new_id[:12])
+    logger.info("calibrated %s: manifest %s -> %s (%d new scale object(s))", resolved.name,
+                resolved.manifest_id[:12], new_id[:12], len(objects))
     return new_id
 
 
-def _calibrated_stats(new: Manifest, old_stats: list[TensorStatEntry], scales: dict[str, float]) -> list[TensorStat]:
-    """The per-tensor statistics of the calibrated manifest: the old ones, with the new scales."""
+def _part_means(trained: dict[str, dict[str, torch.Tensor]], initial: dict[str, torch.Tensor]
+                ) -> dict[str, tuple[float | None, float]]:
+    """Tensor → (mean of its scale parts before, after calibration): every element of every trained
+    part (all planes) counts once; ``None`` before when the initial values are not known."""
+    out: dict[str, tuple[float | None, float]] = {}
+    for tname, parts in trained.items():
+        after = torch.cat([parts[p].reshape(-1).double() for p in sorted(parts)])
+        befores = [initial.get(f"{tname}#{p}") for p in sorted(parts)]
+        before = None
+        if all(b is not None for b in befores):
+            before = float(torch.cat([b.reshape(-1).double() for b in befores]).mean())  # type: ignore[union-attr]
+        out[tname] = (before, float(after.mean()))
+    return out
+
+
+def _calibrated_stats(
+    new: Manifest,
+    old_stats: list[TensorStatEntry],
+    scales: dict[str, float],
+    part_means: dict[str, tuple[float | None, float]] | None = None,
+    extra_bytes: dict[str, int] | None = None,
+) -> list[TensorStat]:
+    """The per-tensor statistics of the calibrated manifest: the old ones, with the new scales.
+
+    A tensor with scale *parts* (``planes``) records the mean of its scales: ``initial_scale`` the
+    mean as compressed (kept through later calibrations), ``scale`` the mean now; its
+    ``rel_recon_error`` is what its codec can tell without the fine-tune (``None`` for ``planes``:
+    the error of new scales needs ``Δ``); ``stored_bytes`` follows the new scale objects."""
+    part_means = part_means or {}
+    extra_bytes = extra_bytes or {}
     out = []
     for st in old_stats:
         initial = st.initial_scale if st.initial_scale is not None else st.scale
@@ -442,13 +547,17 @@ def _calibrated_stats(new: Manifest, old_stats: list[TensorStatEntry], scales: d
         if st.name in scales and rec is not None and _trainable(rec) and initial is not None and st.scale is not None:
             scale = rec.scale
             error = rec.impl.rescaled_error(rec.params, {"scale": initial}, {"scale": st.scale}, st.rel_recon_error)
+        if st.name in part_means and rec is not None:
+            before, scale = part_means[st.name]
+            initial = initial if initial is not None else before
+            error = None
         out.append(
             TensorStat(
                 name=st.name,
                 codec=st.codec,
                 dtype=st.dtype,
                 shape=st.shape,
-                stored_bytes=st.stored_bytes,
+                stored_bytes=st.stored_bytes + extra_bytes.get(st.name, 0),
                 scale=scale,
                 initial_scale=initial if rec is not None and _trainable(rec) else None,
                 rel_delta_norm=st.rel_delta_norm,

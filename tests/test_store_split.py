@@ -324,7 +324,7 @@ def test_calibration_refuses_to_train_anything_but_the_scales(optimize):
     cmd = [sys.executable, *(["-O"] if optimize else []), "-c", SCALES_ONLY_SCRIPT]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "refused: calibration would train 0 parameters of the model, which are not exactly its 1 sign1 scales" in proc.stdout
+    assert "refused: calibration would train 0 parameters of the model, which are not exactly its 1 delta scales" in proc.stdout
 
 
 def test_every_read_path_reports_a_damaged_payload(objs):

@@ -14,6 +14,7 @@ its errors, so every layer may use it.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import re
 import shutil
@@ -201,7 +202,10 @@ def parse_size(text: str | int) -> int:
         if not match:
             raise InvalidSizeError(f"cannot parse size {text!r}", "examples: 5GB, 500MB, 2GiB")
         unit = (match.group(2) or "B").lower()
-        value = int(float(match.group(1)) * _UNITS[unit])
+        number = float(match.group(1)) * _UNITS[unit]
+        if not math.isfinite(number) or number >= 2**62:
+            raise InvalidSizeError(f"size {text!r} is too large", "examples: 5GB, 500MB, 2GiB")
+        value = int(number)
     if value < 1:
         raise InvalidSizeError(f"size {text!r} is not positive", "examples: 5GB, 500MB, 2GiB")
     return value

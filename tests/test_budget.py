@@ -271,3 +271,55 @@ def _cal():
     from deltahub.api import CalibrationOptions
 
     return CalibrationOptions(samples=8, seq_len=64)
+
+
+# ------------------------------------------------------------------------------ hostile try-out findings
+def _edited_copy(src, dst, edit=None, nan_in=None):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    if edit is not None:
+        cfg = json.loads((dst / "config.json").read_text())
+        edit(cfg)
+        (dst / "config.json").write_text(json.dumps(cfg))
+    if nan_in is not None:
+        tensors = load_file(dst / "model.safetensors")
+        tensors[nan_in][0, 0] = float("nan")
+        save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_a_nan_fine_tune_gets_the_nan_refusal_not_a_crash(filled, model_dirs, tmp_path):
+    bad = _edited_copy(model_dirs["llama"]["ft"], tmp_path / "nan", nan_in="model.layers.0.mlp.up_proj.weight")
+    with pytest.raises(deltahub.errors.DeltaHubError, match="NaN"):
+        filled.compress(bad, base="base", name="n", avg_bits=3.0, calibration=_cal())
+    r = filled.compress(bad, base="base", name="n", avg_bits=8.0, calibration=_cal(), allow_nonfinite=True)
+    assert r.codecs.get("dense", 0) >= 1 and filled.verify().ok
+
+
+def test_a_fine_tune_transformers_cannot_run_is_a_clear_error(filled, model_dirs, tmp_path):
+    for i, edit in enumerate([lambda c: c.update(num_attention_heads=3), lambda c: c.update(architectures=["LlamaModel"]),
+                              lambda c: c.update(hidden_size=128)]):
+        bad = _edited_copy(model_dirs["llama"]["ft"], tmp_path / f"bad{i}", edit=edit)
+        with pytest.raises(InputError, match="--bits K|sensitivity|cannot load"):
+            filled.compress(bad, base="base", name=f"b{i}", avg_bits=3.0, calibration=_cal())
+
+
+def test_sequences_longer_than_the_context_are_cut_and_bad_devices_refused(store, model_dirs):
+    store.add(model_dirs["gpt2"]["base"], name="g")
+    from deltahub.api import CalibrationOptions
+
+    store.compress(model_dirs["gpt2"]["ft"], base="g", name="d", avg_bits=3.0,
+                   calibration=CalibrationOptions(samples=4, seq_len=1000))  # n_positions is 64
+    with pytest.raises(InputError, match="device"):
+        store.compress(model_dirs["gpt2"]["ft"], base="g", name="e", avg_bits=3.0,
+                       calibration=CalibrationOptions(samples=4, device="nope"))
+
+
+def test_huge_budgets_keep_everything_and_huge_sizes_are_refused(filled, model_dirs, tmp_path):
+    filled.compress(model_dirs["llama"]["ft"], base="base", name="all", avg_bits=1e308, calibration=_cal())
+    assert max(_manifest(filled, "all").planes_of().values()) == 4
+    with pytest.raises(deltahub.errors.DeltaHubError, match="too large"):
+        filled.materialize("all", tmp_path / "x", max_size="9" * 400)

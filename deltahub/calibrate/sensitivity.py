@@ -34,9 +34,13 @@ from torch import Tensor, nn
 
 from deltahub.progress import progress_bar
 
-__all__ = ["Sensitivity", "measure_sensitivity"]
+__all__ = ["NonFiniteOutputError", "Sensitivity", "measure_sensitivity"]
 
 logger = logging.getLogger(__name__)
+
+
+class NonFiniteOutputError(ValueError):
+    """The model's logits hold NaN or Inf (its weights do): no sensitivity can be measured."""
 
 
 @dataclass
@@ -182,6 +186,8 @@ def measure_sensitivity(
             for start in range(0, s, batch_size):
                 x = tokens[start : start + batch_size].to(device)
                 logits = model(input_ids=x).logits.float()
+                if not bool(torch.isfinite(logits).all()):
+                    raise NonFiniteOutputError("the model's outputs hold NaN or Inf")
                 logp = torch.log_softmax(logits, dim=-1)
                 with torch.no_grad():
                     probs = logp.detach().exp().reshape(-1, logp.shape[-1]).cpu()

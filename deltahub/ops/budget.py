@@ -82,7 +82,8 @@ class Budget:
         if self.max_bytes is not None:
             return self.max_bytes
         assert self.avg_bits is not None
-        return int(math.floor(self.avg_bits * n_params / 8))
+        size = self.avg_bits * n_params / 8
+        return int(math.floor(size)) if math.isfinite(size) and size < 2**62 else 2**62  # "everything"
 
     def describe(self) -> str:
         return f"--avg-bits {self.avg_bits:g}" if self.avg_bits is not None else f"--max-size {self.max_bytes}"
@@ -193,34 +194,60 @@ def measure_finetune(ctx: StoreContext, src: Path, base_name: str, options: Sens
     fine-tune in folder ``src`` on ``options``' calibration text, tokenized with its own tokenizer
     (else the stored base's)."""
     from deltahub.calibrate.data import load_samples
-    from deltahub.calibrate.sensitivity import measure_sensitivity
+    from deltahub.calibrate.sensitivity import NonFiniteOutputError, measure_sensitivity
     from deltahub.formats.checkpoint import open_checkpoint
     from deltahub.ops.load import load_tokenizer, model_class
 
+    _check_device(options.device)
     try:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
-    except (OSError, ValueError, KeyError):
+    except Exception:  # no tokenizer files, or a config transformers refuses: the base's tokenizer
         tokenizer = load_tokenizer(ctx, base_name)
-    samples = load_samples(options.data, tokenizer, options.samples, options.seq_len, "calibration", options.seed)
     ckpt = open_checkpoint(src)
+    seq_len = options.seq_len
+    context = max((int(v) for k in ("max_position_embeddings", "n_positions")
+                   if isinstance(v := ckpt.config.get(k), int) and not isinstance(v, bool) and v > 1), default=None)
+    if context is not None and seq_len > context:
+        logger.info("--calib-seq-len %d is longer than the model's context (%d): using %d", seq_len, context, context)
+        seq_len = context
+    samples = load_samples(options.data, tokenizer, options.samples, seq_len, "calibration", options.seed)
+    vocab = ckpt.config.get("vocab_size")
+    if isinstance(vocab, int) and samples.tokens.numel() and int(samples.tokens.max()) >= vocab:
+        raise InputError(
+            f"the tokenizer gives token ids up to {int(samples.tokens.max())}, but the fine-tune's vocabulary has {vocab}",
+            "check that the fine-tune folder's tokenizer belongs to its model",
+        )
+    hint = "a size budget needs a causal LM transformers can run; use --bits K for a uniform number of planes"
     cls = model_class(ckpt.architectures)
     try:
         model = cls.from_pretrained(str(src), dtype=getattr(torch, options.dtype), use_safetensors=True, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise InputError(
-            f"cannot load the fine-tune in {src} with transformers to measure its sensitivity: {exc}"[:400],
-            "a size budget needs a model transformers can run; use --bits K for a uniform number of planes",
-        ) from None
-    model = model.to(options.device)
+        model = model.to(options.device)
+    except Exception as exc:  # transformers raises many kinds for configs it cannot build
+        raise InputError(f"cannot load the fine-tune in {src} with transformers to measure its sensitivity: "
+                         f"{type(exc).__name__}: {exc}"[:400], hint) from None
     try:
         return measure_sensitivity(model, samples.tokens, options.batch_size, options.device, options.seed)
-    except ValueError as exc:
-        raise InputError(f"cannot measure the sensitivity of {src}: {exc}",
-                         "use --bits K for a uniform number of planes") from None
+    except NonFiniteOutputError as exc:
+        # NaN/Inf in the fine-tune: compress's own check refuses it (or stores it dense with
+        # --allow-nonfinite); the allocation then weighs every entry alike
+        logger.warning("%s: the planes are allocated by weight-space error", exc)
+        return {}
+    except (ValueError, AttributeError, TypeError, IndexError, RuntimeError) as exc:
+        raise InputError(f"cannot measure the sensitivity of {src}: {type(exc).__name__}: {exc}"[:400], hint) from None
     finally:
         del model
+
+
+def _check_device(device: str) -> None:
+    """Refuse a torch device that does not exist here before anything is loaded."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InputError(f"unknown device {device!r}: {exc}", "use --device cpu, or cuda when a GPU is present") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} is not available here", "use --device cpu")
 
 
 def allocate(

@@ -11,13 +11,15 @@
 
 from __future__ import annotations
 
+import operator
+
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deltahub import defaults
 from deltahub._version import __version__
 from deltahub.config import debug_enabled
-from deltahub.errors import DeltaHubError
+from deltahub.errors import DeltaHubError, InputError
 from deltahub.fileio import disk_full_error, human_bytes, is_disk_full, parse_size
 
 if TYPE_CHECKING:  # pragma: no cover - the operations import torch; they load on first use
@@ -73,9 +75,15 @@ def __getattr__(name: str) -> Any:
 
 def _size_arg(size: int | str | None) -> int | None:
     """A ``max_size`` argument in bytes: an int, or a string such as ``"40MB"`` / ``"1.5GiB"``."""
-    if size is None or isinstance(size, int):
-        return size
-    return parse_size(size)
+    if size is None or isinstance(size, str):
+        return None if size is None else parse_size(size)
+    if not isinstance(size, bool):
+        try:
+            return operator.index(size)  # ints, numpy ints
+        except TypeError:
+            pass
+    raise InputError(f"max_size must be a number of bytes (an int) or a size such as '40MB', got {size!r}",
+                        "e.g. max_size=40_000_000 or max_size='40MB'")
 
 
 def __dir__() -> list[str]:

@@ -451,6 +451,8 @@ def compress(
         raise click.UsageError("--avg-bits and --max-size are two ways to give one budget: give one")
     if budgeted and lossless:
         raise click.UsageError("--lossless stores the exact fine-tune: it takes no size budget")
+    if budgeted and explicit and codec != defaults.PLANES_CODEC:
+        raise click.UsageError(f"a size budget chooses sign planes (codec {defaults.PLANES_CODEC}), not --codec {codec}")
     if budgeted and options is None:
         options = _calibration(**calib)  # the text the sensitivity is measured on
     result = _store(ctx).compress(

@@ -323,3 +323,22 @@ def test_huge_budgets_keep_everything_and_huge_sizes_are_refused(filled, model_d
     assert max(_manifest(filled, "all").planes_of().values()) == 4
     with pytest.raises(deltahub.errors.DeltaHubError, match="too large"):
         filled.materialize("all", tmp_path / "x", max_size="9" * 400)
+
+
+def test_budget_argument_mistakes_are_refused_before_any_work(filled, model_dirs, tmp_path):
+    from click.testing import CliRunner
+
+    from deltahub.cli import cli
+
+    home = str(filled._ctx.home)
+    ft = str(model_dirs["llama"]["ft"])
+    r = CliRunner().invoke(cli, ["--home", home, "compress", ft, "--base", "base", "--name", "x", "--avg-bits", "2",
+                                 "--codec", "sign1"])
+    assert r.exit_code == 2 and "size budget chooses sign planes" in r.output
+    r = CliRunner().invoke(cli, ["--home", home, "compress", ft, "--base", "base", "--name", "x", "--avg-bits", "2",
+                                 "--bits", "1"])
+    assert r.exit_code != 0 and "--bits must be 2..8" in r.output
+    for bad in (16000.5, [], True):
+        with pytest.raises(InputError, match="max_size must be"):
+            filled.materialize("base", tmp_path / "x", max_size=bad)
+    assert "x" not in {m["name"] for m in filled.list()}

@@ -74,8 +74,9 @@ class Budget:
             size = self.max_bytes
             if isinstance(size, bool) or not isinstance(size, int) or size < 1:
                 raise InputError(f"--max-size must be a positive number of bytes, got {size!r}", "e.g. --max-size 40MB")
-        if isinstance(self.max_planes, bool) or not isinstance(self.max_planes, int) or not 1 <= self.max_planes <= 8:
-            raise InputError(f"the planes per tensor of a budget must be 1..8, got {self.max_planes!r}", "use --bits 1..8")
+        if isinstance(self.max_planes, bool) or not isinstance(self.max_planes, int) or not 2 <= self.max_planes <= 8:
+            raise InputError(f"a budget chooses between 1 and --bits planes per matrix, so --bits must be 2..8, got {self.max_planes!r}",
+                             "use --bits 2..8 (default 4), or drop the budget for one plane everywhere")
 
     def bytes_for(self, n_params: int) -> int:
         """The budget in bytes of tensor data for a model of ``n_params`` parameters."""

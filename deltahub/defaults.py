@@ -50,6 +50,7 @@ CALIB_STEPS = 100  # optimizer steps
 CALIB_LR = 0.01  # Adam learning rate, relative to each scale
 CALIB_BATCH_SIZE = 4  # sequences per step
 CALIB_SEED = 0  # sample choice and batch order
+BUDGET_ROLE_SAMPLES = 16  # calibration sequences on which a budget measures each role's KL at 1, 2, ... planes
 #: Teacher logits kept per token (the top k; the rest of the distribution as one bucket).
 DEFAULT_TOP_K = 128
 #: The dtype teacher and student run in (fp32: the CPU's fast and exact choice).

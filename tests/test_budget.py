@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 import deltahub
-from deltahub.errors import CorruptObjectError, InputError, UnsupportedFormatError
+from deltahub.errors import CorruptObjectError, IncompatibleBaseError, InputError, UnsupportedFormatError
 from deltahub.formats.manifest import parse_manifest
-from deltahub.ops.budget import Budget, fit_prefix, plane_order
+from deltahub.ops.budget import Budget, fit_prefix, plane_order, role_plane_order
 from hub_fixtures import FAKE_USER, hub_server, plant_repo  # noqa: F401
 
 @pytest.fixture
@@ -44,6 +44,76 @@ def test_plane_order_takes_the_most_error_per_byte_first_and_keeps_each_tensors_
         planes = [p for n, p in order if n == t]
         assert planes == sorted(planes) == list(range(1, len(errors[t])))
     assert len(order) == 6
+
+
+def test_role_of_replaces_layer_numbers_only():
+    from deltahub.calibrate.sensitivity import role_of
+
+    assert role_of("model.layers.13.mlp.up_proj.weight") == "model.layers.N.mlp.up_proj.weight"
+    assert role_of("transformer.h.0.attn.c_attn.weight") == "transformer.h.N.attn.c_attn.weight"
+    assert role_of("model.embed_tokens.weight") == "model.embed_tokens.weight"
+    assert role_of("layers.2.w2.weight") == "layers.N.w2.weight"
+    assert role_of("model.norm2.weight") == "model.norm2.weight"  # a digit inside a name is no layer
+
+
+def test_role_plane_order_ranks_roles_by_measured_kl_and_tensors_by_fisher():
+    # the Fisher says the q role (layers 0, 1) is worth far more than the up role; the measured KL
+    # says the opposite: every plane of up comes first, and within up, layer 1 (the larger Fisher gain)
+    q, u = "l.{}.q.weight", "l.{}.up.weight"
+    errors = {q.format(0): [100.0, 50.0, 40.0], q.format(1): [100.0, 60.0, 50.0],
+              u.format(0): [2.0, 1.5, 1.0], u.format(1): [2.0, 1.0, 0.2]}
+    costs = dict.fromkeys(errors, [4, 4, 4])
+    measured = {"l.N.q.weight": [0.01, 0.009, 0.008], "l.N.up.weight": [0.5, 0.1, 0.05]}
+    order = role_plane_order(errors, costs, measured)
+    assert order[:4] == [(u.format(1), 1), (u.format(0), 1), (u.format(1), 2), (u.format(0), 2)]
+    assert sorted(order) == sorted((t, p) for t in errors for p in (1, 2))
+    for t in errors:
+        assert [p for n, p in order if n == t] == [1, 2]
+    # without a measurement a role falls back to its Fisher sum: q first
+    assert role_plane_order(errors, costs, {})[0] == (q.format(0), 1)
+    # a measurement that is not finite (or too short) is not used
+    without_up = role_plane_order(errors, costs, {"l.N.q.weight": measured["l.N.q.weight"]}, per_kl=1000.0)
+    for bad in ([float("nan"), 0.1, 0.05], [0.5, 0.1], [-1.0, 0.1, 0.05]):
+        assert role_plane_order(errors, costs, {**measured, "l.N.up.weight": bad}, per_kl=1000.0) == without_up
+
+
+def test_measure_roles_measures_each_role_and_puts_every_weight_back(model_dirs):
+    from transformers import AutoModelForCausalLM
+
+    from deltahub.calibrate.sensitivity import measure_roles, role_of
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dirs["llama"]["ft"]))
+    params = dict(model.named_parameters(remove_duplicate=False))
+    before = {n: p.detach().clone() for n, p in params.items()}
+    names = [n for n in params if n.endswith(("up_proj.weight", "q_proj.weight"))]
+    roles: dict[str, list[str]] = {}
+    for n in names:
+        roles.setdefault(role_of(n), []).append(n)
+    gen = torch.Generator().manual_seed(0)
+    noise = {n: torch.randn(params[n].shape, generator=gen) for n in names}
+    scale = {"up_proj": 0.5, "q_proj": 0.05}
+
+    def prefixes(name):
+        w = params[name].detach().clone()
+        s = next(v for k, v in scale.items() if k in name)
+        return lambda k: w + noise[name] * s / 4 ** (k - 1)  # the error shrinks with every plane
+
+    tokens = torch.randint(0, model.config.vocab_size, (4, 16), generator=gen)
+    kl = measure_roles(model, tokens, roles, prefixes, 3, batch_size=2)
+    assert set(kl) == set(roles) and all(len(c) == 3 for c in kl.values())
+    for curve in kl.values():
+        assert curve[0] > curve[1] > curve[2] > 0
+    assert kl["model.layers.N.mlp.up_proj.weight"][0] > kl["model.layers.N.self_attn.q_proj.weight"][0]
+    assert all(torch.equal(p, before[n]) for n, p in params.items())
+    exact = measure_roles(model, tokens, roles, lambda n: (lambda k, w=params[n].detach().clone(): w), 2)
+    assert all(v < 1e-6 for c in exact.values() for v in c)
+
+    def broken(name):
+        return lambda k: torch.zeros(3) if k == 2 else params[name].detach() * 2
+
+    with pytest.raises(ValueError, match="shape"):
+        measure_roles(model, tokens, roles, broken, 2)
+    assert all(torch.equal(p, before[n]) for n, p in params.items())
 
 
 def test_fit_prefix_never_exceeds_the_budget_and_refuses_one_below_the_minimum():
@@ -303,7 +373,8 @@ def test_a_fine_tune_transformers_cannot_run_is_a_clear_error(filled, model_dirs
     for i, edit in enumerate([lambda c: c.update(num_attention_heads=3), lambda c: c.update(architectures=["LlamaModel"]),
                               lambda c: c.update(hidden_size=128)]):
         bad = _edited_copy(model_dirs["llama"]["ft"], tmp_path / f"bad{i}", edit=edit)
-        with pytest.raises(InputError, match="--bits K|sensitivity|cannot load"):
+        # (another architecture than the base's is refused by the base check, before any measuring)
+        with pytest.raises((InputError, IncompatibleBaseError), match="--bits K|sensitivity|cannot load|but base"):
             filled.compress(bad, base="base", name=f"b{i}", avg_bits=3.0, calibration=_cal())
 
 

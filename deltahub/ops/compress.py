@@ -24,9 +24,10 @@ import json
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -40,16 +41,13 @@ from deltahub.formats.manifest import BaseRef, Manifest, ModelKind, TensorRecord
 from deltahub.formats.paths import validate_name
 from deltahub.formats.safetensors_io import dtype_from_name, dtype_name, tensor_bytes
 from deltahub.hub.source import resolve_source
-from deltahub.ops.budget import Budget, SensitivityOptions, allocate, budget_codec, measure_finetune
+from deltahub.ops.budget import Budget, Measured, SensitivityOptions, allocate, budget_codec, measure_finetune
 from deltahub.ops.context import Resolved, StoreContext, TensorStat, fp16_bytes
 from deltahub.ops.files import store_files
 from deltahub.ops.finite import ALLOW_HINT, check_finite, nonfinite_summary
 from deltahub.ops.prefetch import prefetched
 from deltahub.progress import progress_bar
 from deltahub.store import Compression, ObjectInfo
-
-if TYPE_CHECKING:
-    from deltahub.calibrate.sensitivity import Sensitivity
 
 logger = logging.getLogger(__name__)
 
@@ -322,7 +320,9 @@ def compress_finetune(
     src, hub = source.path, source.hub
     weights = None
     if budget is not None:  # slow (a forward and backward pass per batch): outside the writer lock
-        weights = measure_finetune(ctx, Path(src), base_name, sensitivity or SensitivityOptions())
+        assert matrix is not None
+        weights = _budget_weights(ctx, Path(src), base_name, name, force, embeddings, matrix, options,
+                                  sensitivity or SensitivityOptions())
     # The writer lock is taken before the base is resolved, so gc cannot remove the base's objects
     # between the lookup and the reads (gc waits for writers).
     with ctx.writing():
@@ -331,6 +331,50 @@ def compress_finetune(
     if hub is not None:
         result.hub_repo_id, result.hub_revision = hub
     return result
+
+
+def _check_base(base: Resolved, base_name: str) -> None:
+    if base.manifest.kind is not ModelKind.BASE:
+        raise InputError(
+            f"{base_name!r} is a delta, not a base",
+            "pass the base model with --base (see `deltahub ls`)",
+        )
+
+
+def _budget_weights(ctx: StoreContext, src: Path, base_name: str, name: str, force: bool, embeddings: EmbeddingsMode,
+                    matrix: TensorCodec, options: dict[str, Any] | None, sensitivity: SensitivityOptions) -> Measured:
+    """What a budgeted compress allocates by (:func:`~deltahub.ops.budget.measure_finetune`): the
+    Fisher of every tensor and the KL of each role of progressive tensors at 1 … cap planes. The base,
+    the name and the fit of the fine-tune are checked first, so a mistake is reported before minutes
+    of measuring."""
+    with ctx.reading():
+        base = ctx.resolve(base_name)
+        _check_base(base, base_name)
+        ctx.check_name_free(name, force)
+        plan = plan_codecs(open_checkpoint(src), base, embeddings, matrix)
+    progressive = sorted(n for n, c in plan.items() if c is matrix and c.progressive)
+    cap = dict(options or {})
+
+    def prefixes_for(base: Resolved) -> Callable[[str], Callable[[int], torch.Tensor]]:
+        ft = open_checkpoint(src)
+
+        def prefixes(tname: str) -> Callable[[int], torch.Tensor]:
+            brec = base.manifest.tensors[tname]
+            assert brec.object is not None
+            base_t = ctx.read_tensor(brec.object, brec.dtype, brec.shape, verify=False, owned=False)
+            chosen, enc = _encode_tensor(matrix, tname, ft.read(tname, copy=False), base_t, True, dict(cap))
+
+            def at(k: int) -> torch.Tensor:
+                if not chosen.progressive:  # stored as it is (same / dense)
+                    return chosen.decode(base_t, enc.parts, enc.params, torch.float32)
+                params, parts = chosen.prefix(enc.params, enc.parts, min(k, chosen.planes(enc.params)))
+                return chosen.decode(base_t, parts, params, torch.float32)
+
+            return at
+
+        return prefixes
+
+    return measure_finetune(ctx, src, base_name, sensitivity, progressive, prefixes_for, int(cap.get("planes", 1)))
 
 
 def _compress_locked(
@@ -345,14 +389,10 @@ def _compress_locked(
     matrix: TensorCodec | None = None,
     options: dict[str, Any] | None = None,
     budget: Budget | None = None,
-    weights: dict[str, Sensitivity] | None = None,
+    weights: Measured | None = None,
 ) -> CompressResult:
     base = ctx.resolve(base_name)
-    if base.manifest.kind is not ModelKind.BASE:
-        raise InputError(
-            f"{base_name!r} is a delta, not a base",
-            "pass the base model with --base (see `deltahub ls`)",
-        )
+    _check_base(base, base_name)
     ft = open_checkpoint(Path(src))
     plan = plan_codecs(ft, base, embeddings, matrix)
     ctx.check_name_free(name, force)
@@ -385,7 +425,7 @@ def _compress_locked(
             assert matrix is not None
             bar.set_description(f"measure {name}")
             tensor_planes, plane_order = allocate(
-                ft, plan, matrix, options or {}, budget, weights or {},
+                ft, plan, matrix, options or {}, budget, weights or Measured(),
                 prefetched(list(plan), load, size=input_bytes),
                 lambda planned, tname, tensor, base_t, opts: _encode_tensor(planned, tname, tensor, base_t, allow_nonfinite, opts),
                 bar,

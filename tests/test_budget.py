@@ -77,6 +77,19 @@ def test_role_plane_order_ranks_roles_by_measured_kl_and_tensors_by_fisher():
         assert role_plane_order(errors, costs, {**measured, "l.N.up.weight": bad}, per_kl=1000.0) == without_up
 
 
+def test_a_role_without_a_measurement_gets_the_measured_roles_factor():
+    # a and b are measured at 10x their Fisher figure; c has no measurement. Unscaled, c's Fisher gain
+    # per byte (2/4) would come after a's measured one (10/4); scaled by the median factor 10, first.
+    errors = {"a.weight": [2.0, 1.0], "b.weight": [2.0, 1.0], "c.weight": [3.0, 1.0]}
+    costs = dict.fromkeys(errors, [4, 4])
+    measured = {"a.weight": [20.0, 10.0], "b.weight": [20.0, 10.0]}
+    assert role_plane_order(errors, costs, measured)[0] == ("c.weight", 1)
+    assert role_plane_order(errors, costs, {**measured, "c.weight": [3.0, 1.0]})[-1] == ("c.weight", 1)
+    # a KL a hair below zero (fp32 rounding of an unchanged role) is a measurement of 0, not a fallback
+    tiny = role_plane_order(errors, costs, {**measured, "c.weight": [-1e-9, -2e-9]})
+    assert tiny[-1] == ("c.weight", 1)
+
+
 def test_measure_roles_measures_each_role_and_puts_every_weight_back(model_dirs):
     from transformers import AutoModelForCausalLM
 

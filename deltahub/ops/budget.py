@@ -151,9 +151,10 @@ def role_plane_order(
 
     ``errors``/``costs`` per tensor as for :func:`plane_order`. Tensors are grouped by
     :func:`~deltahub.calibrate.sensitivity.role_of`; a role's curve is ``role_kl[role]`` (its KL with
-    1, 2, … planes) when given for all its planes, else the sum of its tensors' ``errors`` divided by
-    ``per_kl`` (what the Fisher predicts, in the same unit), and its cost per plane the sum of its
-    tensors'. :func:`plane_order` orders the roles' planes; each ``(role, j)`` becomes plane ``j`` of
+    1, 2, … planes; values down to -1e-6 count as 0) when given, finite, for all its planes; else
+    the sum of its tensors' ``errors`` divided by ``per_kl`` (what the Fisher predicts, in the same
+    unit), times the median measured/predicted ratio of the measured roles when there are any. Its
+    cost per plane is the sum of its tensors'. :func:`plane_order` orders the roles' planes; each ``(role, j)`` becomes plane ``j`` of
     every tensor of the role that has one, the most Fisher error removed per byte first (ties by name).
     """
     from deltahub.calibrate.sensitivity import role_of
@@ -163,14 +164,29 @@ def role_plane_order(
         roles.setdefault(role_of(t), []).append(t)
     r_err: dict[str, list[float]] = {}
     r_cost: dict[str, list[int]] = {}
+    fallback: list[str] = []
+    ratios: list[float] = []
     for r, members in roles.items():
         k = max(len(errors[t]) for t in members)
+        fisher = [sum(errors[t][min(j, len(errors[t]) - 1)] for t in members) / per_kl for j in range(k)]
         kl = role_kl.get(r)
-        if kl is not None and len(kl) >= k and all(math.isfinite(v) and v >= 0 for v in kl[:k]):
-            r_err[r] = [float(v) for v in kl[:k]]
+        # fp32 rounding can give a KL a hair below zero for an unchanged role: clamped, not refused
+        if kl is not None and len(kl) >= k and all(math.isfinite(v) and v >= -1e-6 for v in kl[:k]):
+            r_err[r] = [max(0.0, float(v)) for v in kl[:k]]
+            if fisher[0] > 0 and r_err[r][0] > 0:
+                ratios.append(r_err[r][0] / fisher[0])
         else:
-            r_err[r] = [sum(errors[t][min(j, len(errors[t]) - 1)] for t in members) / per_kl for j in range(k)]
+            r_err[r] = fisher
+            fallback.append(r)
         r_cost[r] = [sum(int(costs[t][j]) for t in members if j < len(costs[t])) for j in range(k)]
+    if ratios and fallback:
+        # the Fisher underrates every measured role (1.5-60x on SmolLM2): a role without a usable
+        # measurement gets the median factor, so it is not ranked last for want of one
+        factor = statistics.median(ratios)
+        for r in fallback:
+            r_err[r] = [v * factor for v in r_err[r]]
+        logger.warning("%d role(s) without a usable KL measurement are ranked by their Fisher x %.3g (the median "
+                       "measured/Fisher ratio): %s", len(fallback), factor, ", ".join(sorted(fallback)[:3]))
     order: list[tuple[str, int]] = []
     for r, j in plane_order(r_err, r_cost):
         members = [t for t in roles[r] if j < len(errors[t])]
@@ -306,10 +322,11 @@ def measure_finetune(
     try:
         weights = measure_sensitivity(model, samples.tokens, options.batch_size, options.device, options.seed)
         measured = Measured(weights, {}, int(samples.tokens.numel()))
-        params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+        params = dict(model.named_parameters(remove_duplicate=False))
         roles: dict[str, list[str]] = {}
+        owner: dict[int, str] = {}  # a parameter stored under two names (tied) is measured in one role
         for n in names:
-            if n in params:
+            if n in params and owner.setdefault(id(params[n]), role_of(n)) == role_of(n):
                 roles.setdefault(role_of(n), []).append(n)
         if prefixes_for is not None and roles and options.role_samples > 0:
             with ctx.reading():

@@ -71,6 +71,7 @@ def test_jsonl_texts_and_chat_messages(tmp_path, tok):
         ("c.jsonl", '{"messages": "w1"}\n', '"messages" must be a non-empty list'),
         ("c.jsonl", '{"messages": [{"role": "user", "content": "w1"}]}\n', "chat template"),
         ("c.json", '[{"text": "w1 w2"}]', "is a .json file"),
+        ("c.jsonl", '{"text": "w1 w2"}\n{"text": "w1 \\ud800 w2"}\n', "line 2 holds a character that is not valid Unicode"),
     ],
 )
 def test_bad_files_are_input_errors(tmp_path, tok, name, content, fragment):

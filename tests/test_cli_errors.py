@@ -173,6 +173,11 @@ def test_parse_size_raises_a_deltahub_input_error():
             deltahub.api.parse_size(bad)
         assert isinstance(info.value, InputError) and isinstance(info.value, ValueError)  # as before: a ValueError
         assert "examples: 5GB" in str(info.value)
+    # decimal sizes are exact, and a fraction of a byte is refused instead of rounded down
+    assert deltahub.api.parse_size("1.1GB") == 1_100_000_000 and deltahub.api.parse_size("0.5kB") == 500
+    for bad in ("1.5B", "0.0001kB", "1.0000000001GB"):
+        with pytest.raises(InvalidSizeError, match="not a whole number of bytes"):
+            deltahub.api.parse_size(bad)
     from deltahub.formats.hf_writer import parse_size  # its former home still works
 
     assert parse_size is deltahub.api.parse_size

@@ -290,6 +290,21 @@ def test_output_path_that_is_a_file_is_refused(mstore, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_an_output_path_that_is_a_symlink_is_refused_unless_forced(mstore, tmp_path):
+    target = tmp_path / "target"
+    target.mkdir()
+    link = tmp_path / "out"
+    link.symlink_to(target)
+    with pytest.raises(OutputExistsError, match="is a symbolic link") as exc:
+        mstore.materialize("gpt2-ft", link)
+    assert "--force" in exc.value.hint and "was filled" not in str(exc.value)
+    assert link.is_symlink() and list(target.iterdir()) == []
+    mstore.materialize("gpt2-ft", link, force=True)  # replaces the link with a real folder
+    assert not link.is_symlink() and (link / "model.safetensors").is_file()
+    assert list(target.iterdir()) == []  # the link's target is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "target"]
+
+
 def test_force_replaces_a_non_empty_output_dir(mstore, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -141,6 +141,11 @@ def _jsonl_documents(path: Path, text: str, tokenizer: Any) -> list[str]:
             doc = obj["text"]
         else:
             doc = _render_messages(obj["messages"], tokenizer, where)
+        try:
+            doc.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800") is valid JSON but no text
+            raise InputError(f"{where} holds a character that is not valid Unicode text ({exc.reason}, "
+                             f"{doc[exc.start:exc.end]!r})", "remove the lone \\uD800-\\uDFFF escape from that line") from None
         if doc.strip():
             docs.append(doc)
     if not docs:

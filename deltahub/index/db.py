@@ -17,6 +17,7 @@ import importlib
 import importlib.resources
 import logging
 import os
+import resource
 import sqlite3
 import time
 import urllib.parse
@@ -309,10 +310,29 @@ class Index(IndexQueries):
             return True
         if primary in (_SQLITE_IOERR, _SQLITE_CANTOPEN) or "disk i/o error" in text:
             free = free_bytes(self.db_path.parent)
-            return free is not None and free < LOW_SPACE_BYTES
+            return (free is not None and free < LOW_SPACE_BYTES) or self._file_size_limited()
         return is_disk_full(original)
 
+    def _file_size_limited(self) -> bool:
+        """Whether the file size limit (``ulimit -f``) is too low for the index to grow: SQLite reports
+        the EFBIG of its -shm (32 KiB) or -wal file as a plain I/O error."""
+        try:
+            soft, _hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        except (OSError, ValueError):
+            return False
+        if soft == resource.RLIM_INFINITY or soft < 0:
+            return False
+        sizes = [32 << 10]
+        for path in (self.db_path, self.db_path.with_name(self.db_path.name + "-wal")):
+            try:
+                sizes.append(path.stat().st_size)
+            except OSError:
+                pass
+        return soft <= max(sizes) + (1 << 20)
+
     def _full_error(self, what: str) -> DiskFullError:
+        if self._file_size_limited():
+            return disk_full_error(OSError(errno.EFBIG, os.strerror(errno.EFBIG)), self.db_path.parent, what)
         return disk_full_error(None, self.db_path.parent, what)
 
     def _open_read_only(self, why: str) -> bool:
@@ -350,7 +370,10 @@ class Index(IndexQueries):
             self._engine.dispose()
             return False
         self.read_only = why
-        if why == "full":
+        if why == "full" and self._file_size_limited():
+            logger.warning("the file size limit (ulimit -f) is too low for %s to grow: the index was opened read-only",
+                           self.db_path)
+        elif why == "full":
             logger.warning("the disk holding %s is full: the index was opened read-only", self.db_path)
         else:
             logger.info("%s is not writable: the index was opened read-only", self.db_path.parent)
@@ -493,6 +516,8 @@ class Index(IndexQueries):
                     "run it as a user who may write the store folder; reading commands (ls, show, du, "
                     "verify, materialize) work as they are",
                 )
+            if self.read_only and self._file_size_limited():
+                raise self._full_error("updating the store's index (it could only be opened read-only)")
             if self.read_only:
                 raise disk_full_error(
                     None,

@@ -223,6 +223,12 @@ def materialize(
         raise OutputExistsError(
             f"refusing to write into {out_dir}", "choose an output directory outside the store and not containing it"
         )
+    if out_dir.is_symlink() and not force:
+        raise OutputExistsError(
+            f"{out_dir} is a symbolic link (to {os.readlink(out_dir)}); materialize writes a real directory and "
+            "does not follow links",
+            "give the link's target itself, or pass --force to replace the link (its target is left untouched)",
+        )
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputExistsError(f"{out_dir} exists and is not a directory", "choose another output path")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:

@@ -131,6 +131,25 @@ def test_add_under_a_file_size_limit_fails_cleanly(tmp_path, big):
     _verify_ok(home)
 
 
+def test_a_file_size_limit_too_low_for_the_index_is_named_as_such(tmp_path, big):
+    """SQLite reports the EFBIG of its -shm/-wal file as "disk I/O error": below ~1 MiB the message
+    names the file size limit. A new store cannot open its index; an existing one is read (ls works)
+    and refuses writes with the same message."""
+    home = tmp_path / "store"
+    proc = _cli(home, "ls", fsize=8 * 1024)
+    assert proc.returncode == 10, proc.stdout + proc.stderr
+    _one_line_error(proc, "file size limit", "ulimit", "index")
+    assert "disk I/O error" not in proc.stderr
+    assert _cli(home, "ls").returncode == 0  # the store opens once the limit is gone
+    proc = _cli(home, "ls", fsize=8 * 1024)
+    assert proc.returncode == 0 and "no models" in proc.stdout, proc.stderr
+    assert "file size limit" in proc.stderr  # (the warning that the index was opened read-only)
+    proc = _cli(home, "rm", "nothing", fsize=8 * 1024)
+    assert proc.returncode == 10, proc.stdout + proc.stderr
+    _one_line_error(proc, "file size limit", "index")
+    _verify_ok(home)
+
+
 def test_materialize_under_a_file_size_limit_fails_cleanly(tmp_path, big):
     home = tmp_path / "store"
     assert _cli(home, "add", str(big["base"]), "--name", "b").returncode == 0

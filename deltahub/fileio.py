@@ -13,8 +13,8 @@ its errors, so every layer may use it.
 
 from __future__ import annotations
 
-import decimal
 import errno
+import fractions
 import os
 import re
 import shutil
@@ -202,11 +202,11 @@ def parse_size(text: str | int) -> int:
         if not match:
             raise InvalidSizeError(f"cannot parse size {text!r}", "examples: 5GB, 500MB, 2GiB")
         unit = (match.group(2) or "B").lower()
-        number = decimal.Decimal(match.group(1)) * _UNITS[unit]  # exact: 1.1GB is 1_100_000_000
+        number = fractions.Fraction(match.group(1)) * _UNITS[unit]  # exact: 1.1GB is 1_100_000_000
         if number >= 2**62:
             raise InvalidSizeError(f"size {text!r} is too large", "examples: 5GB, 500MB, 2GiB")
-        if number != number.to_integral_value():
-            raise InvalidSizeError(f"size {text!r} is not a whole number of bytes ({number} B)",
+        if number.denominator != 1:
+            raise InvalidSizeError(f"size {text!r} is not a whole number of bytes ({float(number):g} B)",
                                    "give whole bytes, e.g. 2B, or a larger unit: 1.5kB")
         value = int(number)
     if value < 1:

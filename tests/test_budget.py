@@ -426,3 +426,64 @@ def test_budget_argument_mistakes_are_refused_before_any_work(filled, model_dirs
         with pytest.raises(InputError, match="max_size must be"):
             filled.materialize("base", tmp_path / "x", max_size=bad)
     assert "x" not in {m["name"] for m in filled.list()}
+
+
+def _unprefixed_copy(src, dst, prefix="transformer."):
+    """A copy of a checkpoint folder with ``prefix`` removed from every tensor name (as GPT-2 files on the Hub store them)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    save_file({k.removeprefix(prefix): v for k, v in tensors.items()}, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_checkpoint_names_without_the_models_prefix_are_measured_the_same(store, model_dirs, tmp_path, caplog):
+    """GPT-2 files often store ``h.0.attn.c_attn.weight`` for the model's ``transformer.h.0.…``: the
+    sensitivity and the role KLs must still reach those tensors, giving the same allocation."""
+    import logging
+
+    base = _unprefixed_copy(model_dirs["gpt2"]["base"], tmp_path / "base")
+    ft = _unprefixed_copy(model_dirs["gpt2"]["ft"], tmp_path / "ft")
+    store.add(model_dirs["gpt2"]["base"], name="g")
+    store.add(base, name="gn")
+    store.compress(model_dirs["gpt2"]["ft"], base="g", name="with", avg_bits=3.0, calibration=_cal())
+    with caplog.at_level(logging.INFO, logger="deltahub"):
+        store.compress(ft, base="gn", name="without", avg_bits=3.0, calibration=_cal())
+    assert "median sensitivity" not in caplog.text and "no parameter in the loaded model" not in caplog.text
+    assert "KL of h.N.attn.c_attn.weight" in caplog.text  # the roles were measured under the file's names
+    with_prefix = {k.removeprefix("transformer."): v for k, v in _manifest(store, "with").planes_of().items()}
+    assert _manifest(store, "without").planes_of() == with_prefix
+
+
+def test_a_budget_below_the_smallest_delta_is_refused_before_measuring(filled, model_dirs, monkeypatch):
+    import deltahub.ops.compress as compress_ops
+
+    def measured(*a, **k):
+        raise AssertionError("the sensitivity was measured")
+
+    monkeypatch.setattr(compress_ops, "measure_finetune", measured)
+    with pytest.raises(InputError, match="smallest delta"):
+        filled.compress(model_dirs["llama"]["ft"], base="base", name="d", max_size=1000, calibration=_cal())
+    with pytest.raises(InputError, match="smallest delta"):
+        filled.compress(model_dirs["llama"]["ft"], base="base", name="d", avg_bits=0.01, calibration=_cal())
+
+
+def test_gc_is_not_held_up_by_the_role_passes(filled, model_dirs, monkeypatch):
+    """The base is read under the store's reading lock tensor by tensor, not across the forward passes:
+    gc (which takes that lock exclusively) can run while a budgeted compress measures."""
+    import deltahub.calibrate.sensitivity as sensitivity
+
+    real = sensitivity.measure_roles
+    took: list[bool] = []
+
+    def measure_roles(*args, **kwargs):
+        with filled._ctx.collecting(timeout=2):  # raises if a reader still holds the lock
+            took.append(True)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sensitivity, "measure_roles", measure_roles)
+    filled.compress(model_dirs["llama"]["ft"], base="base", name="d", avg_bits=2.5, calibration=_cal())
+    assert took == [True] and filled.verify().ok

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,15 @@ def test_bad_files_are_input_errors(tmp_path, tok, name, content, fragment):
     with pytest.raises(InputError) as exc:
         load_samples(_file(tmp_path, name, content), tok, samples=2, seq_len=4)
     assert fragment in str(exc.value) and exc.value.hint
+
+
+def test_jsonl_line_separators_inside_strings_are_text(tmp_path, tok):
+    # U+2028, U+2029 and U+0085 are valid raw inside a JSON string (json.dumps(ensure_ascii=False) writes
+    # them): they must not split the line; CRLF line ends are fine too
+    lines = [json.dumps({"text": f"w1 w2{sep}w3"}, ensure_ascii=False) for sep in ("\u2028", "\u2029", "\u0085")]
+    path = _file(tmp_path, "c.jsonl", "\r\n".join(lines) + "\r\n")
+    docs, _source = read_documents(path, tok)
+    assert docs == [f"w1 w2{sep}w3" for sep in ("\u2028", "\u2029", "\u0085")]
 
 
 def test_missing_file_directory_and_short_text(tmp_path, tok):

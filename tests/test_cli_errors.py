@@ -175,7 +175,7 @@ def test_parse_size_raises_a_deltahub_input_error():
         assert "examples: 5GB" in str(info.value)
     # decimal sizes are exact, and a fraction of a byte is refused instead of rounded down
     assert deltahub.api.parse_size("1.1GB") == 1_100_000_000 and deltahub.api.parse_size("0.5kB") == 500
-    for bad in ("1.5B", "0.0001kB", "1.0000000001GB"):
+    for bad in ("1.5B", "0.0001kB", "1.0000000001GB", "1.0000000000000000000000000001B", "4611686018427387903.5B"):
         with pytest.raises(InvalidSizeError, match="not a whole number of bytes"):
             deltahub.api.parse_size(bad)
     from deltahub.formats.hf_writer import parse_size  # its former home still works

@@ -303,6 +303,13 @@ def test_an_output_path_that_is_a_symlink_is_refused_unless_forced(mstore, tmp_p
     assert not link.is_symlink() and (link / "model.safetensors").is_file()
     assert list(target.iterdir()) == []  # the link's target is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "target"]
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(OutputExistsError, match="is a symbolic link"):
+        mstore.materialize("gpt2-ft", dangling)
+    mstore.materialize("gpt2-ft", dangling, force=True)
+    assert not dangling.is_symlink() and (dangling / "model.safetensors").is_file()
+    assert not (tmp_path / "nowhere").exists()
 
 
 def test_force_replaces_a_non_empty_output_dir(mstore, tmp_path):

@@ -119,7 +119,9 @@ def _render_messages(messages: Any, tokenizer: Any, where: str) -> str:
 
 def _jsonl_documents(path: Path, text: str, tokenizer: Any) -> list[str]:
     docs: list[str] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # lines end at \n only: U+2028, U+2029 and U+0085 are valid inside a JSON string (splitlines splits there)
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         where = f"{path} line {lineno}"

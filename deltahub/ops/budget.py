@@ -282,8 +282,9 @@ def measure_finetune(
     fine-tune in folder ``src`` on ``options``' calibration text, tokenized with its own tokenizer
     (else the stored base's), and the KL of each role of ``names`` at 1 … ``planes`` planes
     (:func:`~deltahub.calibrate.sensitivity.measure_roles`, on the first ``options.role_samples``
-    sequences). ``prefixes_for(base)`` gives the reconstructions of a tensor by plane count; the base
-    is resolved and read under the store's reading lock.
+    sequences). ``prefixes_for(base)`` gives the reconstructions of a tensor by plane count (it reads
+    each base tensor under the store's reading lock, not across the passes, so gc is not held up).
+    The result is keyed by the checkpoint's tensor names.
     """
     from deltahub.calibrate.data import load_samples
     from deltahub.calibrate.sensitivity import NonFiniteOutputError, measure_roles, measure_sensitivity, role_of
@@ -320,19 +321,29 @@ def measure_finetune(
         raise InputError(f"cannot load the fine-tune in {src} with transformers to measure its sensitivity: "
                          f"{type(exc).__name__}: {exc}"[:400], hint) from None
     try:
-        weights = measure_sensitivity(model, samples.tokens, options.batch_size, options.device, options.seed)
-        measured = Measured(weights, {}, int(samples.tokens.numel()))
+        by_model = measure_sensitivity(model, samples.tokens, options.batch_size, options.device, options.seed)
         params = dict(model.named_parameters(remove_duplicate=False))
-        roles: dict[str, list[str]] = {}
+        to_model = _model_names(ckpt.tensors, params, str(getattr(model, "base_model_prefix", "") or ""))
+        to_ckpt = {m: c for c, m in to_model.items()}
+        # keyed by the checkpoint's names (GPT-2 files often lack the model's "transformer." prefix)
+        weights = {to_ckpt[m]: w for m, w in by_model.items() if m in to_ckpt}
+        measured = Measured(weights, {}, int(samples.tokens.numel()))
+        roles: dict[str, list[str]] = {}  # role (of the checkpoint name) -> the model's names
         owner: dict[int, str] = {}  # a parameter stored under two names (tied) is measured in one role
         for n in names:
-            if n in params and owner.setdefault(id(params[n]), role_of(n)) == role_of(n):
-                roles.setdefault(role_of(n), []).append(n)
+            m = to_model.get(n)
+            if m is not None and owner.setdefault(id(params[m]), role_of(n)) == role_of(n):
+                roles.setdefault(role_of(n), []).append(m)
+        if len(to_model) < len(names):
+            logger.warning("%d of %d matrices have no parameter in the loaded model (e.g. %s): they are ranked by "
+                           "weight-space error", len(names) - len(to_model), len(names),
+                           next(n for n in names if n not in to_model))
         if prefixes_for is not None and roles and options.role_samples > 0:
             with ctx.reading():
-                prefixes = prefixes_for(ctx.resolve(base_name))
-                measured.roles = measure_roles(model, samples.tokens[: options.role_samples], roles, prefixes, planes,
-                                               options.batch_size, options.device)
+                base = ctx.resolve(base_name)
+            prefixes = prefixes_for(base)
+            measured.roles = measure_roles(model, samples.tokens[: options.role_samples], roles,
+                                           lambda m: prefixes(to_ckpt[m]), planes, options.batch_size, options.device)
         return measured
     except NonFiniteOutputError as exc:
         # NaN/Inf in the fine-tune: compress's own check refuses it (or stores it dense with
@@ -343,6 +354,20 @@ def measure_finetune(
         raise InputError(f"cannot measure the sensitivity of {src}: {type(exc).__name__}: {exc}"[:400], hint) from None
     finally:
         del model
+
+
+def _model_names(stored: Iterable[str], params: Mapping[str, Any], prefix: str) -> dict[str, str]:
+    """``{checkpoint name: the model's parameter name}`` for the stored tensors the model has: the
+    same name, or the name with the model's ``base_model_prefix`` added or removed (GPT-2 and Bloom
+    files store ``h.0.…`` for the model's ``transformer.h.0.…``)."""
+    out: dict[str, str] = {}
+    for name in stored:
+        for candidate in (name, f"{prefix}.{name}" if prefix else None,
+                          name.removeprefix(f"{prefix}.") if prefix else None):
+            if candidate is not None and candidate in params:
+                out[name] = candidate
+                break
+    return out
 
 
 def _check_device(device: str) -> None:

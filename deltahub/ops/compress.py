@@ -24,7 +24,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ from deltahub.formats.manifest import BaseRef, Manifest, ModelKind, TensorRecord
 from deltahub.formats.paths import validate_name
 from deltahub.formats.safetensors_io import dtype_from_name, dtype_name, tensor_bytes
 from deltahub.hub.source import resolve_source
-from deltahub.ops.budget import Budget, Measured, SensitivityOptions, allocate, budget_codec, measure_finetune
+from deltahub.ops.budget import Budget, Measured, SensitivityOptions, allocate, budget_codec, fit_prefix, measure_finetune
 from deltahub.ops.context import Resolved, StoreContext, TensorStat, fp16_bytes
 from deltahub.ops.files import store_files
 from deltahub.ops.finite import ALLOW_HINT, check_finite, nonfinite_summary
@@ -322,7 +322,7 @@ def compress_finetune(
     if budget is not None:  # slow (a forward and backward pass per batch): outside the writer lock
         assert matrix is not None
         weights = _budget_weights(ctx, Path(src), base_name, name, force, embeddings, matrix, options,
-                                  sensitivity or SensitivityOptions())
+                                  sensitivity or SensitivityOptions(), budget)
     # The writer lock is taken before the base is resolved, so gc cannot remove the base's objects
     # between the lookup and the reads (gc waits for writers).
     with ctx.writing():
@@ -341,8 +341,29 @@ def _check_base(base: Resolved, base_name: str) -> None:
         )
 
 
+def _check_budget_floor(ft: Checkpoint, progressive: Sequence[str], matrix: TensorCodec, options: Mapping[str, Any],
+                        budget: Budget) -> None:
+    """Refuse, before any measuring, a budget below one plane of every matrix (a lower bound of the
+    smallest delta: the other tensors, counted later, only add to it)."""
+    try:  # the codec's parameters for one plane (they do not depend on the shape), from a tiny encode
+        probe = torch.linspace(-1, 1, 256).reshape(1, 256)
+        one = dict(matrix.encode(torch.zeros_like(probe), probe, **{**options, "planes": 1}).params)
+    except (CodecError, ValueError, TypeError):
+        return  # options the codec refuses: refused with its own message when encoded
+    floor = 0
+    for tname in progressive:
+        shape = tuple(ft.shape(tname))
+        try:
+            floor += matrix.stored_nbytes(shape, ft.dtype(tname), matrix.check_params(one, shape))
+        except CodecError:
+            continue
+    n_params = sum(math.prod(ft.shape(t)) for t in ft.tensors)
+    fit_prefix(floor, [], {}, budget.bytes_for(n_params), n_params)
+
+
 def _budget_weights(ctx: StoreContext, src: Path, base_name: str, name: str, force: bool, embeddings: EmbeddingsMode,
-                    matrix: TensorCodec, options: dict[str, Any] | None, sensitivity: SensitivityOptions) -> Measured:
+                    matrix: TensorCodec, options: dict[str, Any] | None, sensitivity: SensitivityOptions,
+                    budget: Budget) -> Measured:
     """What a budgeted compress allocates by (:func:`~deltahub.ops.budget.measure_finetune`): the
     Fisher of every tensor and the KL of each role of progressive tensors at 1 … cap planes. The base,
     the name and the fit of the fine-tune are checked first, so a mistake is reported before minutes
@@ -351,9 +372,11 @@ def _budget_weights(ctx: StoreContext, src: Path, base_name: str, name: str, for
         base = ctx.resolve(base_name)
         _check_base(base, base_name)
         ctx.check_name_free(name, force)
-        plan = plan_codecs(open_checkpoint(src), base, embeddings, matrix)
+        ft_ckpt = open_checkpoint(src)
+        plan = plan_codecs(ft_ckpt, base, embeddings, matrix)
     progressive = sorted(n for n, c in plan.items() if c is matrix and c.progressive)
     cap = dict(options or {})
+    _check_budget_floor(ft_ckpt, progressive, matrix, cap, budget)
 
     def prefixes_for(base: Resolved) -> Callable[[str], Callable[[int], torch.Tensor]]:
         ft = open_checkpoint(src)
@@ -361,7 +384,8 @@ def _budget_weights(ctx: StoreContext, src: Path, base_name: str, name: str, for
         def prefixes(tname: str) -> Callable[[int], torch.Tensor]:
             brec = base.manifest.tensors[tname]
             assert brec.object is not None
-            base_t = ctx.read_tensor(brec.object, brec.dtype, brec.shape, verify=False, owned=False)
+            with ctx.reading():  # held per tensor (a copy is read), so gc never waits for the passes
+                base_t = ctx.read_tensor(brec.object, brec.dtype, brec.shape, verify=False, owned=True)
             chosen, enc = _encode_tensor(matrix, tname, ft.read(tname, copy=False), base_t, True, dict(cap))
 
             def at(k: int) -> torch.Tensor:

@@ -279,7 +279,7 @@ def _write_output(
             files = write_checkpoint(source, tmp, specs, f"materialize {name}", max_shard_bytes, config.encode())
             _fsync_tree(tmp)
         os.chmod(tmp, 0o755)
-        if force and out_dir.exists():
+        if force and os.path.lexists(out_dir):  # (a dangling link too)
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.deltahub-old-{os.getpid()}-", dir=out_dir.parent))
             os.replace(out_dir, old / "old")
             os.replace(tmp, out_dir)

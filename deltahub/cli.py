@@ -801,9 +801,24 @@ def _allocation_lines(alloc: dict[str, Any]) -> list[str]:
         f"{_human(alloc['min_tensor_bytes'])} = {alloc['min_avg_bits']:.3f})"
     ]
     for entry in alloc["by_layer"]:
-        parts = "  ".join(f"{(rest.rpartition('.')[2] or rest) or '-'} {k}" for rest, k in entry["planes"].items())
+        labels = _short_labels(list(entry["planes"]))
+        parts = "  ".join(f"{labels[rest]} {k}" for rest, k in entry["planes"].items())
         lines.append(f"  {entry['layer']:<28} {parts}")
     return lines
+
+
+def _short_labels(names: list[str]) -> dict[str, str]:
+    """Each dotted name's shortest suffix that no other name of the list shares
+    (``attn.c_proj`` and ``mlp.c_proj`` stay apart; ``self_attn.q_proj`` is ``q_proj``)."""
+    out: dict[str, str] = {}
+    for name in names:
+        parts = name.split(".") if name else ["-"]
+        for n in range(1, len(parts) + 1):
+            label = ".".join(parts[-n:])
+            if not any(o != name and (o == label or o.endswith("." + label)) for o in names):
+                break
+        out[name] = label
+    return out
 
 
 @cli.command()

@@ -487,3 +487,15 @@ def test_gc_is_not_held_up_by_the_role_passes(filled, model_dirs, monkeypatch):
     monkeypatch.setattr(sensitivity, "measure_roles", measure_roles)
     filled.compress(model_dirs["llama"]["ft"], base="base", name="d", avg_bits=2.5, calibration=_cal())
     assert took == [True] and filled.verify().ok
+
+
+def test_show_tells_same_named_matrices_of_one_layer_apart():
+    # GPT-2's attention and MLP both have a c_proj: show must not print "c_proj 1  c_proj 2"
+    from deltahub.cli import _allocation_lines
+
+    alloc = {"ordered": True, "planes": {}, "tensor_bytes": 10, "min_tensor_bytes": 5, "avg_bits": 2.0, "min_avg_bits": 1.0,
+             "by_layer": [{"layer": "transformer.h.0", "planes": {"attn.c_attn": 1, "attn.c_proj": 2, "mlp.c_fc": 3, "mlp.c_proj": 4}},
+                          {"layer": "model.layers.0", "planes": {"self_attn.q_proj": 2, "mlp.up_proj": 1}}]}
+    lines = _allocation_lines(alloc)
+    assert lines[1].split() == ["transformer.h.0", "c_attn", "1", "attn.c_proj", "2", "c_fc", "3", "mlp.c_proj", "4"]
+    assert lines[2].split() == ["model.layers.0", "q_proj", "2", "up_proj", "1"]

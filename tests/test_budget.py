@@ -499,3 +499,37 @@ def test_show_tells_same_named_matrices_of_one_layer_apart():
     lines = _allocation_lines(alloc)
     assert lines[1].split() == ["transformer.h.0", "c_attn", "1", "attn.c_proj", "2", "c_fc", "3", "mlp.c_proj", "4"]
     assert lines[2].split() == ["model.layers.0", "q_proj", "2", "up_proj", "1"]
+
+
+def _both_tied_names_copy(src, dst):
+    """A GPT-2 checkpoint folder that stores its tied weight under both names (``lm_head.weight`` too)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["transformer.wte.weight"].clone()
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_both_stored_names_of_a_tied_weight_keep_one_plane_count(store, model_dirs, tmp_path):
+    """Copies of one tied weight must get the same planes, at the compress budget and at every smaller
+    --max-size read: otherwise the output holds two different tensors and loads untied."""
+    base = _both_tied_names_copy(model_dirs["gpt2"]["base"], tmp_path / "base")
+    ft = _both_tied_names_copy(model_dirs["gpt2"]["ft"], tmp_path / "ft")
+    store.add(base, name="g")
+    for i, bits in enumerate((2.0, 2.6, 3.4)):
+        store.compress(ft, base="g", name=f"t{i}", avg_bits=bits, calibration=_cal())
+        man = _manifest(store, f"t{i}")
+        planes = man.planes_of()
+        assert planes["lm_head.weight"] == planes["transformer.wte.weight"], (bits, planes)
+        sizes = man.prefix_sizes()
+        for size in sorted({sizes[0], *sizes[:: max(1, len(sizes) // 7)], sizes[-1]}):
+            cut = man.at_size(size).planes_of()
+            assert cut["lm_head.weight"] == cut["transformer.wte.weight"] and man.at_size(size).tensor_nbytes() <= size
+    store.materialize("t1", tmp_path / "out")
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(out["lm_head.weight"], out["transformer.wte.weight"])
+    assert store.verify().ok

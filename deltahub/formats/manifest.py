@@ -289,6 +289,18 @@ class Manifest:
         counts = dict.fromkeys(self.planes_of(), 1)
         for tname, _plane in self.order()[:m]:
             counts[tname] += 1
+        # byte-identical copies (both names of a tied weight stored) keep one count: the smaller
+        groups: dict[tuple, list[str]] = {}
+        for tname in counts:
+            rec = self.tensors[tname]
+            key = (rec.codec, rec.shape, rec.dtype, tuple(sorted(rec.parts.items())),
+                   json.dumps(rec.params, sort_keys=True, default=str))
+            groups.setdefault(key, []).append(tname)
+        for names in groups.values():
+            if len(names) > 1:
+                low = min(counts[n] for n in names)
+                for n in names:
+                    counts[n] = low
         return self._cut(counts)
 
     def _cut(self, counts: dict[str, int]) -> Manifest:

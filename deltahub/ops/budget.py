@@ -24,6 +24,7 @@ allocation at every size measured, where a per-tensor Fisher order lost at 2 of 
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import logging
 import math
@@ -146,8 +147,12 @@ def role_plane_order(
     costs: Mapping[str, Sequence[int]],
     role_kl: Mapping[str, Sequence[float]],
     per_kl: float = 1.0,
+    twins: Mapping[str, str] | None = None,
 ) -> list[tuple[str, int]]:
     """The order in which to add planes ≥ 1, role by role: ``(tensor, plane)`` pairs.
+
+    ``twins``: tensor -> the tensor it is a byte-identical copy of (both names of a tied weight
+    stored): a twin joins its original's role, so their planes come together.
 
     ``errors``/``costs`` per tensor as for :func:`plane_order`. Tensors are grouped by
     :func:`~deltahub.calibrate.sensitivity.role_of`; a role's curve is ``role_kl[role]`` (its KL with
@@ -161,7 +166,7 @@ def role_plane_order(
 
     roles: dict[str, list[str]] = {}
     for t in sorted(errors):
-        roles.setdefault(role_of(t), []).append(t)
+        roles.setdefault(role_of((twins or {}).get(t, t)), []).append(t)
     r_err: dict[str, list[float]] = {}
     r_cost: dict[str, list[int]] = {}
     fallback: list[str] = []
@@ -412,6 +417,8 @@ def allocate(
     n_params = 0
     errors: dict[str, list[float]] = {}
     costs: dict[str, list[int]] = {}
+    originals: dict[str, str] = {}  # digest of a progressive tensor's encoding -> its first name
+    twins: dict[str, str] = {}  # tensor -> the tensor it is a byte-identical copy of
     unweighted: list[str] = []
     for tname, (tensor, base_t) in items:
         planned = plan[tname]
@@ -436,6 +443,12 @@ def allocate(
                 del approx
             errors[tname] = curve
             costs[tname] = [sizes[0]] + [b - a for a, b in zip(sizes, sizes[1:])]
+            digest = hashlib.sha256(repr((shape, sorted(enc.params.items()))).encode())
+            for part in sorted(enc.parts):
+                digest.update(memoryview(enc.parts[part].contiguous().view(torch.uint8).reshape(-1).numpy()))
+            originals.setdefault(digest.hexdigest(), tname)
+            if originals[digest.hexdigest()] != tname:
+                twins[tname] = originals[digest.hexdigest()]
             fixed += sizes[0]
             del target
         if bar is not None:
@@ -444,16 +457,19 @@ def allocate(
     if unweighted:
         logger.info("%d matrix(es) outside Linear/Embedding layers get the median sensitivity: %s",
                     len(unweighted), ", ".join(unweighted[:3]))
-    order = role_plane_order(errors, costs, measured.roles, 2.0 * max(1, measured.tokens))
+    order = role_plane_order(errors, costs, measured.roles, 2.0 * max(1, measured.tokens), twins)
     limit = budget.bytes_for(n_params)
     m = fit_prefix(fixed, order, costs, limit, n_params)
     counts = dict.fromkeys(errors, 1)
     for tname, _plane in order[:m]:
         counts[tname] += 1
-    size = fixed + sum(costs[t][p] for t, p in order[:m])
+    for twin, original in twins.items():  # copies of one tied weight keep one plane count (the smaller)
+        counts[twin] = counts[original] = min(counts[twin], counts[original])
+    kept = [(t, p) for t, p in order[:m] if p < counts[t]]
+    size = fixed + sum(costs[t][p] for t, p in kept)
     logger.info("budget %s: %d bytes of %d (%.3f bits per weight), %d of %d further planes",
-                budget.describe(), size, limit, 8 * size / max(1, n_params), m, len(order))
-    return counts, list(order[:m])
+                budget.describe(), size, limit, 8 * size / max(1, n_params), len(kept), len(order))
+    return counts, kept
 
 
 def _numel(ft: Checkpoint, name: str) -> int:

@@ -42,6 +42,7 @@ __all__ = [
     "Encoded",
     "JSONValue",
     "LoopedTenantDeltas",
+    "PackedTenantDeltas",
     "PartSpec",
     "TenantDeltas",
     "TensorCodec",
@@ -355,6 +356,29 @@ class TenantDeltas(nn.Module):
     def rows(self, tenant: int, index: Tensor) -> Tensor:
         """``Δ_t[index]`` fp32 ``[len(index), K]``."""
         raise NotImplementedError
+
+
+class PackedTenantDeltas(TenantDeltas):
+    """Tenants' packed signs and scales stacked in buffers, with a slot table: ``packed`` and
+    ``scales`` (leading dimension: the tenants held, in id order), ``slot`` int64 ``[T]`` (tenant →
+    index into them, ``-1`` for tenants not held) and its host copy (no device sync per forward)."""
+
+    def __init__(self, packed: Tensor, scales: Tensor, slot: Tensor, k: int) -> None:
+        super().__init__()
+        self.in_features = int(k)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales", scales)
+        self.register_buffer("slot", slot)
+        self._slots: list[int] = slot.tolist()
+        self.tenants = [t for t, s in enumerate(self._slots) if s >= 0]
+
+    @staticmethod
+    def slots(tenants: list[int], n_tenants: int) -> Tensor:
+        """int64 ``[n_tenants]``: ``tenants[i]`` → ``i``, every other tenant → ``-1``."""
+        slot = torch.full((n_tenants,), -1, dtype=torch.int64)
+        for i, t in enumerate(tenants):
+            slot[t] = i
+        return slot
 
 
 class LoopedTenantDeltas(TenantDeltas):

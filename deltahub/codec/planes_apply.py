@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from . import signs
-from .base import TenantDeltas
+from .base import PackedTenantDeltas, TenantDeltas
 from .codecs import CodecError
 from .packing import WORD_BITS
 
@@ -168,7 +168,7 @@ def stack_planes(ops: Mapping[int, _PlanesLike], n_tenants: int) -> TenantDeltas
     return stacks[0] if len(stacks) == 1 else PlanesStacks(stacks)
 
 
-class PlanesStack(TenantDeltas):
+class PlanesStack(PackedTenantDeltas):
     """The ``planes`` deltas of one weight ``[N, K]`` for several tenants with one layout.
 
     Attributes:
@@ -179,14 +179,8 @@ class PlanesStack(TenantDeltas):
     """
 
     def __init__(self, packed: Tensor, scales: Tensor, slot: Tensor, k: int, group: int | None) -> None:
-        super().__init__()
-        self.in_features = int(k)
+        super().__init__(packed, scales, slot, k)
         self.group = group
-        self.register_buffer("packed", packed)
-        self.register_buffer("scales", scales)
-        self.register_buffer("slot", slot)
-        self._slots: list[int] = slot.tolist()  # host copy: no device sync per forward
-        self.tenants = [t for t, s in enumerate(self._slots) if s >= 0]
 
     @classmethod
     def build(cls, ops: Mapping[int, _PlanesLike], n_tenants: int) -> PlanesStack:
@@ -204,9 +198,7 @@ class PlanesStack(TenantDeltas):
                 p, s = op._plane(i)
                 packed.append(p.detach().to(device))
                 scales.append(s.detach().to(device=device, dtype=torch.float32))
-        slot = torch.full((n_tenants,), -1, dtype=torch.int64)
-        for i, t in enumerate(tenants):
-            slot[t] = i
+        slot = cls.slots(tenants, n_tenants)
         stacked = torch.stack(packed).reshape(len(tenants), planes, *packed[0].shape)
         stacked_scales = torch.stack(scales).reshape(len(tenants), planes, r, c)
         return cls(stacked, stacked_scales, slot.to(device), k, group)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from . import signs
-from .base import DeltaOperator, TenantDeltas
+from .base import DeltaOperator, PackedTenantDeltas
 from .codecs import CodecError
 from .packing import WORD_BITS
 
@@ -140,7 +140,7 @@ class SignOperator(DeltaOperator):
         return f"[{self.out_features}, {self.in_features}], scale={float(self.scale):.4g}"
 
 
-class SignStack(TenantDeltas):
+class SignStack(PackedTenantDeltas):
     """The ``sign1`` deltas of one weight ``[N, K]`` for several tenants.
 
     Attributes:
@@ -149,15 +149,6 @@ class SignStack(TenantDeltas):
         slot: int64 ``[T]``: tenant → index into ``packed``, ``-1`` for tenants not held.
     """
 
-    def __init__(self, packed: Tensor, scales: Tensor, slot: Tensor, k: int) -> None:
-        super().__init__()
-        self.in_features = int(k)
-        self.register_buffer("packed", packed)
-        self.register_buffer("scales", scales)
-        self.register_buffer("slot", slot)
-        self._slots: list[int] = slot.tolist()  # host copy: no device sync per forward
-        self.tenants = [t for t, s in enumerate(self._slots) if s >= 0]
-
     @classmethod
     def build(cls, ops: Mapping[int, SignOperator], n_tenants: int) -> SignStack:
         tenants = sorted(ops)
@@ -165,9 +156,7 @@ class SignStack(TenantDeltas):
         n, k = first.out_features, first.in_features
         for t in tenants:
             check_packed(ops[t].packed, n, k)
-        slot = torch.full((n_tenants,), -1, dtype=torch.int64)
-        for i, t in enumerate(tenants):
-            slot[t] = i
+        slot = cls.slots(tenants, n_tenants)
         device = first.packed.device
         packed = torch.stack([ops[t].packed.to(device) for t in tenants])
         scales = torch.tensor([float(ops[t].scale) for t in tenants], dtype=torch.float32)

@@ -48,11 +48,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (  # noqa: E402
     RESULTS_DIR,
     add_workdir_args,
-    fmt_bytes,
     log,
     print_table,
     python_child,
     run_child,
+    scorer,
     scratch_dir,
     setup_torch,
     write_results,
@@ -141,7 +141,7 @@ def main() -> int:
     import deltahub
     from deltahub.calibrate.data import load_samples
     from deltahub.calibrate.evaluate import improvement_kept
-    from deltahub.calibrate.targets import DEFAULT_TOP_K, score_model
+    from deltahub.calibrate.targets import DEFAULT_TOP_K
     from deltahub.ops.load import load_model
 
     base_dir, ft_dir, ft_meta, prepare = ensure_pair(args.pair_dir, args.ft_steps, args.ft_warmup)
@@ -168,12 +168,7 @@ def main() -> int:
         log(f"held-out: {s} x {tl} tokens")
         ctx = store._ctx
 
-        def scored(label: str, loader, **kw):
-            t0 = time.perf_counter()
-            stats = score_model(loader, tokens, 4, "cpu", desc=label, **kw)
-            log(f"{label}: ppl {stats.perplexity:.3f}" + (f", KL {stats.mean_kl:.4f}" if stats.mean_kl is not None else "")
-                + f" ({time.perf_counter() - t0:.0f} s)")
-            return stats
+        scored = scorer(tokens)
 
         from transformers import AutoModelForCausalLM
 
@@ -313,7 +308,7 @@ def run_codecs(args, configs: list[tuple[str, str, dict]]) -> int:
     from deltahub.api import CalibrationOptions
     from deltahub.calibrate.data import load_samples
     from deltahub.calibrate.evaluate import improvement_kept
-    from deltahub.calibrate.targets import DEFAULT_TOP_K, score_model
+    from deltahub.calibrate.targets import DEFAULT_TOP_K
     from deltahub.ops.load import load_model
 
     base_dir, ft_dir, ft_meta, prepare = ensure_pair(args.pair_dir, args.ft_steps, args.ft_warmup)
@@ -333,12 +328,7 @@ def run_codecs(args, configs: list[tuple[str, str, dict]]) -> int:
         tok = store.load_tokenizer("base")
         tokens = load_samples(held_file, tok, args.eval_samples, args.eval_seq_len, "eval").tokens
 
-        def scored(label: str, loader, **kw):
-            t0 = time.perf_counter()
-            stats = score_model(loader, tokens, 4, "cpu", desc=label, **kw)
-            log(f"{label}: ppl {stats.perplexity:.3f}" + (f", KL {stats.mean_kl:.4f}" if stats.mean_kl is not None else "")
-                + f" ({time.perf_counter() - t0:.0f} s)")
-            return stats
+        scored = scorer(tokens)
 
         ft_stats = scored("fine-tune", lambda: AutoModelForCausalLM.from_pretrained(ft_dir, dtype=torch.float32),
                           keep_top_k=DEFAULT_TOP_K)

@@ -50,6 +50,21 @@ def log(msg: str) -> None:
     print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
+def scorer(tokens: torch.Tensor) -> Callable[..., object]:
+    """``scored(label, loader, **kw)``: :func:`deltahub.calibrate.targets.score_model` of the model
+    ``loader()`` on held-out ``tokens`` (batches of 4, CPU), its perplexity, KL and time logged."""
+    from deltahub.calibrate.targets import score_model
+
+    def scored(label: str, loader: Callable[[], object], **kw: object) -> object:
+        t0 = time.perf_counter()
+        stats = score_model(loader, tokens, 4, "cpu", desc=label, **kw)
+        log(f"{label}: ppl {stats.perplexity:.3f}" + (f", KL {stats.mean_kl:.4f}" if stats.mean_kl is not None else "")
+            + f" ({time.perf_counter() - t0:.0f} s)")
+        return stats
+
+    return scored
+
+
 def setup_torch(threads: int = 2) -> None:
     torch.set_num_threads(threads)
 

@@ -32,14 +32,23 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS_DIR, add_workdir_args, fmt_bytes, log, print_table, scratch_dir, setup_torch, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    RESULTS_DIR,
+    add_workdir_args,
+    fmt_bytes,
+    log,
+    print_table,
+    scorer,
+    scratch_dir,
+    setup_torch,
+    write_results,
+)
 
 GRANULARITIES = (("matrix", None), ("row", None), ("group", 128))
 BUDGET_POINTS = (1.25, 1.5, 2.0, 2.5, 3.0)  # in planes per matrix of the uniform allocation
@@ -69,7 +78,7 @@ def main() -> int:
     from deltahub.api import CalibrationOptions
     from deltahub.calibrate.data import load_samples
     from deltahub.calibrate.evaluate import improvement_kept
-    from deltahub.calibrate.targets import DEFAULT_TOP_K, score_model
+    from deltahub.calibrate.targets import DEFAULT_TOP_K
     from deltahub.formats.manifest import parse_manifest
     from deltahub.ops.load import load_model
 
@@ -89,12 +98,7 @@ def main() -> int:
         tokens = load_samples(held_file, tok, args.eval_samples, args.eval_seq_len, "eval").tokens
         log(f"held-out: {tokens.shape[0]} x {tokens.shape[1]} tokens")
 
-        def scored(label: str, loader, **kw):
-            t0 = time.perf_counter()
-            st = score_model(loader, tokens, 4, "cpu", desc=label, **kw)
-            log(f"{label}: ppl {st.perplexity:.3f}" + (f", KL {st.mean_kl:.4f}" if st.mean_kl is not None else "")
-                + f" ({time.perf_counter() - t0:.0f} s)")
-            return st
+        scored = scorer(tokens)
 
         ft_stats = scored("fine-tune", lambda: AutoModelForCausalLM.from_pretrained(ft_dir, dtype=torch.float32),
                           keep_top_k=DEFAULT_TOP_K)

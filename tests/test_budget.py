@@ -514,9 +514,13 @@ def _both_tied_names_copy(src, dst):
     return dst
 
 
-def test_both_stored_names_of_a_tied_weight_keep_one_plane_count(store, model_dirs, tmp_path):
+def test_both_stored_names_of_a_tied_weight_keep_one_plane_count(store, model_dirs, tmp_path, caplog):
     """Copies of one tied weight must get the same planes, at the compress budget and at every smaller
-    --max-size read: otherwise the output holds two different tensors and loads untied."""
+    --max-size read: otherwise the output holds two different tensors and loads untied. Their role is
+    the one measured (no fallback to the Fisher)."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="deltahub")
     base = _both_tied_names_copy(model_dirs["gpt2"]["base"], tmp_path / "base")
     ft = _both_tied_names_copy(model_dirs["gpt2"]["ft"], tmp_path / "ft")
     store.add(base, name="g")
@@ -529,6 +533,7 @@ def test_both_stored_names_of_a_tied_weight_keep_one_plane_count(store, model_di
         for size in sorted({sizes[0], *sizes[:: max(1, len(sizes) // 7)], sizes[-1]}):
             cut = man.at_size(size).planes_of()
             assert cut["lm_head.weight"] == cut["transformer.wte.weight"] and man.at_size(size).tensor_nbytes() <= size
+    assert "without a usable KL measurement" not in caplog.text
     store.materialize("t1", tmp_path / "out")
     out = load_file(tmp_path / "out" / "model.safetensors")
     assert torch.equal(out["lm_head.weight"], out["transformer.wte.weight"])

@@ -159,8 +159,9 @@ def role_plane_order(
     1, 2, … planes; values down to -1e-6 count as 0) when given, finite, for all its planes; else
     the sum of its tensors' ``errors`` divided by ``per_kl`` (what the Fisher predicts, in the same
     unit), times the median measured/predicted ratio of the measured roles when there are any. Its
-    cost per plane is the sum of its tensors'. :func:`plane_order` orders the roles' planes; each ``(role, j)`` becomes plane ``j`` of
-    every tensor of the role that has one, the most Fisher error removed per byte first (ties by name).
+    cost per plane is the sum of its tensors'. :func:`plane_order` orders the roles' planes; each
+    ``(role, j)`` becomes plane ``j`` of every tensor of the role that has one, the most Fisher error
+    removed per byte first (ties by name).
     """
     from deltahub.calibrate.sensitivity import role_of
 
@@ -339,10 +340,10 @@ def measure_finetune(
             m = to_model.get(n)
             if m is not None and owner.setdefault(id(params[m]), role_of(n)) == role_of(n):
                 roles.setdefault(role_of(n), []).append(m)
-        if len(to_model) < len(names):
+        missing = [n for n in names if n not in to_model]
+        if missing:
             logger.warning("%d of %d matrices have no parameter in the loaded model (e.g. %s): they are ranked by "
-                           "weight-space error", len(names) - len(to_model), len(names),
-                           next(n for n in names if n not in to_model))
+                           "weight-space error", len(missing), len(names), missing[0])
         if prefixes_for is not None and roles and options.role_samples > 0:
             with ctx.reading():
                 base = ctx.resolve(base_name)
@@ -417,8 +418,7 @@ def allocate(
     n_params = 0
     errors: dict[str, list[float]] = {}
     costs: dict[str, list[int]] = {}
-    originals: dict[str, str] = {}  # digest of a progressive tensor's encoding -> its first name
-    twins: dict[str, str] = {}  # tensor -> the tensor it is a byte-identical copy of
+    copies: dict[str, list[str]] = {}  # digest of a progressive tensor's encoding -> its names
     unweighted: list[str] = []
     for tname, (tensor, base_t) in items:
         planned = plan[tname]
@@ -446,9 +446,7 @@ def allocate(
             digest = hashlib.sha256(repr((shape, sorted(enc.params.items()))).encode())
             for part in sorted(enc.parts):
                 digest.update(memoryview(enc.parts[part].contiguous().view(torch.uint8).reshape(-1).numpy()))
-            originals.setdefault(digest.hexdigest(), tname)
-            if originals[digest.hexdigest()] != tname:
-                twins[tname] = originals[digest.hexdigest()]
+            copies.setdefault(digest.hexdigest(), []).append(tname)
             fixed += sizes[0]
             del target
         if bar is not None:
@@ -457,6 +455,9 @@ def allocate(
     if unweighted:
         logger.info("%d matrix(es) outside Linear/Embedding layers get the median sensitivity: %s",
                     len(unweighted), ", ".join(unweighted[:3]))
+    # byte-identical copies (both names of a tied weight stored) follow the first name, the one
+    # measure_finetune measured them under (it takes the names sorted)
+    twins = {n: min(names) for names in copies.values() for n in names if n != min(names)}
     order = role_plane_order(errors, costs, measured.roles, 2.0 * max(1, measured.tokens), twins)
     limit = budget.bytes_for(n_params)
     m = fit_prefix(fixed, order, costs, limit, n_params)

@@ -798,7 +798,7 @@ def _allocation_lines(alloc: dict[str, Any]) -> list[str]:
     lines = [
         f"planes:      {sum(alloc['planes'].values())} over {len(alloc['planes'])} matrices ({how}); tensor data "
         f"{_human(alloc['tensor_bytes'])} = {alloc['avg_bits']:.3f} bits/param (--max-size down to "
-        f"{_human(alloc['min_tensor_bytes'])} = {alloc['min_avg_bits']:.3f})"
+        f"{alloc['min_tensor_bytes']} bytes = {alloc['min_avg_bits']:.3f})"
     ]
     for entry in alloc["by_layer"]:
         labels = _short_labels(list(entry["planes"]))

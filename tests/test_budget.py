@@ -200,7 +200,7 @@ def test_the_sensitivity_decides_the_allocation(filled, model_dirs, store, tmp_p
 
 def test_a_budget_below_the_smallest_delta_changes_nothing(filled, model_dirs):
     before = (sorted(m["name"] for m in filled.list()), filled.du()["objects"])
-    with pytest.raises(InputError, match="smallest delta") as err:
+    with pytest.raises(InputError, match="one plane of every matrix alone needs") as err:
         filled.compress(model_dirs["llama"]["ft"], base="base", name="d", max_size=1000, calibration=_cal())
     assert "--max-size" in err.value.hint
     assert (sorted(m["name"] for m in filled.list()), filled.du()["objects"]) == before
@@ -465,9 +465,9 @@ def test_a_budget_below_the_smallest_delta_is_refused_before_measuring(filled, m
         raise AssertionError("the sensitivity was measured")
 
     monkeypatch.setattr(compress_ops, "measure_finetune", measured)
-    with pytest.raises(InputError, match="smallest delta"):
+    with pytest.raises(InputError, match="one plane of every matrix alone needs"):
         filled.compress(model_dirs["llama"]["ft"], base="base", name="d", max_size=1000, calibration=_cal())
-    with pytest.raises(InputError, match="smallest delta"):
+    with pytest.raises(InputError, match="one plane of every matrix alone needs"):
         filled.compress(model_dirs["llama"]["ft"], base="base", name="d", avg_bits=0.01, calibration=_cal())
 
 
@@ -497,6 +497,7 @@ def test_show_tells_same_named_matrices_of_one_layer_apart():
              "by_layer": [{"layer": "transformer.h.0", "planes": {"attn.c_attn": 1, "attn.c_proj": 2, "mlp.c_fc": 3, "mlp.c_proj": 4}},
                           {"layer": "model.layers.0", "planes": {"self_attn.q_proj": 2, "mlp.up_proj": 1}}]}
     lines = _allocation_lines(alloc)
+    assert "--max-size down to 5 bytes" in lines[0]  # exact: a rounded "kB" figure could be refused
     assert lines[1].split() == ["transformer.h.0", "c_attn", "1", "attn.c_proj", "2", "c_fc", "3", "mlp.c_proj", "4"]
     assert lines[2].split() == ["model.layers.0", "q_proj", "2", "up_proj", "1"]
 

@@ -41,7 +41,7 @@ from deltahub.formats.manifest import BaseRef, Manifest, ModelKind, TensorRecord
 from deltahub.formats.paths import validate_name
 from deltahub.formats.safetensors_io import dtype_from_name, dtype_name, tensor_bytes
 from deltahub.hub.source import resolve_source
-from deltahub.ops.budget import Budget, Measured, SensitivityOptions, allocate, budget_codec, fit_prefix, measure_finetune
+from deltahub.ops.budget import Budget, Measured, SensitivityOptions, allocate, budget_codec, measure_finetune
 from deltahub.ops.context import Resolved, StoreContext, TensorStat, fp16_bytes
 from deltahub.ops.files import store_files
 from deltahub.ops.finite import ALLOW_HINT, check_finite, nonfinite_summary
@@ -358,7 +358,14 @@ def _check_budget_floor(ft: Checkpoint, progressive: Sequence[str], matrix: Tens
         except CodecError:
             continue
     n_params = sum(math.prod(ft.shape(t)) for t in ft.tensors)
-    fit_prefix(floor, [], {}, budget.bytes_for(n_params), n_params)
+    limit = budget.bytes_for(n_params)
+    if floor > limit:
+        raise InputError(
+            f"the budget is {limit} bytes but one plane of every matrix alone needs {floor} "
+            f"({8 * floor / n_params:.3f} bits per weight), before the other tensors; nothing was stored",
+            f"raise the budget well above --max-size {floor} (--avg-bits {math.ceil(8000 * floor / n_params) / 1000:g}): "
+            "the exact minimum is reported once the other tensors are counted",
+        )
 
 
 def _budget_weights(ctx: StoreContext, src: Path, base_name: str, name: str, force: bool, embeddings: EmbeddingsMode,

@@ -202,7 +202,10 @@ def parse_size(text: str | int) -> int:
         if not match:
             raise InvalidSizeError(f"cannot parse size {text!r}", "examples: 5GB, 500MB, 2GiB")
         unit = (match.group(2) or "B").lower()
-        if len(match.group(1)) > 40:  # (and int() refuses more than 4300 digits)
+        whole, _dot, frac = match.group(1).partition(".")
+        if len(whole.lstrip("0")) > 20:  # beyond 2**62 bytes in any unit (and int() refuses 4300+ digits)
+            raise InvalidSizeError(f"size {text[:50]!r} is too large", "examples: 5GB, 500MB, 2GiB")
+        if len(frac) > 40:
             raise InvalidSizeError(f"size {text[:50]!r}... has too many digits", "examples: 5GB, 500MB, 2GiB")
         number = fractions.Fraction(match.group(1)) * _UNITS[unit]  # exact: 1.1GB is 1_100_000_000
         if number >= 2**62:

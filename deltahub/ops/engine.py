@@ -1,0 +1,207 @@
+"""Continuous batching across fine-tunes of one base (issue 12, work in progress).
+
+One :class:`BatchEngine` owns a :class:`~deltahub.runtime.multi_tenant.TenantModel` (one base in
+memory, every fine-tune a delta) and decodes every active request in one batch per step, each row
+with its own fine-tune:
+
+* **join** — a new request is prefilled alone (its own ``DynamicCache``, its tenant), then merged
+  into the batch cache: both are left-padded with zeros to the same length and concatenated on the
+  batch dimension, with a ``[B, L]`` attention mask (1 = a real token);
+* **decode** — one forward of ``[B, 1]`` tokens with the mask and explicit ``position_ids`` (each
+  row's true length: padding must not shift rotary positions);
+* **leave** — finished rows are dropped (``batch_select_indices``) and columns that are padding in
+  every row are trimmed.
+
+Sampling is per request: greedy at temperature 0, else temperature and top-p with the request's own
+``torch.Generator`` (``seed``). The engine is synchronous (:meth:`step`); a server runs it in a
+thread and feeds it through :meth:`submit`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from deltahub.errors import InputError
+
+__all__ = ["BatchEngine", "Request"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Request:
+    """One generation request. ``tenant``: the fine-tune's tenant id (``-1``: the base);
+    ``prompt``: token ids; ``stop_ids``: token ids that end it (not emitted)."""
+
+    tenant: int
+    prompt: Sequence[int]
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_ids: Sequence[int] = ()
+    on_token: Callable[[int], None] | None = None
+    id: int = field(default_factory=itertools.count().__next__)
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "length" | "stop" | "cancelled"
+    cancelled: bool = False
+    _generator: torch.Generator | None = field(default=None, repr=False)
+    _length: int = 0  # tokens in the cache for this row (its next position)
+    _next: int | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+class BatchEngine:
+    """Decode many requests, over many tenants of one base, in one batch per step.
+
+    Args:
+        tenants: the multi-tenant model (``use(ids)`` sets the tenant of every batch row).
+        max_batch: most requests decoded together; more wait in the queue.
+        context: most tokens (prompt + generated) of one request.
+    """
+
+    def __init__(self, tenants: Any, max_batch: int = 8, context: int | None = None) -> None:
+        self.tenants = tenants
+        self.model = tenants.model
+        self.max_batch = max_batch
+        self.context = context
+        self.queue: deque[Request] = deque()
+        self.rows: list[Request] = []
+        self._cache: Any = None
+        self._mask: torch.Tensor | None = None
+        self._device = next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, request: Request) -> Request:
+        if not request.prompt:
+            raise InputError("the prompt is empty", "give at least one token")
+        if self.context is not None and len(request.prompt) + request.max_new_tokens > self.context:
+            raise InputError(
+                f"the prompt ({len(request.prompt)} tokens) plus max_tokens ({request.max_new_tokens}) exceed the "
+                f"context of {self.context} tokens", "shorten the prompt or lower max_tokens")
+        if request.seed is not None:
+            request._generator = torch.Generator().manual_seed(int(request.seed))
+        self.queue.append(request)
+        return request
+
+    @property
+    def idle(self) -> bool:
+        return not self.queue and not self.rows
+
+    def run_until_idle(self) -> None:
+        while not self.idle:
+            self.step()
+
+    # ------------------------------------------------------------------ one step
+    @torch.no_grad()
+    def step(self) -> None:
+        """Admit waiting requests (up to ``max_batch`` rows), drop finished ones, decode one token for
+        every other row."""
+        while self.queue and len(self.rows) < self.max_batch:
+            request = self.queue.popleft()
+            if request.cancelled:
+                request.finish_reason = "cancelled"
+                continue
+            self._join(request)
+        self._leave()
+        if self.rows:
+            self._decode()
+            self._leave()
+
+    def _join(self, request: Request) -> None:
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        ids = torch.tensor([list(request.prompt)], dtype=torch.long, device=self._device)
+        with self.tenants.use([request.tenant]):
+            logits = self.model(ids, past_key_values=cache, use_cache=True).logits
+        request._length = ids.shape[1]
+        self._emit(request, logits[0, -1])
+        mask = torch.ones(1, ids.shape[1], dtype=torch.long, device=self._device)
+        if self._cache is None:
+            self._cache, self._mask = cache, mask
+        else:
+            assert self._mask is not None
+            lb, lp = self._mask.shape[1], mask.shape[1]
+            length = max(lb, lp)
+            for big, one in zip(self._cache.layers, cache.layers, strict=True):
+                big.keys = torch.cat([_pad_left(big.keys, length - lb), _pad_left(one.keys, length - lp)])
+                big.values = torch.cat([_pad_left(big.values, length - lb), _pad_left(one.values, length - lp)])
+            self._mask = torch.cat([F.pad(self._mask, (length - lb, 0)), F.pad(mask, (length - lp, 0))])
+        self.rows.append(request)
+
+    def _leave(self) -> None:
+        keep = [k for k, r in enumerate(self.rows) if not r.done and not r.cancelled]
+        for r in self.rows:
+            if r.cancelled and not r.done:
+                r.finish_reason = "cancelled"
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[k] for k in keep]
+        if not self.rows:
+            self._cache, self._mask = None, None
+            return
+        assert self._mask is not None
+        idx = torch.tensor(keep, dtype=torch.long, device=self._device)
+        self._cache.batch_select_indices(idx)
+        self._mask = self._mask[idx]
+        drop = int((self._mask.sum(0) == 0).long().cumprod(0).sum())  # leading all-padding columns
+        if drop:
+            self._mask = self._mask[:, drop:]
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, drop:], layer.values[:, :, drop:]
+
+    def _decode(self) -> None:
+        assert self._mask is not None
+        rows = self.rows
+        ids = torch.tensor([[r._next] for r in rows], dtype=torch.long, device=self._device)
+        self._mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=torch.long, device=self._device)], 1)
+        positions = torch.tensor([[r._length] for r in rows], dtype=torch.long, device=self._device)
+        with self.tenants.use([r.tenant for r in rows]):
+            logits = self.model(ids, attention_mask=self._mask, position_ids=positions,
+                                past_key_values=self._cache, use_cache=True).logits
+        for k, r in enumerate(rows):
+            r._length += 1
+            self._emit(r, logits[k, -1])
+
+    # ------------------------------------------------------------------ sampling
+    def _emit(self, request: Request, logits: torch.Tensor) -> None:
+        token = _sample(logits.float(), request.temperature, request.top_p, request._generator)
+        if token in request.stop_ids:
+            request.finish_reason = "stop"
+            return
+        request.tokens.append(token)
+        request._next = token
+        if request.on_token is not None:
+            request.on_token(token)
+        if len(request.tokens) >= request.max_new_tokens:
+            request.finish_reason = "length"
+
+
+def _pad_left(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``[B, H, L, D]`` -> ``[B, H, L + n, D]`` with zeros in front (zeros, never garbage: a masked NaN
+    still poisons attention through 0 · NaN)."""
+    return F.pad(x, (0, 0, n, 0)) if n else x
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """One token from fp32 logits ``[V]``: argmax at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < top_p  # the smallest set whose mass reaches top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))

@@ -82,3 +82,36 @@ def test_stop_tokens_cancel_and_sampling_are_per_request():
     assert gone.finish_reason == "cancelled" and len(gone.tokens) < 50
     with pytest.raises(Exception, match="context"):
         engine.submit(Request(tenant=0, prompt=list(range(60)), max_new_tokens=10))
+
+
+def test_engine_thread_serves_concurrent_submitters_and_drains_on_close():
+    import threading
+
+    base, refs, tenants = _models("llama")
+    runner = __import__("deltahub.ops.engine", fromlist=["EngineThread"]).EngineThread(BatchEngine(tenants, max_batch=2))
+    prompts = [([1, 2, 3], 0), ([4, 5], 1), ([6], -1), ([7, 8, 9, 10], 0), ([11, 12], 1)]
+    results: dict[int, list[int]] = {}
+    streamed: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+
+    def client(i: int) -> None:
+        prompt, t = prompts[i]
+        req = Request(tenant=t, prompt=prompt, max_new_tokens=6, on_token=streamed[i].append)
+        runner.submit(req).wait(60)
+        results[i] = req.tokens
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    with torch.no_grad():
+        for i, (prompt, t) in enumerate(prompts):
+            model = base if t < 0 else refs[t]
+            want = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+            assert results[i] == want[0, len(prompt):].tolist() == streamed[i]
+    slow = Request(tenant=0, prompt=[1], max_new_tokens=40)
+    done = runner.submit(slow)
+    runner.close(cancel=True, timeout=30)
+    assert done.is_set() and slow.finish_reason in ("cancelled", "length")
+    with pytest.raises(Exception, match="shutting down"):
+        runner.submit(Request(tenant=0, prompt=[1]))

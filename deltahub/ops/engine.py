@@ -205,3 +205,64 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
         keep = sorted_p.cumsum(0) - sorted_p < top_p  # the smallest set whose mass reaches top_p
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+class EngineThread:
+    """Runs a :class:`BatchEngine` in a background thread: :meth:`submit` from any thread (an HTTP
+    handler), tokens arrive through each request's ``on_token`` (called in the engine thread) and
+    ``done`` is set when it finishes. :meth:`close` stops after the requests in flight (or cancels them)."""
+
+    def __init__(self, engine: BatchEngine) -> None:
+        import threading
+
+        self.engine = engine
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._cancel_all = False
+        self._done: dict[int, threading.Event] = {}
+        self._thread = threading.Thread(target=self._run, name="deltahub-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: Request) -> Any:
+        """Queue ``request``; returns a ``threading.Event`` set when it has finished."""
+        import threading
+
+        with self._wake:
+            if self._stopping:
+                raise InputError("the server is shutting down", "retry on another instance")
+            event = self._done[request.id] = threading.Event()
+            self.engine.submit(request)
+            self._wake.notify()
+        return event
+
+    def close(self, cancel: bool = False, timeout: float | None = None) -> None:
+        with self._wake:
+            self._stopping = True
+            self._cancel_all = cancel
+            self._wake.notify()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            with self._wake:
+                while engine.idle and not self._stopping:
+                    self._wake.wait()
+                if engine.idle and self._stopping:
+                    return
+                if self._cancel_all:
+                    for r in [*engine.rows, *engine.queue]:
+                        r.cancelled = True
+            try:
+                engine.step()
+            except Exception:  # one bad step must not leave clients waiting forever
+                logger.exception("engine step failed: the requests in flight are cancelled")
+                for r in [*engine.rows, *engine.queue]:
+                    r.cancelled = True
+                    r.finish_reason = r.finish_reason or "error"
+                engine.rows, engine._cache, engine._mask = [], None, None
+                engine.queue.clear()
+            with self._wake:  # (submit adds to _done and the queue under this lock)
+                live = {r.id for r in [*engine.rows, *engine.queue]}
+                for rid in [rid for rid in self._done if rid not in live]:
+                    self._done.pop(rid).set()

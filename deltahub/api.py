@@ -48,6 +48,7 @@ __all__ = [
     "human_bytes",
     "is_disk_full",
     "load_model",
+    "serve",
     "load_multi_tenant",
     "load_tokenizer",
     "parse_size",
@@ -382,6 +383,45 @@ class Store:
         return generate(
             self._ctx, pairs, mode=mode, max_new_tokens=max_new_tokens, dtype=dtype, device=device, **kwargs
         )
+
+
+def serve(
+    names: list[str] | tuple[str, ...] = (),
+    serve_all: bool = False,
+    home: str | Path | None = None,
+    host: str = defaults.SERVE_HOST,
+    port: int = defaults.SERVE_PORT,
+    device: str = defaults.SERVE_DEVICE,
+    dtype: str | None = None,
+    max_batch: int = defaults.SERVE_MAX_BATCH,
+    memory_budget: int | str | None = None,
+    api_key: str | None = None,
+    pull: bool = False,
+    max_context: int | None = None,
+    max_waiting: int = defaults.SERVE_MAX_WAITING,
+    grace: float = defaults.SERVE_GRACE_SECONDS,
+    json_logs: bool = False,
+) -> None:
+    """Serve stored models over an OpenAI-compatible HTTP API until SIGINT/SIGTERM (``deltahub serve``).
+
+    ``names`` (fine-tunes or bases; ``serve_all``: every stored name) are loaded at start while they
+    fit ``memory_budget`` (bytes of resident bases and deltas, or ``"4GB"``); others load on demand
+    and the least recently used are evicted. ``device="auto"``: CUDA when available."""
+    import torch
+
+    from deltahub.ops.pool import ModelPool
+    from deltahub.serve import configure_logging, run
+
+    configure_logging(json_logs)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    budget = _size_arg(memory_budget)
+    pool = ModelPool(home, names, serve_all=serve_all, device=device, dtype=dtype, max_batch=max_batch,
+                     memory_budget=budget, pull=pull, max_context=max_context)
+    try:
+        run(pool, host=host, port=port, api_key=api_key, grace=grace, max_waiting=max_waiting)
+    finally:
+        pool.close(cancel=True, timeout=grace)
 
 
 def load_model(

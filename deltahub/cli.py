@@ -955,6 +955,80 @@ def generate(
     _emit({"results": [r.to_json() for r in results]}, as_json, text)
 
 
+def _budget(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return api.parse_size(value)
+    except InvalidSizeError as exc:
+        raise click.BadParameter(str(exc), param_hint="--memory-budget") from None
+
+
+@cli.command()
+@click.argument("names", nargs=-1)
+@click.option("--all", "serve_all", is_flag=True, help="Serve every stored model (loaded on first request).")
+@click.option("--host", default=defaults.SERVE_HOST, show_default=True,
+              help="Address to bind. The default answers this machine only; 0.0.0.0 answers every network.")
+@click.option("--port", type=click.IntRange(0, 65535), default=defaults.SERVE_PORT, show_default=True,
+              help="Port to listen on (0: any free port).")
+@click.option("--device", default=defaults.SERVE_DEVICE, show_default=True,
+              help="auto (CUDA when available, else the CPU), cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(defaults.DTYPE_CHOICES), default=None,
+              help="Dtype to run the models in (default: each base's own).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=defaults.SERVE_MAX_BATCH, show_default=True,
+              help="Most requests decoded together per base; each holds its own KV cache.")
+@click.option("--max-waiting", type=click.IntRange(min=0), default=defaults.SERVE_MAX_WAITING, show_default=True,
+              help="Requests admitted beyond --max-batch (waiting for a row); more get 429 with Retry-After.")
+@click.option("--max-context", type=click.IntRange(min=2), default=None,
+              help="Cap on prompt plus generated tokens per request (default: the model's context length).")
+@click.option("--memory-budget", default=None, metavar="SIZE",
+              help="Most memory for resident bases and deltas, e.g. 4GB; the least recently used model is "
+              "evicted to load another (default: no limit).")
+@click.option("--api-key", envvar="DELTAHUB_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on every route but /health (or set DELTAHUB_API_KEY).")
+@click.option("--pull", "pull", is_flag=True,
+              help="A requested model the store lacks is pulled from the Hub (the model is the repo id).")
+@click.option("--grace", type=click.FloatRange(min=0), default=defaults.SERVE_GRACE_SECONDS, show_default=True,
+              help="Seconds SIGTERM/Ctrl-C leaves requests in flight to finish before cancelling them.")
+@click.option("--json-logs", is_flag=True, help="Log JSON lines on stderr (startup, one line per request).")
+@click.pass_context
+def serve(
+    ctx: click.Context,
+    names: tuple[str, ...],
+    serve_all: bool,
+    host: str,
+    port: int,
+    device: str,
+    dtype: str | None,
+    max_batch: int,
+    max_waiting: int,
+    max_context: int | None,
+    memory_budget: str | None,
+    api_key: str | None,
+    pull: bool,
+    grace: float,
+    json_logs: bool,
+) -> None:
+    """Serve stored models over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
+    /v1/models, /health), with the fine-tune chosen by each request's "model".
+
+    Requests for different fine-tunes of one base share every decode step (continuous batching); the
+    base's own name serves the base. NAMES are loaded at start; with --all or --pull, other models load
+    on the first request for them. Stop with Ctrl-C or SIGTERM: requests in flight get --grace seconds.
+
+    \b
+    deltahub serve chat code --port 8000
+    curl localhost:8000/v1/completions -d '{"model": "chat", "prompt": "Hello", "max_tokens": 20}'
+    """
+    if not names and not serve_all:
+        raise click.UsageError("name the models to serve, or pass --all")
+    if api_key is not None and not api_key.strip():
+        raise click.BadParameter("is empty: give a key, or leave --api-key out", param_hint="--api-key")
+    api.serve(list(names), serve_all=serve_all, home=ctx.find_root().obj.get("home"), host=host, port=port,
+              device=device, dtype=dtype, max_batch=max_batch, memory_budget=_budget(memory_budget), api_key=api_key,
+              pull=pull, max_context=max_context, max_waiting=max_waiting, grace=grace, json_logs=json_logs)
+
+
 def main() -> None:
     cli(prog_name="deltahub")
 

@@ -43,6 +43,26 @@ DEFAULT_LOAD_MODE = "materialize"
 #: Tokens ``generate`` produces per prompt.
 DEFAULT_MAX_NEW_TOKENS = 32
 
+# -------------------------------------------------------------------------------------- serving
+#: ``deltahub serve``: the address it binds (loopback unless told otherwise) and its port.
+SERVE_HOST = "127.0.0.1"
+SERVE_PORT = 8000
+#: ``deltahub serve --device``: ``auto`` is CUDA (with the Triton kernels) when available, else the CPU.
+SERVE_DEVICE = "auto"
+#: Most requests decoded together per base (each holds its own KV cache).
+SERVE_MAX_BATCH = 8
+#: Requests admitted beyond those decoding (waiting for a row or a load); more get 429.
+SERVE_MAX_WAITING = 64
+#: Seconds a client is told to wait after a 429 (``Retry-After``).
+SERVE_RETRY_AFTER = 1
+#: Seconds SIGTERM leaves requests in flight to finish before they are cancelled.
+SERVE_GRACE_SECONDS = 30.0
+#: A model whose config names no context length.
+SERVE_DEFAULT_CONTEXT = 2048
+#: ``max_tokens`` when a request gives none: completions (OpenAI's default) and chat (capped by the context).
+SERVE_COMPLETION_MAX_TOKENS = 16
+SERVE_CHAT_MAX_TOKENS = 512
+
 # -------------------------------------------------------------------------------------- calibration
 CALIB_SAMPLES = 64  # token sequences
 CALIB_SEQ_LEN = 128  # tokens per sequence

@@ -9,6 +9,8 @@
 3. check     load the materialized checkpoint with transformers and the stored delta with
              deltahub.load_model; held-out perplexity and a sample from base, fine-tune and the
              compressed fine-tune; a summary table
+4. serve     `deltahub serve` on the fine-tunes and the base; one question to each through the
+             OpenAI client (all answered in shared batches), the answers side by side
 
 Run with ``bash demo/run.sh`` (sets up .venv first) or ``python demo/demo.py`` in a ready venv.
 Progress bars and stage timings go to stderr, the results to stdout.
@@ -131,6 +133,63 @@ def human(n: float) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
+QUESTION = "Who wrote Romeo and Juliet? Answer in one sentence."
+
+
+def ask_through_server(names: list[str], question: str, max_tokens: int) -> tuple[dict[str, str], float]:
+    """Start `deltahub serve NAMES` on a free port, ask every model ``question`` at once through the
+    OpenAI client (chat completions, greedy), stop it with SIGTERM; the answers and the seconds taken."""
+    import re
+    import signal
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    env = dict(os.environ, DELTAHUB_HOME=str(STORE))
+    cmd = deltahub_cmd() + ["serve", *names, "--port", "0", "--dtype", "float32"]
+    print(f"$ deltahub serve {' '.join(names)} --port 0 --dtype float32", flush=True)
+    proc = subprocess.Popen(cmd, env=env, cwd=WORK, stderr=subprocess.PIPE, text=True)
+    url: list[str] = []
+    ready = threading.Event()
+
+    def follow() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "deltahub.access" in line or "resident:" in line or "serving" in line:
+                log("    " + line.rstrip())
+            hit = re.search(r"on (http://[0-9.]+:\d+)/v1", line)
+            if hit and not url:
+                url.append(hit.group(1))
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=follow, daemon=True).start()
+    ready.wait(600)
+    if not url:
+        raise SystemExit(f"deltahub serve did not start (exit code {proc.wait()})")
+    try:
+        client = OpenAI(base_url=url[0] + "/v1", api_key="demo", max_retries=0, timeout=600)
+        served = [m.id for m in client.models.list()]
+        log(f"    /v1/models: {', '.join(served)}")
+
+        def ask(name: str) -> str:
+            r = client.chat.completions.create(model=name, messages=[{"role": "user", "content": question}],
+                                               max_tokens=max_tokens, temperature=0)
+            return r.choices[0].message.content or ""
+
+        t = time.perf_counter()
+        with ThreadPoolExecutor(len(names)) as pool:
+            answers = dict(zip(names, pool.map(ask, names)))
+        took = time.perf_counter() - t
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(120)
+    if code != 0:
+        raise SystemExit(f"deltahub serve exited {code} after SIGTERM")
+    return answers, took
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--embeddings", choices=["sign1", "dense", "both"], default="both",
@@ -153,12 +212,12 @@ def main(argv=None) -> int:
     modes = ["sign1", "dense"] if args.embeddings == "both" else [args.embeddings]
     names = {"sign1": FT_NAME, "dense": FT_DENSE_NAME}
 
-    with stage("1/6 base: SmolLM2-135M-Instruct GGUF -> HF checkpoint"):
+    with stage("1/7 base: SmolLM2-135M-Instruct GGUF -> HF checkpoint"):
         base_dir = prepare.convert_base(WORK / "base")
-    with stage(f"2/6 fine-tune: {cfg.steps} steps of full fine-tuning on Shakespeare"):
+    with stage(f"2/7 fine-tune: {cfg.steps} steps of full fine-tuning on Shakespeare"):
         ft_dir = prepare.finetune(base_dir, WORK / "finetune", cfg=cfg)
 
-    with stage("3/6 deltahub: add, compress, show (fresh store)"):
+    with stage("3/7 deltahub: add, compress, show (fresh store)"):
         if STORE.exists():
             shutil.rmtree(STORE)
         if MATERIALIZED.exists():
@@ -181,7 +240,7 @@ def main(argv=None) -> int:
         budget_alloc = json.loads(run_cli("show", BUDGET_NAME, "--json", capture=True))["allocation"]
         budget_bytes = delta_sizes(BUDGET_NAME)["stored_bytes"]
 
-    with stage(f"4/6 deltahub: materialize as {args.dtype}"):
+    with stage(f"4/7 deltahub: materialize as {args.dtype}"):
         for mode in modes:
             run_cli("materialize", names[mode], MATERIALIZED / names[mode], "--dtype", args.dtype)
         for bits in (1, 2):  # one stored artifact, two sizes: the first plane only, then both
@@ -194,7 +253,7 @@ def main(argv=None) -> int:
     tok = AutoTokenizer.from_pretrained(base_dir)
     held = prepare.heldout_token_ids(tok)
     results: dict[str, dict] = {}
-    with stage("5/6 held-out perplexity and samples: base, fine-tune, compressed"):
+    with stage("5/7 held-out perplexity and samples: base, fine-tune, compressed"):
         for label, path in [("base", base_dir), ("fine-tune", ft_dir)] + [
                 (f"compressed ({m} emb.)", MATERIALIZED / names[m]) for m in modes] + [
                 (f"planes @{b} bit", MATERIALIZED / f"{PLANES_NAME}-{b}") for b in (1, 2)] + [
@@ -206,7 +265,7 @@ def main(argv=None) -> int:
             else:
                 del model
 
-    with stage(f"6/6 deltahub.load_model({names[modes[0]]!r})"):
+    with stage(f"6/7 deltahub.load_model({names[modes[0]]!r})"):
         os.environ["DELTAHUB_HOME"] = str(STORE)
         import deltahub
 
@@ -220,6 +279,11 @@ def main(argv=None) -> int:
         dh_sample = prepare.generate_sample(dh_model, dh_tok, args.prompt)
         log(f"    loaded in {t_load:.1f}s; max |logit difference| vs the materialized "
             f"{args.dtype} checkpoint: {diff:.3g}")
+
+    served = [BASE_NAME, *(names[m] for m in modes), PLANES_NAME, BUDGET_NAME]
+    with stage(f"7/7 deltahub serve: one question to {len(served)} models through the OpenAI client"):
+        del dh_model, materialized_model
+        answers, t_serve = ask_through_server(served, QUESTION, 40)
 
     # ------------------------------------------------------------------ summary
     ft_fp16 = fp16_checkpoint_bytes(ft_dir)
@@ -264,6 +328,13 @@ def main(argv=None) -> int:
     for label, text in rows:
         print(f"--- {label}")
         print(args.prompt + text)
+    print()
+    print(f"deltahub serve: {QUESTION!r} to {len(answers)} models at once (chat, greedy, "
+          f"40 tokens at most; {t_serve:.1f}s for all):")
+    width = max(len(n) for n in answers)
+    for name, answer in answers.items():
+        flat = " ".join(answer.split())
+        print(f"  {name:<{width}}  {flat[:110]}")
     print()
     total = time.perf_counter() - t_all
     log("\nstage timings:")

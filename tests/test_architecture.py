@@ -1,7 +1,8 @@
 """The design's arrows, enforced on the source (AST): which package may import which, and that no
 module outside ``deltahub/codec/`` branches on a codec's name.
 
-    cli → api → ops → {store, index, hub, formats, codec, runtime, calibrate}
+    cli → api → {ops, serve};  ops → {store, index, hub, formats, codec, runtime, calibrate}
+    serve → {runtime, formats, codec} (the HTTP layer; it is handed an ops.pool.ModelPool)
     runtime → {kernels, codec};  calibrate → {runtime, formats, codec}
     codec and kernels import nothing of the rest;  store and index never import each other
 
@@ -21,7 +22,8 @@ LEAF = ("deltahub._version", "deltahub.errors", "deltahub.config", "deltahub.fil
 #: package -> the deltahub packages/modules it may import (besides itself).
 ALLOWED: dict[str, tuple[str, ...]] = {
     "deltahub.cli": ("deltahub.api", "deltahub.errors"),
-    "deltahub.api": ("deltahub.ops", *LEAF),
+    "deltahub.api": ("deltahub.ops", "deltahub.serve", *LEAF),
+    "deltahub.serve": ("deltahub.runtime", "deltahub.formats", "deltahub.codec", *LEAF),
     "deltahub.ops": (
         "deltahub.store", "deltahub.index", "deltahub.hub", "deltahub.formats", "deltahub.codec",
         "deltahub.runtime", "deltahub.calibrate", "deltahub.kernels", *LEAF,

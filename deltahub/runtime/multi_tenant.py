@@ -45,6 +45,7 @@ __all__ = [
     "MultiTenantEmbedding",
     "MultiTenantModule",
     "install_tenants",
+    "uninstall_tenants",
     "TenantModel",
 ]
 
@@ -78,6 +79,8 @@ class TenantState:
     n_tenants: int
     ids: Tensor | None = None
     _groups: dict[torch.device, list[tuple[int, Tensor]]] = field(default_factory=dict)
+    originals: dict[str, nn.Module] = field(default_factory=dict)
+    """module name -> the module :func:`install_tenants` replaced (:func:`uninstall_tenants` puts it back)."""
 
     def set(self, ids: Tensor | None) -> None:
         self.ids = ids
@@ -326,9 +329,25 @@ def install_tenants(model: nn.Module, tenants: Sequence[dict[str, TensorChange]]
     stacks: dict[int, list[TenantDeltas]] = {}  # id(base weight) -> its stacks, shared by tied owners
     for mname, attrs in plan.items():
         module = model.get_submodule(mname) if mname else model
-        set_module(model, mname, _multi_tenant_module(module, attrs, state, mname, stacks))
+        if not mname:
+            raise TenantError("the model itself cannot be made multi-tenant (only its submodules)")
+        try:
+            new = _multi_tenant_module(module, attrs, state, mname, stacks)
+        except Exception:
+            uninstall_tenants(model, state)  # all or nothing: the modules replaced so far go back
+            raise
+        state.originals[mname] = module
+        set_module(model, mname, new)
     logger.info("multi-tenant model: %d tenant(s), %d module(s) made multi-tenant", len(tenants), len(plan))
     return state
+
+
+def uninstall_tenants(model: nn.Module, state: TenantState) -> None:
+    """Put back every module :func:`install_tenants` replaced (the base model again; the tenants'
+    deltas are released with the multi-tenant modules)."""
+    for mname, module in state.originals.items():
+        set_module(model, mname, module)
+    state.originals = {}
 
 
 def _dense_of(module: nn.Module, attr: str, change: TensorChange, conv: bool) -> Tensor:
@@ -390,6 +409,20 @@ class TenantModel:
         self.model = model
         self.state = state
         self.names = list(names)
+
+    def replace(self, names: Sequence[str], tenants: Sequence[dict[str, TensorChange]]) -> None:
+        """Serve ``tenants`` (named ``names``) instead of the current ones: the modules are put back
+        to the base's and made multi-tenant again over the new set (``names[t]`` is tenant ``t`` now;
+        the caller re-maps rows in flight). If installing fails, the model is left serving the base
+        alone (no tenants) and the error is raised."""
+        if len(names) != len(tenants):
+            raise TenantError(f"{len(names)} names for {len(tenants)} tenants")
+        device = next(self.model.parameters()).device
+        uninstall_tenants(self.model, self.state)
+        self.state, self.names = TenantState(0), []
+        state = install_tenants(self.model, list(tenants))
+        self.model.to(device)
+        self.state, self.names = state, list(names)
 
     @contextmanager
     def use(self, ids: Sequence[int] | Tensor) -> Iterator[None]:

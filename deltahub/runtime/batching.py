@@ -1,4 +1,4 @@
-"""Continuous batching across fine-tunes of one base (issue 12, work in progress).
+"""Continuous batching across fine-tunes of one base (the engine under ``deltahub serve``).
 
 One :class:`BatchEngine` owns a :class:`~deltahub.runtime.multi_tenant.TenantModel` (one base in
 memory, every fine-tune a delta) and decodes every active request in one batch per step, each row
@@ -29,11 +29,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from deltahub.errors import InputError
+from deltahub.codec.codecs import HintedError
 
-__all__ = ["BatchEngine", "Request"]
+__all__ = ["BatchEngine", "BatchError", "EngineThread", "Request"]
 
 logger = logging.getLogger(__name__)
+
+
+class BatchError(HintedError, ValueError):
+    """A request the engine cannot take: an empty prompt, or one longer than the context."""
 
 
 @dataclass
@@ -49,6 +53,7 @@ class Request:
     seed: int | None = None
     stop_ids: Sequence[int] = ()
     on_token: Callable[[int], None] | None = None
+    on_finish: Callable[[Request], None] | None = None
     id: int = field(default_factory=itertools.count().__next__)
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "length" | "stop" | "cancelled"
@@ -81,13 +86,18 @@ class BatchEngine:
         self._cache: Any = None
         self._mask: torch.Tensor | None = None
         self._device = next(self.model.parameters()).device
+        import inspect
+
+        accepted = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in accepted else "past_key_values"  # renamed in transformers 5.x
+        self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
 
     # ------------------------------------------------------------------ requests
     def submit(self, request: Request) -> Request:
         if not request.prompt:
-            raise InputError("the prompt is empty", "give at least one token")
+            raise BatchError("the prompt is empty", "give at least one token")
         if self.context is not None and len(request.prompt) + request.max_new_tokens > self.context:
-            raise InputError(
+            raise BatchError(
                 f"the prompt ({len(request.prompt)} tokens) plus max_tokens ({request.max_new_tokens}) exceed the "
                 f"context of {self.context} tokens", "shorten the prompt or lower max_tokens")
         if request.seed is not None:
@@ -99,6 +109,22 @@ class BatchEngine:
     def idle(self) -> bool:
         return not self.queue and not self.rows
 
+    def replace_tenants(self, names: Sequence[str], changes: Sequence[dict[str, Any]]) -> None:
+        """Serve the tenants ``changes`` (named ``names``) from now on; the requests in flight and
+        waiting keep their fine-tune (their tenant ids are re-mapped by name). Every fine-tune of a
+        request in flight must be in ``names``. Call between steps (from the engine's thread)."""
+        old = list(self.tenants.names)
+        pending = [*self.rows, *self.queue]
+        keyed = [(r, None if r.tenant < 0 else old[r.tenant]) for r in pending]
+        missing = sorted({n for _, n in keyed if n is not None and n not in names})
+        if missing:
+            raise BatchError(f"requests in flight use {', '.join(missing)}, which the new set lacks",
+                             "keep a fine-tune until its requests finish")
+        self.tenants.replace(names, changes)
+        index = {n: t for t, n in enumerate(names)}
+        for r, n in keyed:
+            r.tenant = -1 if n is None else index[n]
+
     def run_until_idle(self) -> None:
         while not self.idle:
             self.step()
@@ -106,29 +132,48 @@ class BatchEngine:
     # ------------------------------------------------------------------ one step
     @torch.no_grad()
     def step(self) -> None:
-        """Admit waiting requests (up to ``max_batch`` rows), drop finished ones, decode one token for
-        every other row."""
-        while self.queue and len(self.rows) < self.max_batch:
+        """Admit waiting requests (up to ``max_batch`` rows; their prompts prefilled together), drop
+        finished ones, decode one token for every other row."""
+        joining: list[Request] = []
+        while self.queue and len(self.rows) + len(joining) < self.max_batch:
             request = self.queue.popleft()
             if request.cancelled:
                 request.finish_reason = "cancelled"
                 continue
-            self._join(request)
+            joining.append(request)
+        if joining:
+            self._join(joining)
         self._leave()
         if self.rows:
             self._decode()
             self._leave()
 
-    def _join(self, request: Request) -> None:
+    def _join(self, requests: list[Request]) -> None:
+        """Prefill ``requests`` in one batch (prompts left-padded, each row its own positions and
+        tenant) and merge their caches into the batch's: both left-padded with zeros to one length."""
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        ids = torch.tensor([list(request.prompt)], dtype=torch.long, device=self._device)
-        with self.tenants.use([request.tenant]):
-            logits = self.model(ids, past_key_values=cache, use_cache=True).logits
-        request._length = ids.shape[1]
-        self._emit(request, logits[0, -1])
-        mask = torch.ones(1, ids.shape[1], dtype=torch.long, device=self._device)
+        width = max(len(r.prompt) for r in requests)
+        ids = torch.zeros(len(requests), width, dtype=torch.long)
+        mask = torch.zeros(len(requests), width, dtype=torch.long)
+        for k, r in enumerate(requests):
+            ids[k, width - len(r.prompt):] = torch.tensor(list(r.prompt), dtype=torch.long)
+            mask[k, width - len(r.prompt):] = 1
+        ids, mask = ids.to(self._device), mask.to(self._device)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        kwargs: dict[str, Any] = {self._cache_kw: cache, "use_cache": True, **self._last_only}
+        if len(requests) > 1:
+            kwargs.update(attention_mask=mask, position_ids=positions)
+        with self.tenants.use([r.tenant for r in requests]):
+            logits = self.model(ids, **kwargs).logits
+        for k, r in enumerate(requests):
+            r._length = len(r.prompt)
+            self._emit(r, logits[k, -1])
+        for layer in cache.layers:  # padding must be zeros in the merged cache (0 · NaN is NaN)
+            keep = mask[:, None, :, None].bool()
+            layer.keys = torch.where(keep, layer.keys, torch.zeros((), dtype=layer.keys.dtype, device=layer.keys.device))
+            layer.values = torch.where(keep, layer.values, torch.zeros((), dtype=layer.values.dtype, device=layer.values.device))
         if self._cache is None:
             self._cache, self._mask = cache, mask
         else:
@@ -139,7 +184,7 @@ class BatchEngine:
                 big.keys = torch.cat([_pad_left(big.keys, length - lb), _pad_left(one.keys, length - lp)])
                 big.values = torch.cat([_pad_left(big.values, length - lb), _pad_left(one.values, length - lp)])
             self._mask = torch.cat([F.pad(self._mask, (length - lb, 0)), F.pad(mask, (length - lp, 0))])
-        self.rows.append(request)
+        self.rows.extend(requests)
 
     def _leave(self) -> None:
         keep = [k for k, r in enumerate(self.rows) if not r.done and not r.cancelled]
@@ -169,8 +214,8 @@ class BatchEngine:
         self._mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=torch.long, device=self._device)], 1)
         positions = torch.tensor([[r._length] for r in rows], dtype=torch.long, device=self._device)
         with self.tenants.use([r.tenant for r in rows]):
-            logits = self.model(ids, attention_mask=self._mask, position_ids=positions,
-                                past_key_values=self._cache, use_cache=True).logits
+            logits = self.model(ids, attention_mask=self._mask, position_ids=positions, use_cache=True,
+                                **{self._cache_kw: self._cache}).logits
         for k, r in enumerate(rows):
             r._length += 1
             self._emit(r, logits[k, -1])
@@ -209,31 +254,55 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
 
 class EngineThread:
     """Runs a :class:`BatchEngine` in a background thread: :meth:`submit` from any thread (an HTTP
-    handler), tokens arrive through each request's ``on_token`` (called in the engine thread) and
-    ``done`` is set when it finishes. :meth:`close` stops after the requests in flight (or cancels them)."""
+    handler); tokens arrive through each request's ``on_token`` and its end through ``on_finish``
+    (both called in the engine thread), and the returned event is set when it has finished.
+    :meth:`call` runs a function in the engine thread between two steps (to change the tenants).
+    :meth:`close` stops after the requests in flight (or cancels them)."""
 
-    def __init__(self, engine: BatchEngine) -> None:
+    def __init__(self, engine: BatchEngine, name: str = "deltahub-engine") -> None:
         import threading
 
         self.engine = engine
         self._wake = threading.Condition()
         self._stopping = False
         self._cancel_all = False
-        self._done: dict[int, threading.Event] = {}
-        self._thread = threading.Thread(target=self._run, name="deltahub-engine", daemon=True)
+        self._done: dict[int, tuple[Request, Any]] = {}
+        self._calls: deque[tuple[Callable[[], Any], Any]] = deque()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
+    @property
+    def in_flight(self) -> int:
+        """Requests decoding or waiting in the engine."""
+        with self._wake:
+            return len(self._done)
+
     def submit(self, request: Request) -> Any:
-        """Queue ``request``; returns a ``threading.Event`` set when it has finished."""
+        """Queue ``request`` (checked first: :class:`BatchError`); returns a ``threading.Event`` set
+        when it has finished."""
         import threading
 
         with self._wake:
             if self._stopping:
-                raise InputError("the server is shutting down", "retry on another instance")
-            event = self._done[request.id] = threading.Event()
+                raise BatchError("the server is shutting down", "retry on another instance")
             self.engine.submit(request)
+            event = threading.Event()
+            self._done[request.id] = (request, event)
             self._wake.notify()
         return event
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn()`` in the engine thread between two steps; returns a
+        ``concurrent.futures.Future`` of its result."""
+        from concurrent.futures import Future
+
+        future: Future[Any] = Future()
+        with self._wake:
+            if not self._thread.is_alive():
+                raise BatchError("the engine has stopped", "start the server again")
+            self._calls.append((fn, future))
+            self._wake.notify()
+        return future
 
     def close(self, cancel: bool = False, timeout: float | None = None) -> None:
         with self._wake:
@@ -246,15 +315,24 @@ class EngineThread:
         engine = self.engine
         while True:
             with self._wake:
-                while engine.idle and not self._stopping:
+                while engine.idle and not self._calls and not self._stopping:
                     self._wake.wait()
-                if engine.idle and self._stopping:
+                calls = list(self._calls)
+                self._calls.clear()
+                if engine.idle and not calls and self._stopping:
                     return
                 if self._cancel_all:
                     for r in [*engine.rows, *engine.queue]:
                         r.cancelled = True
+            for fn, future in calls:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as exc:  # handed to the caller
+                        future.set_exception(exc)
             try:
-                engine.step()
+                if not engine.idle:
+                    engine.step()
             except Exception:  # one bad step must not leave clients waiting forever
                 logger.exception("engine step failed: the requests in flight are cancelled")
                 for r in [*engine.rows, *engine.queue]:
@@ -262,7 +340,17 @@ class EngineThread:
                     r.finish_reason = r.finish_reason or "error"
                 engine.rows, engine._cache, engine._mask = [], None, None
                 engine.queue.clear()
+            finished: list[tuple[Request, Any]] = []
             with self._wake:  # (submit adds to _done and the queue under this lock)
                 live = {r.id for r in [*engine.rows, *engine.queue]}
                 for rid in [rid for rid in self._done if rid not in live]:
-                    self._done.pop(rid).set()
+                    finished.append(self._done.pop(rid))
+            for request, event in finished:
+                if request.finish_reason is None:
+                    request.finish_reason = "cancelled"
+                if request.on_finish is not None:
+                    try:
+                        request.on_finish(request)
+                    except Exception:
+                        logger.exception("a request's on_finish failed")
+                event.set()

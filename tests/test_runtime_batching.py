@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from deltahub.ops.engine import BatchEngine, Request
+from deltahub.runtime.batching import BatchEngine, Request
 from deltahub.runtime.multi_tenant import TenantModel, TensorChange, install_tenants
 
 
@@ -88,7 +88,7 @@ def test_engine_thread_serves_concurrent_submitters_and_drains_on_close():
     import threading
 
     base, refs, tenants = _models("llama")
-    runner = __import__("deltahub.ops.engine", fromlist=["EngineThread"]).EngineThread(BatchEngine(tenants, max_batch=2))
+    runner = __import__("deltahub.runtime.batching", fromlist=["EngineThread"]).EngineThread(BatchEngine(tenants, max_batch=2))
     prompts = [([1, 2, 3], 0), ([4, 5], 1), ([6], -1), ([7, 8, 9, 10], 0), ([11, 12], 1)]
     results: dict[int, list[int]] = {}
     streamed: dict[int, list[int]] = {i: [] for i in range(len(prompts))}

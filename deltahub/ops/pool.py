@@ -1,0 +1,488 @@
+"""The models behind ``deltahub serve``: one runtime per base, fine-tunes resident on demand.
+
+A :class:`ModelPool` serves stored names. Each base in use gets a :class:`BaseRuntime`: the base
+model in memory once, made multi-tenant over the fine-tunes of it that are *resident*, decoded by a
+:class:`~deltahub.runtime.batching.BatchEngine` in its own thread (continuous batching: requests for
+different fine-tunes of one base share each step).
+
+* **On demand.** A request for a fine-tune that is not resident loads its delta from the store (with
+  ``pull``, a name the store lacks is first pulled from the Hub as a repo id) while the engine keeps
+  decoding; the new tenant set is swapped in between two steps.
+* **Memory budget.** Residents (bases and deltas, by the bytes of their tensors in memory) are
+  evicted least recently used when a load would exceed ``memory_budget``. A model with requests in
+  flight is *pinned* (:meth:`ModelPool.acquire` … :meth:`ModelPool.release`) and never evicted; a
+  base goes with its deltas.
+* **Store access** happens on one loader thread that opens its own :class:`StoreContext` (SQLite
+  connections stay in the thread that made them).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deltahub import defaults
+from deltahub.errors import DeltaHubError, InputError, NameNotFoundError
+from deltahub.fileio import human_bytes
+from deltahub.formats.manifest import ModelKind
+from deltahub.ops.context import Resolved, StoreContext
+from deltahub.ops.load import TOKENIZER_FILES, materialized_model, tokenizer_of
+from deltahub.ops.materialize import parse_output_dtype
+from deltahub.ops.reconstruct import ModelSource
+from deltahub.runtime import choose_backend
+from deltahub.runtime.batching import BatchEngine, EngineThread
+from deltahub.runtime.multi_tenant import (
+    TenantError,
+    TenantModel,
+    TenantState,
+    TensorChange,
+)
+
+__all__ = ["BaseRuntime", "ModelPool", "PoolFullError", "ServedModel"]
+
+logger = logging.getLogger(__name__)
+
+
+class PoolFullError(DeltaHubError):
+    """Loading a model would exceed the memory budget and every resident model is in use."""
+
+
+@dataclass
+class ServedModel:
+    """A stored name the server answers to: a fine-tune (``parent`` = its base's name) or a base."""
+
+    name: str
+    manifest_id: str
+    base_id: str
+    parent: str | None  # the base's label for a fine-tune; None for a base
+    has_tokenizer: bool
+
+
+@dataclass
+class _Resident:
+    key: str  # a served name (delta) or "base:<id>"
+    base_id: str
+    nbytes: int
+    pins: int = 0
+
+
+@dataclass
+class BaseRuntime:
+    """One base in memory and the engine decoding every request on it."""
+
+    base_id: str
+    label: str
+    tenants: TenantModel
+    engine: BatchEngine
+    thread: EngineThread
+    tokenizer: Any
+    context: int
+    nbytes: int
+    eos_ids: tuple[int, ...]
+    tokenizers: dict[str, Any] = field(default_factory=dict)  # served name -> its own tokenizer
+
+
+def _tensor_bytes(module: torch.nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for t in [*module.parameters(), *module.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _change_bytes(changes: dict[str, TensorChange]) -> int:
+    total = 0
+    for ch in changes.values():
+        if ch.op is not None:
+            total += _tensor_bytes(ch.op)
+        elif ch.tensor is not None:
+            total += ch.tensor.numel() * ch.tensor.element_size()
+    return total
+
+
+def _context_of(config: Any) -> int:
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return defaults.SERVE_DEFAULT_CONTEXT
+
+
+class ModelPool:
+    """The stored models a server answers to, loaded on demand under a memory budget.
+
+    Args:
+        home: the store folder (``None``: the default).
+        names: the names to serve (fine-tunes or bases); with ``serve_all``, every stored name.
+        device, dtype: where and in which dtype the models run (``dtype=None``: the base's own).
+        max_batch: most requests decoded together per base.
+        memory_budget: most bytes of resident models (bases and deltas) or ``None`` for no limit.
+        pull: a requested name the store lacks is pulled from the Hub (as a repo id) first.
+        max_context: cap on a request's prompt plus generated tokens (``None``: the model's own).
+    """
+
+    def __init__(
+        self,
+        home: str | Path | None,
+        names: Sequence[str] = (),
+        serve_all: bool = False,
+        device: str = defaults.DEFAULT_DEVICE,
+        dtype: str | torch.dtype | None = None,
+        max_batch: int = defaults.SERVE_MAX_BATCH,
+        memory_budget: int | None = None,
+        pull: bool = False,
+        max_context: int | None = None,
+        verify: bool = True,
+        preload: bool = True,
+    ) -> None:
+        if not names and not serve_all:
+            raise InputError("no models to serve", "name stored models, or pass --all")
+        if max_batch < 1:
+            raise InputError(f"--max-batch must be at least 1, got {max_batch}", "pass a positive number")
+        self.home = home
+        self.device = torch.device(device)
+        self.dtype = parse_output_dtype(dtype)
+        self.max_batch = max_batch
+        self.memory_budget = memory_budget
+        self.pull = pull
+        self.max_context = max_context
+        self.verify = verify
+        self.serve_all = serve_all
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltahub-store")
+        self._ctx: StoreContext | None = None
+        self._lock = threading.Lock()  # residents, pins, served
+        self._load_lock = threading.Lock()  # one load (or eviction) at a time
+        self._residents: OrderedDict[str, _Resident] = OrderedDict()
+        self._runtimes: dict[str, BaseRuntime] = {}
+        self._deltas: dict[str, list[str]] = {}  # base id -> resident delta names, in tenant order
+        self.served: dict[str, ServedModel] = {}
+        self.on_resident: Callable[[str, int], None] | None = None
+        for served in self._store(lambda ctx: self._resolve_all(ctx, list(names), serve_all)):
+            self.served[served.name] = served
+        if preload:
+            for name in dict.fromkeys(names):
+                try:
+                    self.acquire(name)
+                    self.release(name)
+                except PoolFullError as exc:
+                    if not self.resident():  # it would never fit
+                        self.close(cancel=True)
+                        raise InputError(f"{name!r} does not fit in the memory budget on its own: {exc.message}",
+                                         "start the server with a larger --memory-budget") from None
+                    logger.warning("%s is not resident at start: the memory budget is full", name)
+
+    # ------------------------------------------------------------------ store thread
+    def _store(self, fn: Callable[[StoreContext], Any]) -> Any:
+        def run() -> Any:
+            if self._ctx is None:
+                self._ctx = StoreContext(self.home)
+            return fn(self._ctx)
+
+        return self._io.submit(run).result()
+
+    def _resolve_all(self, ctx: StoreContext, names: list[str], serve_all: bool) -> list[ServedModel]:
+        wanted = list(dict.fromkeys(names))
+        if serve_all:
+            wanted += [m.name for m in ctx.index.list_models() if m.name not in wanted]
+        return [self._resolve(ctx, name) for name in wanted]
+
+    def _resolve(self, ctx: StoreContext, name: str) -> ServedModel:
+        r = ctx.resolve(name)
+        has_tok = any(f in r.manifest.files for f in TOKENIZER_FILES)
+        if r.manifest.kind is ModelKind.DELTA:
+            base_id, _ = ctx.base_of(r.manifest)
+            base_names = ctx.index.names_of(base_id)
+            return ServedModel(name, r.manifest_id, base_id, base_names[0] if base_names else base_id[:12], has_tok)
+        return ServedModel(name, r.manifest_id, r.manifest_id, None, has_tok)
+
+    # ------------------------------------------------------------------ names
+    def model(self, name: str) -> ServedModel:
+        """The served model ``name`` (with ``pull``, pulled from the Hub if the store lacks it).
+
+        Raises:
+            NameNotFoundError: ``name`` is not served (the message lists what is).
+        """
+        with self._lock:
+            hit = self.served.get(name)
+        if hit is not None:
+            return hit
+        found = self._store(lambda ctx: self._find(ctx, name))
+        if found is None:
+            listed = ", ".join(sorted(self.served)) or "none"
+            raise NameNotFoundError(
+                f"the model {name!r} is not served here",
+                f"use one of: {listed}" + ("" if self.pull else " (or start the server with --pull)"),
+            )
+        with self._lock:
+            self.served[name] = found
+            self.served.setdefault(found.name, found)  # a pulled repo id is stored under its own name
+        return found
+
+    def _find(self, ctx: StoreContext, name: str) -> ServedModel | None:
+        from deltahub.errors import DeltaHubError as _Err
+
+        try:
+            stored = ctx.index.get_name(name) is not None
+        except _Err:
+            return None
+        if stored and self.serve_all:
+            return self._resolve(ctx, name)
+        if stored or not self.pull:
+            return None
+        from deltahub.ops.pull import pull
+
+        logger.info("pulling %s from the Hub", name)
+        result = pull(ctx, name)
+        return self._resolve(ctx, result.name)
+
+    # ------------------------------------------------------------------ residents
+    def resident(self) -> dict[str, int]:
+        """Resident served names (and ``base:<id>`` entries) → bytes in memory, least recent first."""
+        with self._lock:
+            return {k: r.nbytes for k, r in self._residents.items()}
+
+    def used_bytes(self) -> int:
+        with self._lock:
+            return sum(r.nbytes for r in self._residents.values())
+
+    def acquire(self, name: str) -> tuple[BaseRuntime, int]:
+        """Make ``name`` resident (loading and evicting as needed) and pin it (and its base) until
+        :meth:`release`. Returns its runtime and tenant id (``-1``: the base).
+
+        Raises:
+            NameNotFoundError: not served. PoolFullError: it does not fit beside the models in use.
+        """
+        served = self.model(name)
+        while True:
+            with self._lock:
+                if self._pin(served):
+                    runtime = self._runtimes[served.base_id]
+                    return runtime, self._tenant_of(runtime, served)
+            with self._load_lock:
+                with self._lock:
+                    if self._is_resident(served):
+                        continue
+                self._load(served)
+
+    def release(self, name: str) -> None:
+        """Unpin ``name`` (one :meth:`acquire`)."""
+        served = self.served[name]
+        with self._lock:
+            for key in self._keys(served):
+                res = self._residents.get(key)
+                if res is not None and res.pins > 0:
+                    res.pins -= 1
+
+    def _keys(self, served: ServedModel) -> list[str]:
+        keys = [f"base:{served.base_id}"]
+        if served.parent is not None:
+            keys.append(served.name)
+        return keys
+
+    def _is_resident(self, served: ServedModel) -> bool:
+        return all(k in self._residents for k in self._keys(served))
+
+    def _pin(self, served: ServedModel) -> bool:
+        if not self._is_resident(served):
+            return False
+        for key in self._keys(served):
+            self._residents[key].pins += 1
+            self._residents.move_to_end(key)
+        return True
+
+    @staticmethod
+    def _tenant_of(runtime: BaseRuntime, served: ServedModel) -> int:
+        return -1 if served.parent is None else runtime.tenants.names.index(served.name)
+
+    def _load(self, served: ServedModel) -> None:
+        """Load what ``served`` needs (its base, its delta), evicting to fit. Holds ``_load_lock``."""
+        base_key = f"base:{served.base_id}"
+        if base_key not in self._residents:
+            runtime = self._store(lambda ctx: self._read_base(ctx, served))
+            try:
+                self._make_room(runtime.nbytes, keep=set())
+            except BaseException:
+                runtime.thread.close(cancel=True)
+                raise
+            with self._lock:
+                self._runtimes[served.base_id] = runtime
+                self._deltas[served.base_id] = []
+                self._residents[base_key] = _Resident(base_key, served.base_id, runtime.nbytes)
+            self._announce(runtime.label, runtime.nbytes)
+        if served.parent is None or served.name in self._residents:
+            return
+        runtime = self._runtimes[served.base_id]
+        # the new delta's bytes are known once read; read it first (the engine keeps decoding)
+        changes, tokenizer = self._store(lambda ctx: self._read_delta(ctx, served))
+        nbytes = _change_bytes(changes)
+        with self._lock:
+            self._residents[base_key].pins += 1  # the base must stay while its set changes
+        try:
+            self._make_room(nbytes, keep={base_key})
+            with self._lock:
+                names = [n for n in self._deltas[served.base_id] if n in self._residents]
+            others = self._read_deltas(names)
+            new_names, new_changes = [*names, served.name], [*others, changes]
+            self._swap(runtime, new_names, new_changes)
+            with self._lock:
+                self._deltas[served.base_id] = new_names
+                self._residents[served.name] = _Resident(served.name, served.base_id, nbytes)
+                runtime.tokenizers[served.name] = tokenizer
+        finally:
+            with self._lock:
+                self._residents[base_key].pins -= 1
+        self._announce(served.name, nbytes)
+
+    def _swap(self, runtime: BaseRuntime, names: list[str], changes: list[dict[str, TensorChange]]) -> None:
+        def swap() -> None:
+            try:
+                runtime.engine.replace_tenants(names, changes)
+            except TenantError as exc:
+                raise InputError(str(exc), "serve fine-tunes with the base's tensor shapes only") from None
+
+        runtime.thread.call(swap).result()
+
+    def _announce(self, name: str, nbytes: int) -> None:
+        logger.info("resident: %s (%s in memory)", name, human_bytes(nbytes))
+        if self.on_resident is not None:
+            self.on_resident(name, nbytes)
+
+    def _make_room(self, nbytes: int, keep: set[str]) -> None:
+        """Evict unpinned residents, least recently used first, until ``nbytes`` more fit."""
+        if self.memory_budget is None:
+            return
+        with self._lock:
+            used = sum(r.nbytes for r in self._residents.values())
+            if used + nbytes <= self.memory_budget:
+                return
+            victims: list[_Resident] = []
+            for res in self._residents.values():
+                if used + nbytes <= self.memory_budget:
+                    break
+                if res.pins or res.key in keep or any(v.key == res.key for v in victims):
+                    continue
+                group = [res]
+                if res.key.startswith("base:"):  # a base goes with its deltas (all must be unpinned)
+                    deltas = [self._residents[n] for n in self._deltas.get(res.base_id, []) if n in self._residents]
+                    if any(d.pins or d.key in keep for d in deltas):
+                        continue
+                    group += [d for d in deltas if all(v.key != d.key for v in victims)]
+                victims += group
+                used -= sum(v.nbytes for v in group)
+            if used + nbytes > self.memory_budget:
+                in_use = [k for k, r in self._residents.items() if r.pins]
+                raise PoolFullError(
+                    f"loading {human_bytes(nbytes)} would exceed the memory budget of {human_bytes(self.memory_budget)} "
+                    f"({human_bytes(used)} stay resident" + (f"; in use: {', '.join(in_use)}" if in_use else "") + ")",
+                    "retry when requests finish, or start the server with a larger --memory-budget",
+                )
+            for v in victims:
+                del self._residents[v.key]
+        self._evict(victims)
+
+    def _evict(self, victims: list[_Resident]) -> None:
+        gone_bases = {v.base_id for v in victims if v.key.startswith("base:")}
+        for base_id in gone_bases:
+            with self._lock:
+                runtime = self._runtimes.pop(base_id)
+                self._deltas.pop(base_id, None)
+            runtime.thread.close(cancel=True)
+            logger.info("evicted: %s and its fine-tunes", runtime.label)
+        by_base: dict[str, list[str]] = {}
+        for v in victims:
+            if not v.key.startswith("base:") and v.base_id not in gone_bases:
+                by_base.setdefault(v.base_id, []).append(v.key)
+        for base_id, gone in by_base.items():
+            runtime = self._runtimes[base_id]
+            with self._lock:
+                names = [n for n in self._deltas[base_id] if n not in gone]
+            changes = self._read_deltas(names)
+            self._swap(runtime, names, changes)
+            with self._lock:
+                self._deltas[base_id] = names
+                for n in gone:
+                    runtime.tokenizers.pop(n, None)
+            logger.info("evicted: %s", ", ".join(gone))
+
+    # ------------------------------------------------------------------ reading (store thread)
+    def _read_base(self, ctx: StoreContext, served: ServedModel) -> BaseRuntime:
+        with ctx.reading():
+            r = ctx.resolve(served.name)
+            base_manifest = ctx.base_of(r.manifest)[1] if served.parent is not None else r.manifest
+            base_names = ctx.index.names_of(served.base_id)
+            label = base_names[0] if base_names else served.base_id[:12]
+            resolved = Resolved(label, served.base_id, base_manifest)
+            source = ModelSource(ctx, resolved, None, self.verify)
+            dtype = self.dtype or source.default_dtype()
+            model = materialized_model(source, label, dtype)
+            tokenizer = tokenizer_of(source, label) if any(f in resolved.manifest.files for f in TOKENIZER_FILES) else None
+        model.to(self.device)
+        choose_backend(self.device)
+        nbytes = _tensor_bytes(model)
+        tenants = TenantModel(model, TenantState(0), [])
+        context = _context_of(model.config)
+        if self.max_context is not None:
+            context = min(context, self.max_context)
+        engine = BatchEngine(tenants, max_batch=self.max_batch, context=context)
+        thread = EngineThread(engine, name=f"deltahub-engine-{label}")
+        eos = getattr(model.generation_config, "eos_token_id", None)
+        eos_ids = tuple(eos) if isinstance(eos, list | tuple) else (() if eos is None else (int(eos),))
+        runtime = BaseRuntime(served.base_id, label, tenants, engine, thread, tokenizer, context, nbytes, eos_ids)
+        for name in base_names:
+            runtime.tokenizers[name] = tokenizer
+        return runtime
+
+    def _read_deltas(self, names: list[str]) -> list[dict[str, TensorChange]]:
+        """The changes of the served fine-tunes ``names``, read on the store thread."""
+        served = [self.served[n] for n in names]
+        return self._store(lambda ctx: [self._read_delta(ctx, m)[0] for m in served])
+
+    def _read_delta(self, ctx: StoreContext, served: ServedModel) -> tuple[dict[str, TensorChange], Any]:
+        from deltahub.ops.serve import _changes
+
+        with ctx.reading():
+            r = ctx.resolve(served.name)
+            if r.manifest_id != served.manifest_id:
+                raise InputError(
+                    f"{served.name!r} was re-pointed to another model while being served",
+                    "restart the server to serve the new one",
+                )
+            _, base_manifest = ctx.base_of(r.manifest)
+            changes = _changes(ctx, r, base_manifest, self.verify)
+            tokenizer = tokenizer_of(ModelSource(ctx, r, base_manifest, self.verify), served.name) if served.has_tokenizer else None
+        for ch in changes.values():
+            if ch.op is not None:
+                ch.op.to(self.device)
+        return changes, tokenizer
+
+    # ------------------------------------------------------------------ requests
+    def tokenizer_for(self, runtime: BaseRuntime, name: str) -> Any:
+        """``name``'s own tokenizer (its stored files), else its base's."""
+        return runtime.tokenizers.get(name) or runtime.tokenizer
+
+    def in_flight(self) -> int:
+        with self._lock:
+            runtimes = list(self._runtimes.values())
+        return sum(r.thread.in_flight for r in runtimes)
+
+    def close(self, cancel: bool = False, timeout: float | None = None) -> None:
+        """Stop every engine (after the requests in flight, or cancelling them) and the loader."""
+        with self._lock:
+            runtimes = list(self._runtimes.values())
+        for runtime in runtimes:
+            runtime.thread.close(cancel=cancel, timeout=timeout)
+        if self._ctx is not None:
+            ctx = self._ctx
+            self._io.submit(ctx.close).result()  # in the thread that opened it
+            self._ctx = None
+        self._io.shutdown(wait=False, cancel_futures=True)

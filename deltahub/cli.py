@@ -34,6 +34,7 @@ from deltahub.errors import (
     HubNotFoundError,
     IncompatibleBaseError,
     InputError,
+    CapacityError,
     InUseError,
     InvalidNameError,
     InvalidSizeError,
@@ -120,6 +121,7 @@ ERROR_TABLE: list[tuple[type[BaseException], int, Callable[[BaseException], str]
     (HubConnectionError, 14, str),
     (HubError, 15, str),
     (CodecError, 1, str),
+    (CapacityError, 17, str),  # a server is full for now (retry later)
     (DiskFullError, 10, str),  # like OSError: the file system refused
     (DanglingNameError, 9, str),
     (StoreError, 9, str),

@@ -100,6 +100,10 @@ class InUseError(DeltaHubError):
     """The model is still needed (e.g. a base that deltas depend on)."""
 
 
+class CapacityError(DeltaHubError):
+    """A server is full for now (its memory budget is taken by models in use): retry later."""
+
+
 class CodecError(DeltaHubError):
     """A tensor cannot be encoded or decoded (non-finite values, shape mismatch)."""
 

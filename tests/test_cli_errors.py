@@ -85,6 +85,8 @@ def test_existing_exit_codes_are_kept():
         "HubError": 15, "CodecError": 1, "DiskFullError": 10, "StoreError": 9, "DeltaHubError": 1,
         # added with the index API: their parents' codes
         "NameChangedError": 4, "DanglingNameError": 9,
+        # added with `deltahub serve`: a new code (it never had one)
+        "CapacityError": 17,
     }
 
 

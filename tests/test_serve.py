@@ -139,6 +139,10 @@ def test_errors_are_clear_and_the_server_keeps_serving(server):
     assert raw.status_code == 400 and "JSON" in raw.json()["error"]["message"]
     deep = httpx.post(server.url + "/v1/completions", content=b"[" * 100000 + b"]" * 100000, timeout=10)
     assert deep.status_code == 400
+    huge = httpx.post(server.url + "/v1/completions", content=b" " * (9 << 20), timeout=30)
+    assert huge.status_code == 413 and "limit" in huge.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client.completions.create(model="ft1", prompt="w1", max_tokens=2, logprobs=2)
     assert client.completions.create(model="ft1", prompt="w1", max_tokens=2, temperature=0).choices[0].text
 
 

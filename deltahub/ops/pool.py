@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from deltahub import defaults
-from deltahub.errors import DeltaHubError, InputError, NameNotFoundError
+from deltahub.errors import CapacityError, DeltaHubError, InputError, NameNotFoundError
 from deltahub.fileio import human_bytes
 from deltahub.formats.manifest import ModelKind
 from deltahub.ops.context import Resolved, StoreContext
@@ -51,7 +51,7 @@ __all__ = ["BaseRuntime", "ModelPool", "PoolFullError", "ServedModel"]
 logger = logging.getLogger(__name__)
 
 
-class PoolFullError(DeltaHubError):
+class PoolFullError(CapacityError):
     """Loading a model would exceed the memory budget and every resident model is in use."""
 
 
@@ -229,12 +229,10 @@ class ModelPool:
         return found
 
     def _find(self, ctx: StoreContext, name: str) -> ServedModel | None:
-        from deltahub.errors import DeltaHubError as _Err
-
         try:
             stored = ctx.index.get_name(name) is not None
-        except _Err:
-            return None
+        except DeltaHubError:  # not a valid store name (a repo id with its owner, say)
+            stored = False
         if stored and self.serve_all:
             return self._resolve(ctx, name)
         if stored or not self.pull:
@@ -467,8 +465,9 @@ class ModelPool:
 
     # ------------------------------------------------------------------ requests
     def tokenizer_for(self, runtime: BaseRuntime, name: str) -> Any:
-        """``name``'s own tokenizer (its stored files), else its base's."""
-        return runtime.tokenizers.get(name) or runtime.tokenizer
+        """Served model ``name``'s own tokenizer (its stored files), else its base's."""
+        served = self.served.get(name)
+        return runtime.tokenizers.get(served.name if served else name) or runtime.tokenizer
 
     def in_flight(self) -> int:
         with self._lock:

@@ -31,13 +31,17 @@ import torch.nn.functional as F
 
 from deltahub.codec.codecs import HintedError
 
-__all__ = ["BatchEngine", "BatchError", "EngineThread", "Request"]
+__all__ = ["BatchEngine", "BatchError", "EngineStoppedError", "EngineThread", "Request"]
 
 logger = logging.getLogger(__name__)
 
 
 class BatchError(HintedError, ValueError):
     """A request the engine cannot take: an empty prompt, or one longer than the context."""
+
+
+class EngineStoppedError(BatchError):
+    """The engine is shutting down and takes no more requests."""
 
 
 @dataclass
@@ -284,7 +288,7 @@ class EngineThread:
 
         with self._wake:
             if self._stopping:
-                raise BatchError("the server is shutting down", "retry on another instance")
+                raise EngineStoppedError("the server is shutting down", "retry on another instance")
             self.engine.submit(request)
             event = threading.Event()
             self._done[request.id] = (request, event)
@@ -299,7 +303,7 @@ class EngineThread:
         future: Future[Any] = Future()
         with self._wake:
             if not self._thread.is_alive():
-                raise BatchError("the engine has stopped", "start the server again")
+                raise EngineStoppedError("the engine has stopped", "start the server again")
             self._calls.append((fn, future))
             self._wake.notify()
         return future

@@ -33,9 +33,9 @@ from fastapi import (
 )
 
 from deltahub import defaults
-from deltahub.errors import DeltaHubError, HubError, HubNotFoundError, NameNotFoundError
+from deltahub.errors import CapacityError, DeltaHubError, HubError, HubNotFoundError, NameNotFoundError
 from deltahub.formats.safe_json import JSONInputError, loads
-from deltahub.runtime.batching import BatchError, Request
+from deltahub.runtime.batching import BatchError, EngineStoppedError, Request
 from deltahub.serve.protocol import (
     GenerationParams,
     RequestError,
@@ -119,10 +119,18 @@ def create_app(pool: Any, api_key: str | None = None, max_waiting: int = default
         return {"object": "list", "data": data}
 
     async def body_of(request: HttpRequest) -> Any:
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise RequestError(f"the request body is {len(raw)} bytes, over the limit of {MAX_BODY_BYTES}",
-                               "send a shorter prompt", status=413)
+        too_big = RequestError(f"the request body is over the limit of {MAX_BODY_BYTES} bytes", "send a shorter prompt",
+                               status=413)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():  # read at most the limit, whatever the header said
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise too_big
+            chunks.append(chunk)
+        raw = b"".join(chunks)
         try:
             return loads(raw)
         except (JSONInputError, ValueError, UnicodeDecodeError) as exc:
@@ -160,29 +168,33 @@ def create_app(pool: Any, api_key: str | None = None, max_waiting: int = default
                 runtime, tenant = await run_in_threadpool(pool.acquire, params.model)
             except NameNotFoundError as exc:
                 return refuse(404, str(exc), "invalid_request_error", "model")
+            except CapacityError as exc:
+                return refuse(503, str(exc), "server_error", headers={"Retry-After": str(defaults.SERVE_RETRY_AFTER)})
             except DeltaHubError as exc:
-                status = 503 if type(exc).__name__ == "PoolFullError" else 500
-                headers = {"Retry-After": str(defaults.SERVE_RETRY_AFTER)} if status == 503 else None
-                return refuse(status, str(exc), "server_error", headers=headers)
+                return refuse(500, str(exc), "server_error")
             try:
                 tokenizer = pool.tokenizer_for(runtime, params.model)
                 job = _Job(params, runtime, tenant, tokenizer, chat, t0)
-                job.prepare()
+                await run_in_threadpool(job.prepare)  # tokenizing and the chat template, off the event loop
             except RequestError as exc:
                 pool.release(params.model)
                 return refuse(exc.status, str(exc), "invalid_request_error", exc.param)
             loop = asyncio.get_running_loop()
             try:
                 job.start(loop, on_end=lambda: (pool.release(params.model), loop.call_soon_threadsafe(admission.leave)))
+            except EngineStoppedError as exc:
+                pool.release(params.model)
+                return refuse(503, str(exc), "server_error", headers={"Retry-After": str(defaults.SERVE_RETRY_AFTER)})
             except BatchError as exc:
                 pool.release(params.model)
-                return refuse(400 if "context" in str(exc) or "empty" in str(exc) else 503, str(exc),
-                              "invalid_request_error")
+                return refuse(400, str(exc), "invalid_request_error")
             entered = False  # the job's end leaves the admission
             if params.stream:
                 return StreamingResponse(job.sse(request), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             result = await job.collect(request)
+            if result is None:
+                return _error(500, "the engine failed on this request (see the server log)", "server_error")
             return JSONResponse(result)
         finally:
             if entered:
@@ -342,7 +354,7 @@ class _Job:
         kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
         return {"id": self.id, "object": kind, "created": self.created, "model": self.params.model, "choices": choices}
 
-    async def collect(self, request: Any) -> dict[str, Any]:
+    async def collect(self, request: Any) -> dict[str, Any] | None:
         pieces: list[str] = []
         try:
             async for kind, value in self._events(request):
@@ -352,7 +364,7 @@ class _Job:
             self.cancel_if_unfinished()
             self._log()
         if self.finish_reason == "error":
-            raise RuntimeError("the engine failed on this request")
+            return None
         out = self._envelope([self._choice("".join(pieces), self.finish_reason, delta=False)], chunk=False)
         out["usage"] = self._usage()
         return out

@@ -117,6 +117,8 @@ def test_stop_seed_and_sampling(server):
     if len(words) >= 3:
         cut = client.completions.create(model="ft3", prompt="w1 w2", max_tokens=10, temperature=0, stop=[" " + words[2]])
         assert cut.choices[0].text == " ".join(words[:2]) and cut.choices[0].finish_reason == "stop"
+    tiny = client.completions.create(model="ft3", prompt="w1 w2", max_tokens=10, temperature=1e-30)
+    assert tiny.choices[0].text == whole  # a temperature that would overflow decodes greedily
     a = client.completions.create(model="ft2", prompt="w1", max_tokens=10, temperature=1.0, top_p=0.9, seed=7)
     b = client.completions.create(model="ft2", prompt="w1", max_tokens=10, temperature=1.0, top_p=0.9, seed=7)
     assert a.choices[0].text == b.choices[0].text
@@ -139,6 +141,10 @@ def test_errors_are_clear_and_the_server_keeps_serving(server):
     assert raw.status_code == 400 and "JSON" in raw.json()["error"]["message"]
     deep = httpx.post(server.url + "/v1/completions", content=b"[" * 100000 + b"]" * 100000, timeout=10)
     assert deep.status_code == 400
+    surrogate = httpx.post(server.url + "/v1/completions", content=b'{"model": "ft1", "prompt": "\\ud800"}', timeout=10)
+    assert surrogate.status_code == 400 and "JSON" in surrogate.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="embeddings"):
+        client.completions.create(model="ft1", prompt=[5, 10**6], max_tokens=2)
     huge = httpx.post(server.url + "/v1/completions", content=b" " * (9 << 20), timeout=30)
     assert huge.status_code == 413 and "limit" in huge.json()["error"]["message"]
     with pytest.raises(openai.BadRequestError, match="logprobs"):
@@ -256,5 +262,44 @@ def test_pull_on_demand_serves_a_hub_delta(serve_home, reference, tmp_path, hub_
         assert repo in {m.id for m in client.models.list()}
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model=f"{FAKE_USER}/missing", prompt="w1", max_tokens=2)
+    finally:
+        assert s.stop() == 0, s.log()
+
+
+def test_two_bases_one_runtime_each_and_loads_while_others_decode(serve_home, reference, model_dirs, tmp_path):
+    """A GPT-2 base and its fine-tune beside the Llama ones (--all: loaded on first request); a
+    fine-tune loaded while a long stream on another decodes does not stop that stream."""
+    import shutil
+
+    home = tmp_path / "two"
+    shutil.copytree(serve_home, home)
+    with deltahub.Store(home) as store:
+        store.add(model_dirs["gpt2"]["base"], name="gbase")
+        store.compress(model_dirs["gpt2"]["ft"], base="gbase", name="gft")
+        [want_g] = store.generate([("gft", "w1 w2")], max_new_tokens=5)
+    s = Server(home, "ft1", "--all")
+    try:
+        client = s.client()
+        stream = client.completions.create(model="ft1", prompt="w1", max_tokens=800, temperature=0, stream=True)
+        it = iter(stream)
+        next(it)
+        got = {}
+
+        def other():
+            got["start"] = time.monotonic()
+            got["ft3"] = client.completions.create(model="ft3", prompt="w1 w2 w3", max_tokens=6, temperature=0)
+            got["gft"] = client.completions.create(model="gft", prompt="w1 w2", max_tokens=5, temperature=0)
+            got["end"] = time.monotonic()
+
+        t = threading.Thread(target=other)
+        t.start()
+        stamps = [time.monotonic() for _ in it]
+        t.join(120)
+        assert any(got["start"] < ts < got["end"] for ts in stamps), "the stream stalled while models loaded"
+        assert got["ft3"].choices[0].text == reference("ft3", "w1 w2 w3", 6)
+        assert got["gft"].choices[0].text == want_g.text
+        models = {m.id: m for m in client.models.list()}
+        assert models["gft"].parent == "gbase" and models["ft3"].parent == "base"
+        assert models["gft"].resident and models["gbase"].resident
     finally:
         assert s.stop() == 0, s.log()

@@ -63,6 +63,7 @@ def test_request_bodies_are_checked_field_by_field():
     for bad, field in [({"prompt": "x"}, "model"), ({"model": "m"}, "prompt"), ({"model": "m", "prompt": ""}, "prompt"),
                        ({"model": "m", "prompt": "x", "n": 3}, "'n'"), ({"model": "m", "prompt": "x", "top_p": 2}, "top_p"),
                        ({"model": "m", "prompt": "x", "stop": ["a"] * 5}, "stop"),
+                       ({"model": "m", "prompt": "x", "stop": "a" * 257}, "longer"),
                        ({"model": "m", "prompt": "x", "max_tokens": 0}, "max_tokens"),
                        ({"model": "m", "prompt": "x", "max_tokens": True}, "max_tokens"),
                        ({"model": "m", "prompt": ["a", "b"]}, "one prompt"),

@@ -19,6 +19,7 @@ different fine-tunes of one base share each step).
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -33,6 +34,7 @@ from deltahub import defaults
 from deltahub.errors import CapacityError, DeltaHubError, InputError, NameNotFoundError
 from deltahub.fileio import human_bytes
 from deltahub.formats.manifest import ModelKind
+from deltahub.formats.safetensors_io import dtype_from_name
 from deltahub.ops.context import Resolved, StoreContext
 from deltahub.ops.load import TOKENIZER_FILES, materialized_model, tokenizer_of
 from deltahub.ops.materialize import parse_output_dtype
@@ -87,6 +89,7 @@ class BaseRuntime:
     context: int
     nbytes: int
     eos_ids: tuple[int, ...]
+    vocab: int  # rows of the input embedding: token ids must be below it
     tokenizers: dict[str, Any] = field(default_factory=dict)  # served name -> its own tokenizer
 
 
@@ -253,24 +256,37 @@ class ModelPool:
         with self._lock:
             return sum(r.nbytes for r in self._residents.values())
 
-    def acquire(self, name: str) -> tuple[BaseRuntime, int]:
+    def acquire(self, name: str) -> tuple[BaseRuntime, int | str]:
         """Make ``name`` resident (loading and evicting as needed) and pin it (and its base) until
-        :meth:`release`. Returns its runtime and tenant id (``-1``: the base).
+        :meth:`release`. Returns its runtime and its tenant for the engine: the fine-tune's name, or
+        ``-1`` for the base (names, not ids: ids change whenever the resident set does).
 
         Raises:
             NameNotFoundError: not served. PoolFullError: it does not fit beside the models in use.
         """
         served = self.model(name)
         while True:
-            with self._lock:
-                if self._pin(served):
-                    runtime = self._runtimes[served.base_id]
-                    return runtime, self._tenant_of(runtime, served)
+            hit = self.try_acquire(name)
+            if hit is not None:
+                return hit
             with self._load_lock:
                 with self._lock:
                     if self._is_resident(served):
                         continue
                 self._load(served)
+
+    def try_acquire(self, name: str) -> tuple[BaseRuntime, int | str] | None:
+        """:meth:`acquire` if ``name`` is resident now (never blocks on a load), else ``None``."""
+        with self._lock:
+            served = self.served.get(name)
+            if served is None or not self._pin(served):
+                return None
+            return self._runtimes[served.base_id], (-1 if served.parent is None else served.name)
+
+    def served_models(self) -> list[tuple[str, ServedModel]]:
+        """``(name, model)`` of every name served, sorted (a snapshot)."""
+        with self._lock:
+            return sorted(self.served.items())
 
     def release(self, name: str) -> None:
         """Unpin ``name`` (one :meth:`acquire`)."""
@@ -298,14 +314,12 @@ class ModelPool:
             self._residents.move_to_end(key)
         return True
 
-    @staticmethod
-    def _tenant_of(runtime: BaseRuntime, served: ServedModel) -> int:
-        return -1 if served.parent is None else runtime.tenants.names.index(served.name)
-
     def _load(self, served: ServedModel) -> None:
         """Load what ``served`` needs (its base, its delta), evicting to fit. Holds ``_load_lock``."""
         base_key = f"base:{served.base_id}"
         if base_key not in self._residents:
+            # room first, from the manifest's figures: a base that cannot fit is never loaded
+            self._make_room(self._store(lambda ctx: self._base_estimate(ctx, served)), keep=set())
             runtime = self._store(lambda ctx: self._read_base(ctx, served))
             try:
                 self._make_room(runtime.nbytes, keep=set())
@@ -329,26 +343,36 @@ class ModelPool:
             self._make_room(nbytes, keep={base_key})
             with self._lock:
                 names = [n for n in self._deltas[served.base_id] if n in self._residents]
-            others = self._read_deltas(names)
-            new_names, new_changes = [*names, served.name], [*others, changes]
-            self._swap(runtime, new_names, new_changes)
+            names, others = self._read_deltas(names)
+            kept = self._swap(runtime, [*names, served.name], [*others, changes], fallback=(names, others))
             with self._lock:
-                self._deltas[served.base_id] = new_names
-                self._residents[served.name] = _Resident(served.name, served.base_id, nbytes)
-                runtime.tokenizers[served.name] = tokenizer
+                self._deltas[served.base_id] = kept
+                if served.name in kept:
+                    self._residents[served.name] = _Resident(served.name, served.base_id, nbytes)
+                    runtime.tokenizers[served.name] = tokenizer
         finally:
             with self._lock:
                 self._residents[base_key].pins -= 1
         self._announce(served.name, nbytes)
 
-    def _swap(self, runtime: BaseRuntime, names: list[str], changes: list[dict[str, TensorChange]]) -> None:
-        def swap() -> None:
+    def _swap(self, runtime: BaseRuntime, names: list[str], changes: list[dict[str, TensorChange]],
+              fallback: tuple[list[str], list[dict[str, TensorChange]]] | None = None) -> list[str]:
+        """Install ``names`` in ``runtime``'s engine (between two steps); the names installed. If
+        that fails and ``fallback`` is given, ``fallback`` (the set before) goes back in and the error
+        is raised; without one, the engine is left with no fine-tunes."""
+
+        def swap() -> list[str]:
             try:
                 runtime.engine.replace_tenants(names, changes)
-            except TenantError as exc:
-                raise InputError(str(exc), "serve fine-tunes with the base's tensor shapes only") from None
+                return names
+            except Exception as exc:
+                if fallback is not None:
+                    runtime.engine.replace_tenants(*fallback)  # what worked a moment ago
+                if isinstance(exc, TenantError):
+                    raise InputError(str(exc), "serve fine-tunes with the base's tensor shapes only") from None
+                raise
 
-        runtime.thread.call(swap).result()
+        return runtime.thread.call(swap).result()
 
     def _announce(self, name: str, nbytes: int) -> None:
         logger.info("resident: %s (%s in memory)", name, human_bytes(nbytes))
@@ -404,7 +428,7 @@ class ModelPool:
             runtime = self._runtimes[base_id]
             with self._lock:
                 names = [n for n in self._deltas[base_id] if n not in gone]
-            changes = self._read_deltas(names)
+            names, changes = self._read_deltas(names)
             self._swap(runtime, names, changes)
             with self._lock:
                 self._deltas[base_id] = names
@@ -413,6 +437,16 @@ class ModelPool:
             logger.info("evicted: %s", ", ".join(gone))
 
     # ------------------------------------------------------------------ reading (store thread)
+    def _base_estimate(self, ctx: StoreContext, served: ServedModel) -> int:
+        """Bytes the base of ``served`` will take in memory (its tensors in the serving dtype)."""
+        r = ctx.resolve(served.name)
+        manifest = ctx.base_of(r.manifest)[1] if served.parent is not None else r.manifest
+        total = 0
+        for rec in manifest.tensors.values():
+            dtype = self.dtype or dtype_from_name(rec.dtype)
+            total += math.prod(rec.shape) * torch.empty((), dtype=dtype).element_size()
+        return total
+
     def _read_base(self, ctx: StoreContext, served: ServedModel) -> BaseRuntime:
         with ctx.reading():
             r = ctx.resolve(served.name)
@@ -435,15 +469,33 @@ class ModelPool:
         thread = EngineThread(engine, name=f"deltahub-engine-{label}")
         eos = getattr(model.generation_config, "eos_token_id", None)
         eos_ids = tuple(eos) if isinstance(eos, list | tuple) else (() if eos is None else (int(eos),))
-        runtime = BaseRuntime(served.base_id, label, tenants, engine, thread, tokenizer, context, nbytes, eos_ids)
+        vocab = int(model.get_input_embeddings().num_embeddings)
+        runtime = BaseRuntime(served.base_id, label, tenants, engine, thread, tokenizer, context, nbytes, eos_ids, vocab)
         for name in base_names:
             runtime.tokenizers[name] = tokenizer
         return runtime
 
-    def _read_deltas(self, names: list[str]) -> list[dict[str, TensorChange]]:
-        """The changes of the served fine-tunes ``names``, read on the store thread."""
-        served = [self.served[n] for n in names]
-        return self._store(lambda ctx: [self._read_delta(ctx, m)[0] for m in served])
+    def _read_deltas(self, names: list[str]) -> tuple[list[str], list[dict[str, TensorChange]]]:
+        """The changes of the resident fine-tunes ``names``, read again on the store thread. One
+        that can no longer be read (removed or re-pointed meanwhile) is dropped if no request uses
+        it; if one does, the error is raised."""
+
+        def read(ctx: StoreContext) -> tuple[list[str], list[dict[str, TensorChange]]]:
+            kept, changes = [], []
+            for n in names:
+                try:
+                    changes.append(self._read_delta(ctx, self.served[n])[0])
+                    kept.append(n)
+                except DeltaHubError as exc:
+                    with self._lock:
+                        res = self._residents.get(n)
+                        if res is not None and res.pins:
+                            raise
+                        self._residents.pop(n, None)
+                    logger.warning("dropped %s: it cannot be read again (%s)", n, exc)
+            return kept, changes
+
+        return self._store(read)
 
     def _read_delta(self, ctx: StoreContext, served: ServedModel) -> tuple[dict[str, TensorChange], Any]:
         from deltahub.ops.serve import _changes

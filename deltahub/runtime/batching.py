@@ -46,10 +46,11 @@ class EngineStoppedError(BatchError):
 
 @dataclass
 class Request:
-    """One generation request. ``tenant``: the fine-tune's tenant id (``-1``: the base);
+    """One generation request. ``tenant``: the fine-tune's name in the engine's tenant set (looked
+    up at every step: ids change when the set does), or a tenant id (``-1``: the base);
     ``prompt``: token ids; ``stop_ids``: token ids that end it (not emitted)."""
 
-    tenant: int
+    tenant: int | str
     prompt: Sequence[int]
     max_new_tokens: int = 16
     temperature: float = 0.0
@@ -60,7 +61,7 @@ class Request:
     on_finish: Callable[[Request], None] | None = None
     id: int = field(default_factory=itertools.count().__next__)
     tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "length" | "stop" | "cancelled"
+    finish_reason: str | None = None  # "length" | "stop" | "cancelled" | "error"
     cancelled: bool = False
     _generator: torch.Generator | None = field(default=None, repr=False)
     _length: int = 0  # tokens in the cache for this row (its next position)
@@ -114,20 +115,34 @@ class BatchEngine:
         return not self.queue and not self.rows
 
     def replace_tenants(self, names: Sequence[str], changes: Sequence[dict[str, Any]]) -> None:
-        """Serve the tenants ``changes`` (named ``names``) from now on; the requests in flight and
-        waiting keep their fine-tune (their tenant ids are re-mapped by name). Every fine-tune of a
-        request in flight must be in ``names``. Call between steps (from the engine's thread)."""
+        """Serve the tenants ``changes`` (named ``names``) from now on. Requests that name their
+        fine-tune keep it; those given a tenant id are re-mapped by name. Every fine-tune of a request
+        in flight must be in ``names``. Call between steps (from the engine's thread)."""
         old = list(self.tenants.names)
-        pending = [*self.rows, *self.queue]
-        keyed = [(r, None if r.tenant < 0 else old[r.tenant]) for r in pending]
-        missing = sorted({n for _, n in keyed if n is not None and n not in names})
+        pending = [*self.rows, *list(self.queue)]  # (list(): one C-level copy, safe against submit)
+        by_id = [(r, old[r.tenant]) for r in pending if isinstance(r.tenant, int) and r.tenant >= 0]
+        wanted = {n for _, n in by_id} | {r.tenant for r in self.rows if isinstance(r.tenant, str)}
+        missing = sorted(wanted - set(names))
         if missing:
             raise BatchError(f"requests in flight use {', '.join(missing)}, which the new set lacks",
                              "keep a fine-tune until its requests finish")
         self.tenants.replace(names, changes)
         index = {n: t for t, n in enumerate(names)}
-        for r, n in keyed:
-            r.tenant = -1 if n is None else index[n]
+        for r, n in by_id:
+            r.tenant = index[n]
+
+    def _ids(self, requests: Sequence[Request]) -> list[int]:
+        """The tenant id of each request now (``-1``: the base)."""
+        names = self.tenants.names
+        out = []
+        for r in requests:
+            if isinstance(r.tenant, str):
+                if r.tenant not in names:
+                    raise BatchError(f"{r.tenant!r} is not among the fine-tunes in memory", "a bug: report it")
+                out.append(names.index(r.tenant))
+            else:
+                out.append(r.tenant)
+        return out
 
     def run_until_idle(self) -> None:
         while not self.idle:
@@ -169,8 +184,15 @@ class BatchEngine:
         kwargs: dict[str, Any] = {self._cache_kw: cache, "use_cache": True, **self._last_only}
         if len(requests) > 1:
             kwargs.update(attention_mask=mask, position_ids=positions)
-        with self.tenants.use([r.tenant for r in requests]):
-            logits = self.model(ids, **kwargs).logits
+        try:
+            with self.tenants.use(self._ids(requests)):
+                logits = self.model(ids, **kwargs).logits
+        except Exception:  # (out of memory on a long prompt, say): these requests fail, the batch goes on
+            logger.exception("prefill failed: %d joining request(s) fail, the %d in flight go on",
+                             len(requests), len(self.rows))
+            for r in requests:
+                r.finish_reason = "error"
+            return
         for k, r in enumerate(requests):
             r._length = len(r.prompt)
             self._emit(r, logits[k, -1])
@@ -217,7 +239,7 @@ class BatchEngine:
         ids = torch.tensor([[r._next] for r in rows], dtype=torch.long, device=self._device)
         self._mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=torch.long, device=self._device)], 1)
         positions = torch.tensor([[r._length] for r in rows], dtype=torch.long, device=self._device)
-        with self.tenants.use([r.tenant for r in rows]):
+        with self.tenants.use(self._ids(rows)):
             logits = self.model(ids, attention_mask=self._mask, position_ids=positions, use_cache=True,
                                 **{self._cache_kw: self._cache}).logits
         for k, r in enumerate(rows):
@@ -226,7 +248,12 @@ class BatchEngine:
 
     # ------------------------------------------------------------------ sampling
     def _emit(self, request: Request, logits: torch.Tensor) -> None:
-        token = _sample(logits.float(), request.temperature, request.top_p, request._generator)
+        try:
+            token = _sample(logits.float(), request.temperature, request.top_p, request._generator)
+        except RuntimeError:  # this row's logits cannot be sampled: it alone fails
+            logger.exception("sampling failed for request %d", request.id)
+            request.finish_reason = "error"
+            return
         if token in request.stop_ids:
             request.finish_reason = "stop"
             return
@@ -244,11 +271,19 @@ def _pad_left(x: torch.Tensor, n: int) -> torch.Tensor:
     return F.pad(x, (0, 0, n, 0)) if n else x
 
 
+MIN_TEMPERATURE = 1e-4
+"""Temperatures below this decode greedily (``logits / T`` would overflow fp32)."""
+
+
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """One token from fp32 logits ``[V]``: argmax at temperature 0, else nucleus sampling."""
-    if temperature <= 0:
+    """One token from fp32 logits ``[V]``: argmax at temperature 0 (or below ``MIN_TEMPERATURE``,
+    where the division would overflow), else nucleus sampling. NaN logits count as ``-inf``."""
+    logits = torch.nan_to_num(logits, nan=float("-inf"))
+    if temperature < MIN_TEMPERATURE:
         return int(logits.argmax())
     probs = torch.softmax(logits / temperature, dim=-1)
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+        return int(logits.argmax())
     if top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         keep = sorted_p.cumsum(0) - sorted_p < top_p  # the smallest set whose mass reaches top_p
@@ -269,6 +304,7 @@ class EngineThread:
         self.engine = engine
         self._wake = threading.Condition()
         self._stopping = False
+        self._closed = False  # the thread has returned: nothing queued from now on would run
         self._cancel_all = False
         self._done: dict[int, tuple[Request, Any]] = {}
         self._calls: deque[tuple[Callable[[], Any], Any]] = deque()
@@ -302,7 +338,7 @@ class EngineThread:
 
         future: Future[Any] = Future()
         with self._wake:
-            if not self._thread.is_alive():
+            if self._closed:
                 raise EngineStoppedError("the engine has stopped", "start the server again")
             self._calls.append((fn, future))
             self._wake.notify()
@@ -316,6 +352,18 @@ class EngineThread:
         self._thread.join(timeout)
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:  # whatever ended the thread: calls queued now or later fail instead of waiting forever
+            with self._wake:
+                self._closed = True
+                calls = list(self._calls)
+                self._calls.clear()
+            for _, future in calls:
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(EngineStoppedError("the engine has stopped", "start the server again"))
+
+    def _loop(self) -> None:
         engine = self.engine
         while True:
             with self._wake:
@@ -324,6 +372,7 @@ class EngineThread:
                 calls = list(self._calls)
                 self._calls.clear()
                 if engine.idle and not calls and self._stopping:
+                    self._closed = True
                     return
                 if self._cancel_all:
                     for r in [*engine.rows, *engine.queue]:
@@ -338,12 +387,13 @@ class EngineThread:
                 if not engine.idle:
                     engine.step()
             except Exception:  # one bad step must not leave clients waiting forever
-                logger.exception("engine step failed: the requests in flight are cancelled")
-                for r in [*engine.rows, *engine.queue]:
-                    r.cancelled = True
-                    r.finish_reason = r.finish_reason or "error"
-                engine.rows, engine._cache, engine._mask = [], None, None
-                engine.queue.clear()
+                logger.exception("engine step failed: the requests in flight fail")
+                with self._wake:
+                    for r in [*engine.rows, *engine.queue]:
+                        r.cancelled = True
+                        r.finish_reason = r.finish_reason or "error"
+                    engine.rows, engine._cache, engine._mask = [], None, None
+                    engine.queue.clear()
             finished: list[tuple[Request, Any]] = []
             with self._wake:  # (submit adds to _done and the queue under this lock)
                 live = {r.id for r in [*engine.rows, *engine.queue]}

@@ -329,9 +329,9 @@ def install_tenants(model: nn.Module, tenants: Sequence[dict[str, TensorChange]]
     stacks: dict[int, list[TenantDeltas]] = {}  # id(base weight) -> its stacks, shared by tied owners
     for mname, attrs in plan.items():
         module = model.get_submodule(mname) if mname else model
-        if not mname:
-            raise TenantError("the model itself cannot be made multi-tenant (only its submodules)")
         try:
+            if not mname:
+                raise TenantError("the model itself cannot be made multi-tenant (only its submodules)")
             new = _multi_tenant_module(module, attrs, state, mname, stacks)
         except Exception:
             uninstall_tenants(model, state)  # all or nothing: the modules replaced so far go back

@@ -85,8 +85,11 @@ def run(
     from deltahub.serve.app import create_app
 
     app = create_app(pool, api_key=api_key, max_waiting=max_waiting)
+    # connections beyond this get 503 from uvicorn before anything is read (the app's own admission
+    # answers 429 well below it; /health and /v1/models need some room beside the requests)
+    limit = 2 * (pool.max_batch + max_waiting) + 32
     config = uvicorn.Config(app, host=host, port=port, access_log=False, log_config=None,
-                            timeout_graceful_shutdown=grace, lifespan="off")
+                            timeout_graceful_shutdown=grace, lifespan="off", limit_concurrency=limit)
     class _Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
             super().handle_exit(sig, frame)

@@ -33,8 +33,16 @@ from fastapi import (
 )
 
 from deltahub import defaults
-from deltahub.errors import CapacityError, DeltaHubError, HubError, HubNotFoundError, NameNotFoundError
-from deltahub.formats.safe_json import JSONInputError, loads
+from deltahub.errors import (
+    CapacityError,
+    DeltaHubError,
+    HubError,
+    HubNotFoundError,
+    NameExistsError,
+    NameNotFoundError,
+)
+from deltahub.formats.safe_json import JSONInputError
+from deltahub.formats.safe_json import loads as json_loads
 from deltahub.runtime.batching import BatchError, EngineStoppedError, Request
 from deltahub.serve.protocol import (
     GenerationParams,
@@ -88,8 +96,11 @@ def create_app(pool: Any, api_key: str | None = None, max_waiting: int = default
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.concurrency import run_in_threadpool
 
+    from concurrent.futures import ThreadPoolExecutor
+
     app = FastAPI(title="deltahub", docs_url=None, redoc_url=None, openapi_url=None)
     admission = _Admission(pool.max_batch + max_waiting)
+    loads = ThreadPoolExecutor(max_workers=admission.limit, thread_name_prefix="deltahub-acquire")
     started = int(time.time())
 
     @app.middleware("http")
@@ -103,13 +114,16 @@ def create_app(pool: Any, api_key: str | None = None, max_waiting: int = default
 
     @app.get("/health")
     async def health() -> Any:
-        return {"status": "ok", "resident": pool.resident(), "in_flight": admission.active}
+        out: dict[str, Any] = {"status": "ok", "in_flight": admission.active}
+        if api_key is None:  # (open to all: the names in memory only when no key guards the rest)
+            out["resident"] = pool.resident()
+        return out
 
     @app.get("/v1/models")
     async def models() -> Any:
         resident = pool.resident()
         data = []
-        for name, m in sorted(pool.served.items()):
+        for name, m in pool.served_models():
             key = m.name if m.parent is not None else f"base:{m.base_id}"
             data.append({
                 "id": name, "object": "model", "created": started, "owned_by": "deltahub",
@@ -132,9 +146,23 @@ def create_app(pool: Any, api_key: str | None = None, max_waiting: int = default
             chunks.append(chunk)
         raw = b"".join(chunks)
         try:
-            return loads(raw)
+            return json_loads(raw, strict_unicode=True)
         except (JSONInputError, ValueError, UnicodeDecodeError) as exc:
             raise RequestError(f"the request body is not valid JSON: {exc}", "send a JSON object") from None
+
+    async def acquire(name: str) -> tuple[Any, Any]:
+        """Pin ``name`` in the pool: at once if resident, else on a loader thread (never holding
+        the event loop or anyio's worker threads while a model loads)."""
+        hit = pool.try_acquire(name)
+        if hit is not None:
+            return hit
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(loads, pool.acquire, name)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:  # the client left (or shutdown) while loading: unpin when done
+            future.add_done_callback(lambda f: None if f.cancelled() or f.exception() else pool.release(name))
+            raise
 
     async def generate(request: HttpRequest, chat: bool) -> Any:
         t0 = time.perf_counter()
@@ -148,57 +176,69 @@ def create_app(pool: Any, api_key: str | None = None, max_waiting: int = default
                                "error": message})
             return _error(status, message, kind, param, headers)
 
-        try:
-            body = await body_of(request)
-            params = parse_chat(body) if chat else parse_completion(body)
-            name = params.model
-            await run_in_threadpool(pool.model, params.model)
-        except RequestError as exc:
-            return refuse(exc.status, str(exc), "invalid_request_error", exc.param)
-        except (NameNotFoundError, HubNotFoundError) as exc:
-            return refuse(404, str(exc), "invalid_request_error", "model")
-        except DeltaHubError as exc:  # a pull that failed (--pull), a store that cannot be read
-            return refuse(502 if isinstance(exc, HubError) else 500, str(exc), "server_error", "model")
-        if not admission.enter():
+        if not admission.enter():  # before reading anything: a full server costs nothing more
             return refuse(429, f"the server is full ({admission.limit} requests in flight or waiting)",
                           "rate_limit_error", headers={"Retry-After": str(defaults.SERVE_RETRY_AFTER)})
-        entered = True
+        entered, pinned, submitted = True, False, False
         try:
             try:
-                runtime, tenant = await run_in_threadpool(pool.acquire, params.model)
-            except NameNotFoundError as exc:
-                return refuse(404, str(exc), "invalid_request_error", "model")
-            except CapacityError as exc:
-                return refuse(503, str(exc), "server_error", headers={"Retry-After": str(defaults.SERVE_RETRY_AFTER)})
-            except DeltaHubError as exc:
-                return refuse(500, str(exc), "server_error")
-            try:
+                body = await body_of(request)
+                params = parse_chat(body) if chat else parse_completion(body)
+                name = params.model
+                await run_in_threadpool(pool.model, params.model)
+                runtime, tenant = await acquire(params.model)
+                pinned = True
                 tokenizer = pool.tokenizer_for(runtime, params.model)
                 job = _Job(params, runtime, tenant, tokenizer, chat, t0)
                 await run_in_threadpool(job.prepare)  # tokenizing and the chat template, off the event loop
             except RequestError as exc:
-                pool.release(params.model)
                 return refuse(exc.status, str(exc), "invalid_request_error", exc.param)
+            except (NameNotFoundError, HubNotFoundError) as exc:
+                return refuse(404, str(exc), "invalid_request_error", "model")
+            except CapacityError as exc:
+                return refuse(503, str(exc), "server_error", headers={"Retry-After": str(defaults.SERVE_RETRY_AFTER)})
+            except NameExistsError as exc:  # --pull: the repo's name is taken by another stored model
+                return refuse(409, str(exc), "invalid_request_error", "model")
+            except DeltaHubError as exc:  # a pull that failed (--pull), a store that cannot be read
+                return refuse(502 if isinstance(exc, HubError) else 500, str(exc), "server_error", "model")
             loop = asyncio.get_running_loop()
+            model = params.model
+
+            def on_end() -> None:  # (engine thread) the engine has let go of the request
+                pool.release(model)
+                try:
+                    loop.call_soon_threadsafe(admission.leave)
+                except RuntimeError:  # the event loop is closed (shutting down)
+                    pass
+
             try:
-                job.start(loop, on_end=lambda: (pool.release(params.model), loop.call_soon_threadsafe(admission.leave)))
+                job.start(loop, on_end=on_end)
             except EngineStoppedError as exc:
-                pool.release(params.model)
                 return refuse(503, str(exc), "server_error", headers={"Retry-After": str(defaults.SERVE_RETRY_AFTER)})
             except BatchError as exc:
-                pool.release(params.model)
                 return refuse(400, str(exc), "invalid_request_error")
-            entered = False  # the job's end leaves the admission
+            submitted = True  # from here on_end unpins and leaves the admission
             if params.stream:
                 return StreamingResponse(job.sse(request), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             result = await job.collect(request)
-            if result is None:
+            if job.finish_reason == "error":
                 return _error(500, "the engine failed on this request (see the server log)", "server_error")
+            if job.finish_reason == "abort":
+                return _error(503, "the server stopped this request (shutting down)", "server_error",
+                              headers={"Retry-After": str(defaults.SERVE_RETRY_AFTER)})
             return JSONResponse(result)
+        except Exception as exc:  # a bug: answered as an OpenAI error, logged with its traceback
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            logger.exception("request failed")
+            return refuse(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
         finally:
-            if entered:
-                admission.leave()
+            if not submitted:
+                if pinned:
+                    pool.release(params.model)
+                if entered:
+                    admission.leave()
 
     @app.post("/v1/completions")
     async def completions(request: HttpRequest) -> Any:
@@ -248,10 +288,11 @@ class _Job:
         elif isinstance(p.prompt, str):
             self.prompt_ids = list(tok(p.prompt, add_special_tokens=True)["input_ids"])
         else:
-            vocab = self.runtime.tenants.model.config.vocab_size
-            if any(t >= vocab for t in p.prompt):
-                raise RequestError(f"a prompt token id is beyond the vocabulary of {vocab}", param="prompt")
             self.prompt_ids = list(p.prompt)
+        vocab = self.runtime.vocab
+        if any(t >= vocab for t in self.prompt_ids):  # (a tokenizer with tokens the base lacks, say)
+            raise RequestError(f"a prompt token id is beyond the model's {vocab} embeddings",
+                               "use token ids of this model's vocabulary", param="prompt")
         if not self.prompt_ids:
             raise RequestError("the prompt gives no tokens", "give some text", param="prompt")
         context = self.runtime.context
@@ -332,8 +373,8 @@ class _Job:
                     rest = stream.finish()
                     if rest:
                         yield ("text", rest)
-                if self.finish_reason is None:
-                    self.finish_reason = {"cancelled": "stop"}.get(value, value) if value != "error" else "error"
+                if self.finish_reason is None:  # cancelled by the server (shutdown): "abort", as vLLM says
+                    self.finish_reason = "abort" if value == "cancelled" else value
                 self.text = stream.text if stream is not None else ""
                 yield ("done", self.finish_reason)
                 return

@@ -16,6 +16,7 @@ from deltahub.codec.codecs import HintedError
 __all__ = ["MAX_STOP", "GenerationParams", "RequestError", "parse_chat", "parse_completion"]
 
 MAX_STOP = 4  # stop sequences per request (as OpenAI)
+MAX_STOP_CHARS = 256  # characters per stop sequence (each is matched against the text at every token)
 MAX_SEED = 2**63 - 1
 
 
@@ -102,6 +103,8 @@ def _common(body: Any, endpoint: str) -> GenerationParams:
         raise RequestError("'stop' must be a string or a list of strings", param="stop")
     if len(stops) > MAX_STOP or any(not s for s in stops):
         raise RequestError(f"'stop' takes at most {MAX_STOP} non-empty strings, got {len(stops)}", param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise RequestError(f"a stop string is longer than {MAX_STOP_CHARS} characters", "shorten it", param="stop")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise RequestError("'stream_options' must be an object", param="stream_options")

@@ -1,9 +1,11 @@
 """Token ids to text, incrementally, with stop strings: what a streamed response sends.
 
-The text of a response is always ``tokenizer.decode(all ids so far, skip_special_tokens=True)``
-(the same as decoding the whole answer at once), cut at the first stop string. A piece is sent only
-when it can no longer change: text ending in an incomplete UTF-8 character (``U+FFFD``) or in the
-start of a stop string is held back until the next token settles it.
+Each token's text is the difference between decoding a short window of the latest tokens with and
+without it (as TGI and vLLM do: linear in the answer's length, and exact for tokenizers whose
+pieces join, such as byte-level BPE or word-level ones), cut at the first stop string. A piece is
+sent only when it can no longer change: text ending in an incomplete UTF-8 character (``U+FFFD``)
+waits for the next token, and text that could be the start of a stop string is held back until the
+next token settles it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ class TextStream:
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
         self.ids: list[int] = []
-        self.sent = ""  # text already returned
+        self.decoded = ""  # the text of every token so far that is complete
+        self.sent = ""  # text already returned (a prefix of ``decoded``)
+        self._prefix = 0  # the decoding window: ids[_prefix:_read] is already in ``decoded``
+        self._read = 0
         self.stopped = False  # a stop string was found: the text is final
 
     @property
@@ -33,16 +38,29 @@ class TextStream:
         if self.stopped:
             return ""
         self.ids.append(int(token))
+        self._decode_new(final=False)
         return self._advance(final=False)
 
     def finish(self) -> str:
         """The rest of the text once no token follows (nothing is held back any more)."""
         if self.stopped:
             return ""
+        self._decode_new(final=True)
         return self._advance(final=True)
 
+    def _decode_new(self, final: bool) -> None:
+        """Append the text of the tokens after ``_read`` to ``decoded`` (unless it ends mid-character)."""
+        if self._read >= len(self.ids):
+            return
+        before = self.tokenizer.decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
+        after = self.tokenizer.decode(self.ids[self._prefix:], skip_special_tokens=True)
+        if not final and (after.endswith("\ufffd") or len(after) <= len(before)):
+            return  # an incomplete character (or nothing yet): wait for the next token
+        self.decoded += after[len(before):] if after.startswith(before) else after[len(before):]
+        self._prefix, self._read = self._read, len(self.ids)
+
     def _advance(self, final: bool) -> str:
-        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        full = self.decoded
         cut = self._first_stop(full)
         if cut is not None:
             self.stopped = True
@@ -50,11 +68,9 @@ class TextStream:
         if final:
             return self._take(full)
         ready = len(full)
-        if full.endswith("\ufffd"):  # an incomplete character: wait for the next token
-            ready = len(full.rstrip("\ufffd"))
-        for s in self.stop:  # a stop string may be starting at the end
-            for k in range(min(len(s) - 1, ready), 0, -1):
-                if full[:ready].endswith(s[:k]):
+        for s in self.stop:  # a stop string may be starting at the end: hold that much back
+            for k in range(min(len(s) - 1, ready - len(self.sent)), 0, -1):
+                if full.endswith(s[:k], 0, ready):
                     ready -= k
                     break
         return self._take(full[:ready])
@@ -64,7 +80,7 @@ class TextStream:
         return min(hits) if hits else None
 
     def _take(self, upto: str) -> str:
-        if not upto.startswith(self.sent):  # decoding changed earlier text (rare): send nothing back
+        if len(upto) <= len(self.sent):
             return ""
         piece = upto[len(self.sent):]
         self.sent = upto

@@ -145,6 +145,14 @@ def test_errors_are_clear_and_the_server_keeps_serving(server):
     assert surrogate.status_code == 400 and "JSON" in surrogate.json()["error"]["message"]
     with pytest.raises(openai.BadRequestError, match="embeddings"):
         client.completions.create(model="ft1", prompt=[5, 10**6], max_tokens=2)
+    dup = httpx.post(server.url + "/v1/completions", content=b'{"model": "ft1", "model": "ft2", "prompt": "w1"}', timeout=10)
+    assert dup.status_code == 400 and "duplicate" in dup.json()["error"]["message"]
+    route = httpx.get(server.url + "/v1/nothing", timeout=10)
+    assert route.status_code == 404 and "/v1/completions" in route.json()["error"]["message"]
+    assert httpx.put(server.url + "/v1/completions", timeout=10).json()["error"]["message"].startswith("PUT")
+    assert client.models.retrieve("ft2").parent == "base"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
     huge = httpx.post(server.url + "/v1/completions", content=b" " * (9 << 20), timeout=30)
     assert huge.status_code == 413 and "limit" in huge.json()["error"]["message"]
     with pytest.raises(openai.BadRequestError, match="logprobs"):
@@ -211,6 +219,21 @@ def test_full_queue_429_disconnect_frees_the_slot_api_key_and_sigterm_drains(ser
         assert s.proc.wait(60) == 0
         with pytest.raises(httpx.TransportError):
             httpx.get(s.url + "/health", timeout=2)
+    finally:
+        s.stop()
+
+
+def test_sigterm_after_the_grace_period_ends_streams_with_abort(serve_home):
+    s = Server(serve_home, "ft1", "--grace", "2")
+    try:
+        stream = s.client().completions.create(model="ft1", prompt="w1", max_tokens=1000, temperature=0, stream=True)
+        it = iter(stream)
+        next(it)
+        s.proc.send_signal(signal.SIGTERM)
+        finish = [c.choices[0].finish_reason for c in it if c.choices]
+        assert finish[-1] in ("abort", "length")  # (length if the machine decoded 1000 tokens in 1 s)
+        assert s.proc.wait(60) == 0
+        assert "Traceback" not in s.log()
     finally:
         s.stop()
 

@@ -526,6 +526,14 @@ class ModelPool:
             runtimes = list(self._runtimes.values())
         return sum(r.thread.in_flight for r in runtimes)
 
+    def cancel_all(self) -> None:
+        """Cancel every request in flight or waiting, in every engine (they end with
+        ``finish_reason`` ``"cancelled"``); new ones are refused. Returns at once."""
+        with self._lock:
+            runtimes = list(self._runtimes.values())
+        for runtime in runtimes:
+            runtime.thread.cancel_all()
+
     def close(self, cancel: bool = False, timeout: float | None = None) -> None:
         """Stop every engine (after the requests in flight, or cancelling them) and the loader."""
         with self._lock:

@@ -344,6 +344,14 @@ class EngineThread:
             self._wake.notify()
         return future
 
+    def cancel_all(self) -> None:
+        """Stop taking requests and cancel those in flight and waiting (their ``on_finish`` runs
+        with ``finish_reason`` ``"cancelled"``); returns at once."""
+        with self._wake:
+            self._stopping = True
+            self._cancel_all = True
+            self._wake.notify()
+
     def close(self, cancel: bool = False, timeout: float | None = None) -> None:
         with self._wake:
             self._stopping = True

@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 from typing import Any
 
 from deltahub import defaults
 
 __all__ = ["JsonFormatter", "configure_logging", "run"]
+
+CANCEL_BEFORE_GRACE_S = 1.0  # seconds before the end of --grace at which requests still running are cancelled
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
 
@@ -92,8 +95,17 @@ def run(
                             timeout_graceful_shutdown=grace, lifespan="off", limit_concurrency=limit)
     class _Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
+            first = not self.should_exit
             super().handle_exit(sig, frame)
             self._captured_signals.clear()  # a drained shutdown exits 0 (uvicorn re-raises the signal)
+            if first or self.force_exit:
+                # the requests still running just before the grace period ends are cancelled by the
+                # engines, so their clients get a proper end ("abort", then [DONE]) before uvicorn
+                # closes the connections; a second Ctrl-C cancels them at once
+                delay = 0.0 if self.force_exit else max(0.0, grace - CANCEL_BEFORE_GRACE_S)
+                timer = threading.Timer(delay, pool.cancel_all)
+                timer.daemon = True
+                timer.start()
 
     server = _Server(config)
     sock = _bind(host, port)

@@ -59,18 +59,42 @@ logger = logging.getLogger("deltahub.serve")
 access = logging.getLogger("deltahub.access")
 
 MAX_BODY_BYTES = 8 << 20
+BODY_TIMEOUT_S = 30.0
 
 
 def _error(status: int, message: str, kind: str, param: str | None = None, headers: dict[str, str] | None = None) -> Any:
     from fastapi.responses import JSONResponse
 
-    code = {404: "model_not_found", 401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(status)
+    code = {401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(status)
+    if status == 404 and param == "model":
+        code = "model_not_found"
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
                         status_code=status, headers=headers)
 
 
 def _hinted(exc: Exception) -> str:
     return str(exc)
+
+
+class _BearerAuth:
+    """Pure ASGI middleware: every HTTP route but ``/health`` needs ``Authorization: Bearer KEY``
+    (compared in constant time). Pure ASGI, not Starlette's ``BaseHTTPMiddleware``: streamed
+    responses pass through untouched."""
+
+    def __init__(self, app: Any, key: str) -> None:
+        self.app = app
+        self.key = key.encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("path") != "/health":
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            scheme, _, token = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                response = _error(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                  "authentication_error")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class _Admission:
@@ -98,19 +122,22 @@ def create_app(pool: Any, api_key: str | None = None, max_waiting: int = default
 
     from concurrent.futures import ThreadPoolExecutor
 
-    app = FastAPI(title="deltahub", docs_url=None, redoc_url=None, openapi_url=None)
+    from starlette.exceptions import HTTPException
+
+    app = FastAPI(title="deltahub", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: HttpRequest, exc: HTTPException) -> Any:  # unknown routes, wrong methods
+        what = {404: f"no route {request.url.path}: the routes are /v1/models, /v1/completions, "
+                     "/v1/chat/completions and /health",
+                405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        return _error(exc.status_code, what, "invalid_request_error", headers=getattr(exc, "headers", None))
     admission = _Admission(pool.max_batch + max_waiting)
     loads = ThreadPoolExecutor(max_workers=admission.limit, thread_name_prefix="deltahub-acquire")
     started = int(time.time())
 
-    @app.middleware("http")
-    async def authenticate(request: HttpRequest, call_next: Any) -> Any:
-        if api_key is not None and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-                return _error(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", "authentication_error")
-        return await call_next(request)
+    if api_key is not None:
+        app.add_middleware(_BearerAuth, key=api_key)
 
     @app.get("/health")
     async def health() -> Any:
@@ -132,21 +159,43 @@ def create_app(pool: Any, api_key: str | None = None, max_waiting: int = default
             })
         return {"object": "list", "data": data}
 
+    @app.get("/v1/models/{model:path}")
+    async def one_model(model: str) -> Any:
+        for entry in (await models())["data"]:
+            if entry["id"] == model:
+                return entry
+        listed = ", ".join(name for name, _ in pool.served_models())
+        return _error(404, f"the model {model!r} is not served here (use one of: {listed})", "invalid_request_error",
+                      "model")
+
     async def body_of(request: HttpRequest) -> Any:
         too_big = RequestError(f"the request body is over the limit of {MAX_BODY_BYTES} bytes", "send a shorter prompt",
                                status=413)
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
             raise too_big
-        chunks, size = [], 0
-        async for chunk in request.stream():  # read at most the limit, whatever the header said
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                raise too_big
-            chunks.append(chunk)
+        chunks: list[bytes] = []
+
+        async def read() -> None:
+            size = 0
+            async for chunk in request.stream():  # read at most the limit, whatever the header said
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    raise too_big
+                chunks.append(chunk)
+
+        from starlette.requests import ClientDisconnect
+
+        try:  # a client that sends its body slowly holds an admission slot: not for ever
+            await asyncio.wait_for(read(), timeout=BODY_TIMEOUT_S)
+        except ClientDisconnect:
+            raise RequestError("the client went away before sending its body", status=499) from None
+        except asyncio.TimeoutError:
+            raise RequestError(f"the request body did not arrive within {BODY_TIMEOUT_S:g} s", "send it at once",
+                               status=408) from None
         raw = b"".join(chunks)
         try:
-            return json_loads(raw, strict_unicode=True)
+            return json_loads(raw, strict_unicode=True, unique_keys=True)
         except (JSONInputError, ValueError, UnicodeDecodeError) as exc:
             raise RequestError(f"the request body is not valid JSON: {exc}", "send a JSON object") from None
 

@@ -55,6 +55,8 @@ SERVE_MAX_BATCH = 8
 SERVE_MAX_WAITING = 64
 #: Seconds a client is told to wait after a 429 (``Retry-After``).
 SERVE_RETRY_AFTER = 1
+#: Seconds a request waits for a model in use to be released when the memory budget is full (then 503).
+SERVE_FULL_WAIT_S = 10.0
 #: Seconds SIGTERM leaves requests in flight to finish before they are cancelled.
 SERVE_GRACE_SECONDS = 30.0
 #: A model whose config names no context length.

@@ -174,6 +174,16 @@ def test_memory_budget_evicts_and_reloads_with_identical_results(serve_home, ref
             resident = {m.id for m in client.models.list() if m.resident}
             assert name in resident and len(resident - {"base"}) <= 1, resident
         assert "evicted" in s.log()
+        # concurrent requests over fine-tunes that cannot all be resident: they wait for each other's
+        # models to be released, and every answer is still right
+        jobs = [name for name in ("ft1", "ft2", "ft3", "base") for _ in range(3)]
+
+        def ask(name):
+            return client.completions.create(model=name, prompt="w1 w2 w3", max_tokens=6, temperature=0).choices[0].text
+
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(ask, jobs))
+        assert answers == [reference(name, "w1 w2 w3", 6) for name in jobs]
         with pytest.raises(RuntimeError, match="does not fit in the memory budget"):
             Server(serve_home, "ft1", "--memory-budget", str(sizes["base"] // 2))
     finally:

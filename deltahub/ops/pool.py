@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -147,6 +148,7 @@ class ModelPool:
         max_context: int | None = None,
         verify: bool = True,
         preload: bool = True,
+        full_wait: float = defaults.SERVE_FULL_WAIT_S,
     ) -> None:
         if not names and not serve_all:
             raise InputError("no models to serve", "name stored models, or pass --all")
@@ -161,9 +163,11 @@ class ModelPool:
         self.max_context = max_context
         self.verify = verify
         self.serve_all = serve_all
+        self.full_wait = full_wait
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltahub-store")
         self._ctx: StoreContext | None = None
         self._lock = threading.Lock()  # residents, pins, served
+        self._released = threading.Condition(self._lock)  # notified when a pin is given back
         self._load_lock = threading.Lock()  # one load (or eviction) at a time
         self._residents: OrderedDict[str, _Resident] = OrderedDict()
         self._runtimes: dict[str, BaseRuntime] = {}
@@ -173,6 +177,7 @@ class ModelPool:
         for served in self._store(lambda ctx: self._resolve_all(ctx, list(names), serve_all)):
             self.served[served.name] = served
         if preload:
+            self.full_wait, wait = 0.0, self.full_wait  # at start nothing is in use: never wait
             for name in dict.fromkeys(names):
                 try:
                     self.acquire(name)
@@ -183,6 +188,7 @@ class ModelPool:
                         raise InputError(f"{name!r} does not fit in the memory budget on its own: {exc.message}",
                                          "start the server with a larger --memory-budget") from None
                     logger.warning("%s is not resident at start: the memory budget is full", name)
+            self.full_wait = wait
 
     # ------------------------------------------------------------------ store thread
     def _store(self, fn: Callable[[StoreContext], Any]) -> Any:
@@ -265,15 +271,24 @@ class ModelPool:
             NameNotFoundError: not served. PoolFullError: it does not fit beside the models in use.
         """
         served = self.model(name)
+        deadline = time.monotonic() + self.full_wait
         while True:
             hit = self.try_acquire(name)
             if hit is not None:
                 return hit
-            with self._load_lock:
-                with self._lock:
-                    if self._is_resident(served):
-                        continue
-                self._load(served)
+            try:
+                with self._load_lock:
+                    with self._lock:
+                        if self._is_resident(served):
+                            continue
+                    self._load(served)
+            except PoolFullError:
+                # every resident model is in use: wait for a request to end, then try again
+                with self._released:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise
+                    self._released.wait(min(left, 1.0))
 
     def try_acquire(self, name: str) -> tuple[BaseRuntime, int | str] | None:
         """:meth:`acquire` if ``name`` is resident now (never blocks on a load), else ``None``."""
@@ -296,6 +311,7 @@ class ModelPool:
                 res = self._residents.get(key)
                 if res is not None and res.pins > 0:
                     res.pins -= 1
+            self._released.notify_all()
 
     def _keys(self, served: ServedModel) -> list[str]:
         keys = [f"base:{served.base_id}"]

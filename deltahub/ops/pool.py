@@ -281,6 +281,7 @@ class ModelPool:
                     with self._lock:
                         if self._is_resident(served):
                             continue
+                    served = self._refresh(name, served)
                     self._load(served)
             except PoolFullError:
                 # every resident model is in use: wait for a request to end, then try again
@@ -289,6 +290,19 @@ class ModelPool:
                     if left <= 0:
                         raise
                     self._released.wait(min(left, 1.0))
+
+    def _refresh(self, name: str, served: ServedModel) -> ServedModel:
+        """``served`` as the store has it now (a name re-pointed since, by ``compress --force`` or
+        ``pull --force``, serves the new model once its old one is out of memory). Holds
+        ``_load_lock``; ``served`` is not resident, so no request holds its pins."""
+        fresh = self._store(lambda ctx: self._resolve(ctx, served.name))
+        if fresh.manifest_id != served.manifest_id:
+            logger.info("%s now names another stored model (%s): serving that", served.name, fresh.manifest_id[:12])
+            with self._lock:
+                for key, value in list(self.served.items()):
+                    if value is served:
+                        self.served[key] = fresh
+        return fresh
 
     def try_acquire(self, name: str) -> tuple[BaseRuntime, int | str] | None:
         """:meth:`acquire` if ``name`` is resident now (never blocks on a load), else ``None``."""

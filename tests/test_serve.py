@@ -293,8 +293,9 @@ def test_pull_on_demand_serves_a_hub_delta(serve_home, reference, tmp_path, hub_
         text = client.completions.create(model=repo, prompt="w1 w2 w3", max_tokens=6, temperature=0).choices[0].text
         assert text == reference("ft2", "w1 w2 w3", 6)
         assert repo in {m.id for m in client.models.list()}
-        with pytest.raises(openai.NotFoundError):
-            client.completions.create(model=f"{FAKE_USER}/missing", prompt="w1", max_tokens=2)
+        for hostile in (f"{FAKE_USER}/missing", "../../etc/passwd", "a" * 300):
+            with pytest.raises(openai.NotFoundError):
+                client.completions.create(model=hostile, prompt="w1", max_tokens=2)
     finally:
         assert s.stop() == 0, s.log()
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from deltahub import defaults
-from deltahub.errors import CapacityError, DeltaHubError, InputError, NameNotFoundError
+from deltahub.errors import CapacityError, DeltaHubError, InputError, InvalidNameError, NameNotFoundError
 from deltahub.fileio import human_bytes
 from deltahub.formats.manifest import ModelKind
 from deltahub.formats.safetensors_io import dtype_from_name
@@ -227,7 +227,8 @@ class ModelPool:
             return hit
         found = self._store(lambda ctx: self._find(ctx, name))
         if found is None:
-            listed = ", ".join(sorted(self.served)) or "none"
+            with self._lock:
+                listed = ", ".join(sorted(self.served)) or "none"
             raise NameNotFoundError(
                 f"the model {name!r} is not served here",
                 f"use one of: {listed}" + ("" if self.pull else " (or start the server with --pull)"),
@@ -249,7 +250,10 @@ class ModelPool:
         from deltahub.ops.pull import pull
 
         logger.info("pulling %s from the Hub", name)
-        result = pull(ctx, name)
+        try:
+            result = pull(ctx, name)
+        except (InputError, InvalidNameError):  # not a Hub repo id at all: simply not served
+            return None
         return self._resolve(ctx, result.name)
 
     # ------------------------------------------------------------------ residents

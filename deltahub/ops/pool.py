@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -52,6 +53,10 @@ from deltahub.runtime.multi_tenant import (
 __all__ = ["BaseRuntime", "ModelPool", "PoolFullError", "ServedModel"]
 
 logger = logging.getLogger(__name__)
+
+
+_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}(?:@[\w./-]{1,255})?$", re.ASCII)
+"""What ``--pull`` takes for a Hub repo id (``NAME`` or ``NAMESPACE/NAME``, optionally ``@REVISION``)."""
 
 
 class PoolFullError(CapacityError):
@@ -249,6 +254,8 @@ class ModelPool:
             return None
         from deltahub.ops.pull import pull
 
+        if ".." in name or not _REPO_ID.match(name):  # not a Hub repo id at all: simply not served
+            return None
         logger.info("pulling %s from the Hub", name)
         try:
             result = pull(ctx, name)

@@ -450,3 +450,20 @@ def run_child(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | Non
 def python_child(code: str, *argv: str) -> list[str]:
     """``[python, -c, code, *argv]`` with the interpreter running this script."""
     return [sys.executable, "-c", code, *argv]
+
+
+def write_noisy_finetune(base_dir: Path, out_dir: Path, seed: int, noise: float) -> Path:
+    """``out_dir``: ``base_dir``'s files with ``model.safetensors`` replaced by the base plus
+    N(0, noise²) on every tensor (generator seeded with ``seed``): a synthetic full fine-tune."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shutil.copytree(base_dir, out_dir, ignore=shutil.ignore_patterns("*.safetensors"))
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    with safe_open(str(base_dir / "model.safetensors"), framework="pt") as f:
+        for name in f.keys():
+            t = f.get_tensor(name)
+            tensors[name] = (t.float() + torch.randn(t.shape, generator=gen) * noise).to(t.dtype)
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    return out_dir

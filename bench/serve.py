@@ -45,6 +45,7 @@ from bench.common import (  # noqa: E402
     log,
     print_table,
     scratch_dir,
+    write_noisy_finetune,
     write_results,
 )
 
@@ -64,8 +65,6 @@ def _tokenizer(path: Path, vocab: int) -> None:
 
 def build_store(home: Path, work: Path, args: argparse.Namespace) -> dict:
     import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import deltahub
@@ -84,16 +83,7 @@ def build_store(home: Path, work: Path, args: argparse.Namespace) -> dict:
     with deltahub.Store(home) as store:
         store.add(base_dir, name="base")
         for i in range(args.models):
-            ft_dir = work / f"ft{i}"
-            shutil.copytree(base_dir, ft_dir, ignore=shutil.ignore_patterns("*.safetensors"))
-            gen = torch.Generator().manual_seed(1000 + i)
-            tensors = {}
-            with safe_open(str(base_dir / "model.safetensors"), framework="pt") as f:
-                for name in f.keys():
-                    t = f.get_tensor(name)
-                    tensors[name] = (t.float() + torch.randn(t.shape, generator=gen) * args.noise).to(t.dtype)
-            save_file(tensors, str(ft_dir / "model.safetensors"), metadata={"format": "pt"})
-            del tensors
+            ft_dir = write_noisy_finetune(base_dir, work / f"ft{i}", 1000 + i, args.noise)
             res = store.compress(ft_dir, base="base", name=f"ft{i}")
             store.add(ft_dir, name=f"full{i}")
             shutil.rmtree(ft_dir)

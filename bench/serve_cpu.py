@@ -45,6 +45,7 @@ from bench.common import (  # noqa: E402
     run_child,
     scratch_dir,
     setup_torch,
+    write_noisy_finetune,
     write_results,
 )
 
@@ -121,8 +122,6 @@ print(json.dumps(out))
 def build_store(home: Path, work: Path, args: argparse.Namespace) -> dict:
     """A random SmolLM2-layout base and ``max(n)`` noisy fine-tunes, stored (checkpoints deleted)."""
     import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import deltahub
@@ -142,17 +141,7 @@ def build_store(home: Path, work: Path, args: argparse.Namespace) -> dict:
     with deltahub.Store(home) as store:
         store.add(base_dir, name="base")
         for i in range(max(args.n)):
-            ft_dir = work / f"ft{i}"
-            ft_dir.mkdir()
-            shutil.copy(base_dir / "config.json", ft_dir / "config.json")
-            gen = torch.Generator().manual_seed(1000 + i)
-            tensors = {}
-            with safe_open(str(base_dir / "model.safetensors"), framework="pt") as f:
-                for name in f.keys():
-                    t = f.get_tensor(name)
-                    tensors[name] = (t.float() + torch.randn(t.shape, generator=gen) * args.noise).to(t.dtype)
-            save_file(tensors, str(ft_dir / "model.safetensors"), metadata={"format": "pt"})
-            del tensors
+            ft_dir = write_noisy_finetune(base_dir, work / f"ft{i}", 1000 + i, args.noise)
             res = store.compress(ft_dir, base="base", name=f"ft{i}")
             shutil.rmtree(ft_dir)
             log(f"fine-tune ft{i}: delta {fmt_bytes(res.stored_bytes)} ({res.ratio:.1f}x smaller than fp16)")

@@ -23,6 +23,7 @@ import click
 
 from deltahub import api
 from deltahub.errors import (
+    CapacityError,
     CodecError,
     CorruptObjectError,
     DanglingNameError,
@@ -34,7 +35,6 @@ from deltahub.errors import (
     HubNotFoundError,
     IncompatibleBaseError,
     InputError,
-    CapacityError,
     InUseError,
     InvalidNameError,
     InvalidSizeError,
@@ -193,14 +193,19 @@ def _store(ctx: click.Context) -> api.Store:
     return obj["store"]
 
 
-def _max_size(value: str | None) -> int | None:
-    """``--max-size`` in bytes (``40MB``, ``1.5GiB``, ``123456``), or None."""
+def _size(value: str | None, option: str) -> int | None:
+    """A size option in bytes (``40MB``, ``1.5GiB``, ``123456``), or None; a bad one is a usage error."""
     if value is None:
         return None
     try:
         return api.parse_size(value)
     except InvalidSizeError as exc:
-        raise click.BadParameter(str(exc), param_hint="--max-size") from None
+        raise click.BadParameter(str(exc), param_hint=option) from None
+
+
+def _max_size(value: str | None) -> int | None:
+    """``--max-size`` in bytes, or None."""
+    return _size(value, "--max-size")
 
 
 def _shard_size(value: str) -> int:
@@ -957,15 +962,6 @@ def generate(
     _emit({"results": [r.to_json() for r in results]}, as_json, text)
 
 
-def _budget(value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        return api.parse_size(value)
-    except InvalidSizeError as exc:
-        raise click.BadParameter(str(exc), param_hint="--memory-budget") from None
-
-
 @cli.command()
 @click.argument("names", nargs=-1)
 @click.option("--all", "serve_all", is_flag=True, help="Serve every stored model (loaded on first request).")
@@ -1027,7 +1023,7 @@ def serve(
     if api_key is not None and not api_key.strip():
         raise click.BadParameter("is empty: give a key, or leave --api-key out", param_hint="--api-key")
     api.serve(list(names), serve_all=serve_all, home=ctx.find_root().obj.get("home"), host=host, port=port,
-              device=device, dtype=dtype, max_batch=max_batch, memory_budget=_budget(memory_budget), api_key=api_key,
+              device=device, dtype=dtype, max_batch=max_batch, memory_budget=_size(memory_budget, "--memory-budget"), api_key=api_key,
               pull=pull, max_context=max_context, max_waiting=max_waiting, grace=grace, json_logs=json_logs)
 
 

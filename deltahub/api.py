@@ -407,21 +407,38 @@ def serve(
     ``names`` (fine-tunes or bases; ``serve_all``: every stored name) are loaded at start while they
     fit ``memory_budget`` (bytes of resident bases and deltas, or ``"4GB"``); others load on demand
     and the least recently used are evicted. ``device="auto"``: CUDA when available."""
+    import math
+
     import torch
 
     from deltahub.ops.pool import ModelPool
-    from deltahub.serve import configure_logging, run
+    from deltahub.serve import bind, configure_logging, run
 
-    configure_logging(json_logs)
+    if not (isinstance(grace, int | float) and math.isfinite(grace) and 0 <= grace <= defaults.SERVE_MAX_GRACE_SECONDS):
+        raise InputError(f"the grace period must be 0 to {defaults.SERVE_MAX_GRACE_SECONDS:g} seconds, got {grace!r}",
+                         "pass --grace SECONDS")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    budget = _size_arg(memory_budget)
-    pool = ModelPool(home, names, serve_all=serve_all, device=device, dtype=dtype, max_batch=max_batch,
-                     memory_budget=budget, pull=pull, max_context=max_context)
     try:
-        run(pool, host=host, port=port, api_key=api_key, grace=grace, max_waiting=max_waiting)
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError, TypeError):
+        raise InputError(f"unknown device {device!r}", "use auto, cpu, cuda or cuda:N") from None
+    if kind not in ("cpu", "cuda"):
+        raise InputError(f"deltahub serve runs on the CPU or CUDA, not {kind!r}", "use auto, cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise InputError("CUDA is not available here (no GPU, or a CPU-only torch)", "use --device cpu or auto")
+    budget = _size_arg(memory_budget)
+    configure_logging(json_logs)
+    sock = bind(host, port)  # before the models load: a port in use fails at once
+    try:
+        pool = ModelPool(home, names, serve_all=serve_all, device=device, dtype=dtype, max_batch=max_batch,
+                         memory_budget=budget, pull=pull, max_context=max_context)
+        try:
+            run(pool, sock, api_key=api_key, grace=grace, max_waiting=max_waiting)
+        finally:
+            pool.close(cancel=True, timeout=grace)
     finally:
-        pool.close(cancel=True, timeout=grace)
+        sock.close()
 
 
 def load_model(

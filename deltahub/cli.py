@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -986,7 +987,7 @@ def generate(
               help="Require 'Authorization: Bearer KEY' on every route but /health (or set DELTAHUB_API_KEY).")
 @click.option("--pull", "pull", is_flag=True,
               help="A requested model the store lacks is pulled from the Hub (the model is the repo id).")
-@click.option("--grace", type=click.FloatRange(min=0), default=defaults.SERVE_GRACE_SECONDS, show_default=True,
+@click.option("--grace", type=click.FloatRange(min=0, max=defaults.SERVE_MAX_GRACE_SECONDS), default=defaults.SERVE_GRACE_SECONDS, show_default=True,
               help="Seconds SIGTERM/Ctrl-C leaves requests in flight to finish before cancelling them.")
 @click.option("--json-logs", is_flag=True, help="Log JSON lines on stderr (startup, one line per request).")
 @click.pass_context
@@ -1020,8 +1021,12 @@ def serve(
     """
     if not names and not serve_all:
         raise click.UsageError("name the models to serve, or pass --all")
+    if api_key is None and os.environ.get("DELTAHUB_API_KEY") == "":
+        raise click.UsageError("DELTAHUB_API_KEY is set but empty: give a key, or unset it")
     if api_key is not None and not api_key.strip():
         raise click.BadParameter("is empty: give a key, or leave --api-key out", param_hint="--api-key")
+    if api_key is not None and not (api_key.isascii() and api_key.isprintable()):
+        raise click.BadParameter("must be printable ASCII (HTTP headers carry nothing else)", param_hint="--api-key")
     api.serve(list(names), serve_all=serve_all, home=ctx.find_root().obj.get("home"), host=host, port=port,
               device=device, dtype=dtype, max_batch=max_batch, memory_budget=_size(memory_budget, "--memory-budget"), api_key=api_key,
               pull=pull, max_context=max_context, max_waiting=max_waiting, grace=grace, json_logs=json_logs)

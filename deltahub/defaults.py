@@ -59,6 +59,7 @@ SERVE_RETRY_AFTER = 1
 SERVE_FULL_WAIT_S = 10.0
 #: Seconds SIGTERM leaves requests in flight to finish before they are cancelled.
 SERVE_GRACE_SECONDS = 30.0
+SERVE_MAX_GRACE_SECONDS = 86400.0  # a day: longer is a mistake (and overflows timers)
 #: A model whose config names no context length.
 SERVE_DEFAULT_CONTEXT = 2048
 #: ``max_tokens`` when a request gives none: completions (OpenAI's default) and chat (capped by the context).

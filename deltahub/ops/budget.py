@@ -295,7 +295,7 @@ def measure_finetune(
     from deltahub.calibrate.data import load_samples
     from deltahub.calibrate.sensitivity import NonFiniteOutputError, measure_roles, measure_sensitivity, role_of
     from deltahub.formats.checkpoint import open_checkpoint
-    from deltahub.ops.load import load_tokenizer, model_class
+    from deltahub.ops.load import context_length, load_tokenizer, model_class
 
     _check_device(options.device)
     try:
@@ -306,8 +306,7 @@ def measure_finetune(
         tokenizer = load_tokenizer(ctx, base_name)
     ckpt = open_checkpoint(src)
     seq_len = options.seq_len
-    context = max((int(v) for k in ("max_position_embeddings", "n_positions")
-                   if isinstance(v := ckpt.config.get(k), int) and not isinstance(v, bool) and v > 1), default=None)
+    context = context_length(ckpt.config)
     if context is not None and seq_len > context:
         logger.info("--calib-seq-len %d is longer than the model's context (%d): using %d", seq_len, context, context)
         seq_len = context

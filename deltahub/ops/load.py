@@ -6,6 +6,7 @@ import enum
 import json
 import logging
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,15 @@ def load_tokenizer(ctx: StoreContext, name: str) -> Any:
     """The tokenizer stored with ``name`` (files written to a temporary folder, then loaded)."""
     with ctx.reading():
         return tokenizer_of(ModelSource.open(ctx, name), name)
+
+
+def context_length(config: Mapping[str, Any]) -> int | None:
+    """The longest sequence a model's ``config.json`` says it takes, or ``None`` if it names none."""
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 1:
+            return value
+    return None
 
 
 def tokenizer_of(source: ModelSource, name: str) -> Any:

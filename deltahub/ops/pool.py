@@ -33,14 +33,21 @@ from typing import Any
 import torch
 
 from deltahub import defaults
-from deltahub.errors import CapacityError, DeltaHubError, InputError, InvalidNameError, NameNotFoundError
+from deltahub.errors import (
+    CapacityError,
+    DeltaHubError,
+    InputError,
+    InvalidNameError,
+    NameNotFoundError,
+)
 from deltahub.fileio import human_bytes
 from deltahub.formats.manifest import ModelKind
 from deltahub.formats.safetensors_io import dtype_from_name
-from deltahub.ops.context import Resolved, StoreContext
-from deltahub.ops.load import TOKENIZER_FILES, materialized_model, tokenizer_of
+from deltahub.ops.context import StoreContext
+from deltahub.ops.load import TOKENIZER_FILES, context_length, tokenizer_of
 from deltahub.ops.materialize import parse_output_dtype
 from deltahub.ops.reconstruct import ModelSource
+from deltahub.ops.serve import load_base_model, tenant_changes
 from deltahub.runtime import choose_backend
 from deltahub.runtime.batching import BatchEngine, EngineThread
 from deltahub.runtime.multi_tenant import (
@@ -119,14 +126,6 @@ def _change_bytes(changes: dict[str, TensorChange]) -> int:
     return total
 
 
-def _context_of(config: Any) -> int:
-    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return defaults.SERVE_DEFAULT_CONTEXT
-
-
 class ModelPool:
     """The stored models a server answers to, loaded on demand under a memory budget.
 
@@ -178,7 +177,6 @@ class ModelPool:
         self._runtimes: dict[str, BaseRuntime] = {}
         self._deltas: dict[str, list[str]] = {}  # base id -> resident delta names, in tenant order
         self.served: dict[str, ServedModel] = {}
-        self.on_resident: Callable[[str, int], None] | None = None
         for served in self._store(lambda ctx: self._resolve_all(ctx, list(names), serve_all)):
             self.served[served.name] = served
         if preload:
@@ -417,8 +415,6 @@ class ModelPool:
 
     def _announce(self, name: str, nbytes: int) -> None:
         logger.info("resident: %s (%s in memory)", name, human_bytes(nbytes))
-        if self.on_resident is not None:
-            self.on_resident(name, nbytes)
 
     def _make_room(self, nbytes: int, keep: set[str]) -> None:
         """Evict unpinned residents, least recently used first, until ``nbytes`` more fit."""
@@ -492,18 +488,14 @@ class ModelPool:
         with ctx.reading():
             r = ctx.resolve(served.name)
             base_manifest = ctx.base_of(r.manifest)[1] if served.parent is not None else r.manifest
-            base_names = ctx.index.names_of(served.base_id)
-            label = base_names[0] if base_names else served.base_id[:12]
-            resolved = Resolved(label, served.base_id, base_manifest)
-            source = ModelSource(ctx, resolved, None, self.verify)
-            dtype = self.dtype or source.default_dtype()
-            model = materialized_model(source, label, dtype)
-            tokenizer = tokenizer_of(source, label) if any(f in resolved.manifest.files for f in TOKENIZER_FILES) else None
+            model, source, base_names = load_base_model(ctx, served.base_id, base_manifest, self.dtype, self.verify)
+            label = source.resolved.name
+            tokenizer = tokenizer_of(source, label) if any(f in base_manifest.files for f in TOKENIZER_FILES) else None
         model.to(self.device)
         choose_backend(self.device)
         nbytes = _tensor_bytes(model)
         tenants = TenantModel(model, TenantState(0), [])
-        context = _context_of(model.config)
+        context = context_length(model.config.to_dict()) or defaults.SERVE_DEFAULT_CONTEXT
         if self.max_context is not None:
             context = min(context, self.max_context)
         engine = BatchEngine(tenants, max_batch=self.max_batch, context=context)
@@ -539,8 +531,6 @@ class ModelPool:
         return self._store(read)
 
     def _read_delta(self, ctx: StoreContext, served: ServedModel) -> tuple[dict[str, TensorChange], Any]:
-        from deltahub.ops.serve import _changes
-
         with ctx.reading():
             r = ctx.resolve(served.name)
             if r.manifest_id != served.manifest_id:
@@ -549,7 +539,7 @@ class ModelPool:
                     "restart the server to serve the new one",
                 )
             _, base_manifest = ctx.base_of(r.manifest)
-            changes = _changes(ctx, r, base_manifest, self.verify)
+            changes = tenant_changes(ctx, r, base_manifest, self.verify)
             tokenizer = tokenizer_of(ModelSource(ctx, r, base_manifest, self.verify), served.name) if served.has_tokenizer else None
         for ch in changes.values():
             if ch.op is not None:
@@ -561,11 +551,6 @@ class ModelPool:
         """Served model ``name``'s own tokenizer (its stored files), else its base's."""
         served = self.served.get(name)
         return runtime.tokenizers.get(served.name if served else name) or runtime.tokenizer
-
-    def in_flight(self) -> int:
-        with self._lock:
-            runtimes = list(self._runtimes.values())
-        return sum(r.thread.in_flight for r in runtimes)
 
     def cancel_all(self) -> None:
         """Cancel every request in flight or waiting, in every engine (they end with

@@ -239,12 +239,9 @@ def _load_multi_tenant(
             resolved.append(r)
     assert base is not None
     base_id, base_manifest = base
-    base_names = _names_of(ctx, base_id)
-    label = base_names[0] if base_names else base_id[:12]
-    base_source = ModelSource(ctx, Resolved(label, base_id, base_manifest), None, verify)
-    out_dtype = out_dtype or base_source.default_dtype()
-    model = materialized_model(base_source, label, out_dtype)
-    changes = [_changes(ctx, r, base_manifest, verify) for r in resolved]
+    model, base_source, base_names = load_base_model(ctx, base_id, base_manifest, out_dtype, verify)
+    label = base_source.resolved.name
+    changes = [tenant_changes(ctx, r, base_manifest, verify) for r in resolved]
     try:
         state = install_tenants(model, changes)
     except TenantError as exc:
@@ -261,7 +258,18 @@ def _load_multi_tenant(
     return MultiTenantModel(TenantModel(model, state, [r.name for r in resolved]), tokenizer, base_id, base_names)
 
 
-def _changes(ctx: StoreContext, r: Resolved, base_manifest: Any, verify: bool) -> dict[str, TensorChange]:
+def load_base_model(
+    ctx: StoreContext, base_id: str, base_manifest: Any, dtype: torch.dtype | None, verify: bool
+) -> tuple[Any, ModelSource, list[str]]:
+    """The base ``base_id`` as a transformers model (in ``dtype``, else its own), its source (named
+    after its first store name) and its store names. The caller holds ``ctx.reading()``."""
+    base_names = _names_of(ctx, base_id)
+    label = base_names[0] if base_names else base_id[:12]
+    source = ModelSource(ctx, Resolved(label, base_id, base_manifest), None, verify)
+    return materialized_model(source, label, dtype or source.default_dtype()), source, base_names
+
+
+def tenant_changes(ctx: StoreContext, r: Resolved, base_manifest: Any, verify: bool) -> dict[str, TensorChange]:
     """The tensors of delta ``r`` that differ from its base: a codec's operator (packed signs stay
     packed), or the tenant's own tensor for codecs without one (``dense``)."""
     out: dict[str, TensorChange] = {}

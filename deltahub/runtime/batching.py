@@ -311,12 +311,6 @@ class EngineThread:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    @property
-    def in_flight(self) -> int:
-        """Requests decoding or waiting in the engine."""
-        with self._wake:
-            return len(self._done)
-
     def submit(self, request: Request) -> Any:
         """Queue ``request`` (checked first: :class:`BatchError`); returns a ``threading.Event`` set
         when it has finished."""

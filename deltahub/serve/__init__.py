@@ -50,7 +50,7 @@ def configure_logging(json_logs: bool) -> None:
         log.propagate = False
 
 
-def _bind(host: str, port: int) -> Any:
+def bind(host: str, port: int) -> Any:
     """A listening socket on ``host:port`` (``port`` 0: any free port), or a clear error."""
     import socket
 
@@ -76,13 +76,14 @@ def _bind(host: str, port: int) -> Any:
 
 def run(
     pool: Any,
-    host: str = defaults.SERVE_HOST,
-    port: int = defaults.SERVE_PORT,
+    sock: Any,
     api_key: str | None = None,
     grace: float = defaults.SERVE_GRACE_SECONDS,
     max_waiting: int = defaults.SERVE_MAX_WAITING,
 ) -> None:
-    """Serve ``pool`` on ``host:port`` until SIGINT/SIGTERM (then drain for ``grace`` seconds)."""
+    """Serve ``pool`` on the listening socket ``sock`` (from :func:`bind`, taken before the models
+    load, so a port in use fails at once) until SIGINT/SIGTERM, then drain for ``grace`` seconds.
+    The caller closes the pool."""
     import uvicorn
 
     from deltahub.serve.app import create_app
@@ -91,7 +92,7 @@ def run(
     # connections beyond this get 503 from uvicorn before anything is read (the app's own admission
     # answers 429 well below it; /health and /v1/models need some room beside the requests)
     limit = 2 * (pool.max_batch + max_waiting) + 32
-    config = uvicorn.Config(app, host=host, port=port, access_log=False, log_config=None,
+    config = uvicorn.Config(app, access_log=False, log_config=None,
                             timeout_graceful_shutdown=grace, lifespan="off", limit_concurrency=limit)
     class _Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
@@ -108,12 +109,8 @@ def run(
                 timer.start()
 
     server = _Server(config)
-    sock = _bind(host, port)
+    host, port = sock.getsockname()[:2]
     logging.getLogger("deltahub.serve").info(
-        "serving %d model(s) on http://%s:%d/v1%s", len(pool.served), host, sock.getsockname()[1],
+        "serving %d model(s) on http://%s:%d/v1%s", len(pool.served), f"[{host}]" if ":" in host else host, port,
         " (API key required)" if api_key else "")
-    try:
-        server.run(sockets=[sock])
-    finally:
-        pool.close(cancel=True, timeout=grace)
-        logging.getLogger("deltahub.serve").info("stopped")
+    server.run(sockets=[sock])

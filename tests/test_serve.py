@@ -153,6 +153,11 @@ def test_errors_are_clear_and_the_server_keeps_serving(server):
     assert client.models.retrieve("ft2").parent == "base"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("nope")
+    forged = httpx.post(server.url + "/v1/completions", json={"model": "x\n00:00:00 deltahub.access: FORGED", "prompt": "w1"},
+                        timeout=10)
+    assert forged.status_code == 404
+    assert not any(line.startswith("00:00:00 deltahub.access: FORGED") for line in server.log().splitlines())
+    assert httpx.post(server.url + "/v1/completions", json={"model": "m" * 10000, "prompt": "w1"}, timeout=10).status_code == 404
     huge = httpx.post(server.url + "/v1/completions", content=b" " * (9 << 20), timeout=30)
     assert huge.status_code == 413 and "limit" in huge.json()["error"]["message"]
     with pytest.raises(openai.BadRequestError, match="logprobs"):
@@ -199,6 +204,24 @@ def test_full_queue_429_disconnect_frees_the_slot_api_key_and_sigterm_drains(ser
         with pytest.raises(openai.AuthenticationError):
             s.client("wrong").completions.create(model="ft1", prompt="w1", max_tokens=2)
         client = s.client("sekret")
+        # a client still sending its body holds no request slot
+        import socket
+
+        slow = socket.create_connection(s.url.removeprefix("http://").split(":")[0:1] + [int(s.url.rsplit(":", 1)[1])])
+        slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sekret\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\":")
+        time.sleep(0.3)
+        assert client.completions.create(model="ft1", prompt="w1", max_tokens=2, temperature=0).choices[0].text
+        slow.close()
+        # a non-streamed request whose client gives up is cancelled while its tokens still flow
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(s.url + "/v1/completions", headers={"Authorization": "Bearer sekret"},
+                       json={"model": "ft1", "prompt": "w1", "max_tokens": 1000, "temperature": 0}, timeout=0.3)
+        deadline = time.monotonic() + 10
+        while httpx.get(s.url + "/health", timeout=10).json()["in_flight"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(s.url + "/health", timeout=10).json()["in_flight"] == 0
+        assert "out=1000" not in s.log()
         # one long stream holds the only slot: another request gets 429 with Retry-After
         stream = client.completions.create(model="ft1", prompt="w1", max_tokens=1000, temperature=0, stream=True)
         next(iter(stream))
@@ -275,6 +298,17 @@ def test_cli_refuses_bad_arguments(serve_home):
     assert r.returncode != 0 and "nope" in r.stderr and "Traceback" not in r.stderr
     r = run("ft1", "--memory-budget", "lots")
     assert r.returncode == 2 and "--memory-budget" in r.stderr
+    for args, needle in ((("--grace", "inf"), "--grace"), (("--grace", "nan"), "grace"), (("--device", "tpu"), "unknown device"),
+                         (("--api-key", "ключ"), "ASCII")):
+        r = run("ft1", *args)
+        assert r.returncode not in (0, 70) and needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        r = run("ft1", "--port", str(taken.getsockname()[1]))
+    assert r.returncode == 5 and "cannot listen" in r.stderr and "resident" not in r.stderr  # before any model loads
 
 
 def test_pull_on_demand_serves_a_hub_delta(serve_home, reference, tmp_path, hub_server):

@@ -59,7 +59,8 @@ logger = logging.getLogger("deltahub.serve")
 access = logging.getLogger("deltahub.access")
 
 MAX_BODY_BYTES = 8 << 20
-BODY_TIMEOUT_S = 30.0
+BODY_TIMEOUT_S = 10.0
+DISCONNECT_CHECK_S = 0.25  # how often a request checks that its client is still there
 
 
 def _error(status: int, message: str, kind: str, param: str | None = None, headers: dict[str, str] | None = None) -> Any:
@@ -72,8 +73,14 @@ def _error(status: int, message: str, kind: str, param: str | None = None, heade
                         status_code=status, headers=headers)
 
 
-def _hinted(exc: Exception) -> str:
-    return str(exc)
+MAX_LOGGED = 200  # characters of a client's string in a log line
+
+
+def _loggable(text: str) -> str:
+    """A client's string for a text log line: escaped (no newline or terminal escape can forge a
+    line) and cut to :data:`MAX_LOGGED` characters."""
+    out = text.encode("unicode_escape").decode("ascii")
+    return out if len(out) <= MAX_LOGGED else out[:MAX_LOGGED] + "..."
 
 
 class _BearerAuth:
@@ -133,6 +140,7 @@ def create_app(pool: Any, api_key: str | None = None, max_waiting: int = default
                 405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
         return _error(exc.status_code, what, "invalid_request_error", headers=getattr(exc, "headers", None))
     admission = _Admission(pool.max_batch + max_waiting)
+    receiving = _Admission(2 * admission.limit)  # request bodies still arriving
     loads = ThreadPoolExecutor(max_workers=admission.limit, thread_name_prefix="deltahub-acquire")
     started = int(time.time())
 
@@ -219,21 +227,30 @@ def create_app(pool: Any, api_key: str | None = None, max_waiting: int = default
 
         def refuse(status: int, message: str, kind: str, param: str | None = None,
                    headers: dict[str, str] | None = None) -> Any:
-            access.info("%s %s %d error=%s", "chat" if chat else "completion", name, status, message,
-                        extra={"event": "request", "model": name, "status": status,
+            access.info("%s %s %d error=%s", "chat" if chat else "completion", _loggable(name), status,
+                        _loggable(message), extra={"event": "request", "model": name[:MAX_LOGGED], "status": status,
                                "endpoint": "chat" if chat else "completion", "total_s": round(time.perf_counter() - t0, 4),
                                "error": message})
             return _error(status, message, kind, param, headers)
 
-        if not admission.enter():  # before reading anything: a full server costs nothing more
+        # the body first, under its own (larger) limit: slow senders hold no request slot
+        if not receiving.enter():
+            return refuse(429, f"the server is full ({receiving.limit} request bodies arriving)", "rate_limit_error",
+                          headers={"Retry-After": str(defaults.SERVE_RETRY_AFTER)})
+        try:
+            body = await body_of(request)
+            params = parse_chat(body) if chat else parse_completion(body)
+        except RequestError as exc:
+            return refuse(exc.status, str(exc), "invalid_request_error", exc.param)
+        finally:
+            receiving.leave()
+        name = params.model
+        if not admission.enter():
             return refuse(429, f"the server is full ({admission.limit} requests in flight or waiting)",
                           "rate_limit_error", headers={"Retry-After": str(defaults.SERVE_RETRY_AFTER)})
         entered, pinned, submitted = True, False, False
         try:
             try:
-                body = await body_of(request)
-                params = parse_chat(body) if chat else parse_completion(body)
-                name = params.model
                 await run_in_threadpool(pool.model, params.model)
                 runtime, tenant = await acquire(params.model)
                 pinned = True
@@ -271,6 +288,8 @@ def create_app(pool: Any, api_key: str | None = None, max_waiting: int = default
                 return StreamingResponse(job.sse(request), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             result = await job.collect(request)
+            if job.status == 499:  # the client is gone: nobody reads this
+                return _error(499, "the client disconnected", "invalid_request_error")
             if job.finish_reason == "error":
                 return _error(500, "the engine failed on this request (see the server log)", "server_error")
             if job.finish_reason == "abort":
@@ -393,15 +412,19 @@ class _Job:
         """``("text", piece)`` as pieces become final, then ``("done", reason)``; cancels on disconnect."""
         stream = TextStream(self.tokenizer, self.params.stop) if self.tokenizer is not None else None
         self.tokens: list[int] = []
+        next_check = time.monotonic() + DISCONNECT_CHECK_S
         while True:
             try:
-                kind, value = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+                kind, value = await asyncio.wait_for(self.queue.get(), timeout=DISCONNECT_CHECK_S)
             except asyncio.TimeoutError:
+                kind, value = "", None
+            if time.monotonic() >= next_check:  # whether or not tokens flow: a client gone is cancelled
+                next_check = time.monotonic() + DISCONNECT_CHECK_S
                 if await request.is_disconnected():
                     self.cancel()
                     self.status = 499
-                    raise asyncio.CancelledError from None
-                continue
+                    yield ("gone", None)
+                    return
             if kind == "token":
                 if self.first_token is None:
                     self.first_token = time.perf_counter()
@@ -450,10 +473,12 @@ class _Job:
             async for kind, value in self._events(request):
                 if kind == "text":
                     pieces.append(value)
+            if self.status == 200 and self.finish_reason in ("error", "abort"):  # what the client is answered
+                self.status = 500 if self.finish_reason == "error" else 503
         finally:
             self.cancel_if_unfinished()
             self._log()
-        if self.finish_reason == "error":
+        if self.finish_reason == "error" or self.status == 499:
             return None
         out = self._envelope([self._choice("".join(pieces), self.finish_reason, delta=False)], chunk=False)
         out["usage"] = self._usage()
@@ -469,6 +494,8 @@ class _Job:
                 first["delta"] = {"role": "assistant", "content": ""}
                 yield event(self._envelope([first], chunk=True))
             async for kind, value in self._events(request):
+                if kind == "gone":
+                    return
                 if kind == "text" and value:
                     yield event(self._envelope([self._choice(value, None, delta=True)], chunk=True))
                 elif kind == "done":
@@ -496,7 +523,7 @@ class _Job:
         ttft = None if self.first_token is None else self.first_token - self.t0
         access.info(
             "%s %s %d in=%d out=%d ttft=%s total=%.3fs finish=%s",
-            "chat" if self.chat else "completion", self.params.model, self.status, len(self.prompt_ids),
+            "chat" if self.chat else "completion", _loggable(self.params.model), self.status, len(self.prompt_ids),
             len(getattr(self, "tokens", [])), "-" if ttft is None else f"{ttft:.3f}s", now - self.t0, self.finish_reason,
             extra={"event": "request", "model": self.params.model, "status": self.status, "endpoint": "chat" if self.chat else "completion",
                    "tokens_in": len(self.prompt_ids), "tokens_out": len(getattr(self, "tokens", [])),

@@ -18,6 +18,7 @@ __all__ = ["MAX_STOP", "GenerationParams", "RequestError", "parse_chat", "parse_
 MAX_STOP = 4  # stop sequences per request (as OpenAI)
 MAX_STOP_CHARS = 256  # characters per stop sequence (each is matched against the text at every token)
 MAX_SEED = 2**63 - 1
+MAX_MODEL_CHARS = 256  # longer than any store name or Hub repo id (with its revision)
 
 
 class RequestError(HintedError, ValueError):
@@ -77,6 +78,9 @@ def _common(body: Any, endpoint: str) -> GenerationParams:
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object", f"see the OpenAI {endpoint} API")
     model = body.get("model")
+    if isinstance(model, str) and len(model) > MAX_MODEL_CHARS:
+        raise RequestError(f"'model' is {len(model)} characters long; stored names and Hub repo ids are shorter",
+                           "GET /v1/models lists the names served", param="model", status=404)
     if not isinstance(model, str) or not model:
         raise RequestError("'model' is required: the stored name of a fine-tune or base",
                            "GET /v1/models lists the names served", param="model")

@@ -74,3 +74,44 @@ def test_request_bodies_are_checked_field_by_field():
         parse_chat({"model": "m", "messages": [{"role": "wizard", "content": "x"}]})
     with pytest.raises(RequestError, match="JSON object"):
         parse_completion([1, 2])
+
+
+class _Present:
+    """A client that never goes away (``is_disconnected`` is always False), counting the checks."""
+
+    def __init__(self) -> None:
+        self.checks = 0
+
+    async def is_disconnected(self) -> bool:
+        self.checks += 1
+        return False
+
+
+def test_a_slow_engine_is_no_disconnect(monkeypatch):
+    """Tokens slower than the disconnect-check interval: the request still ends with its own
+    finish reason and every token (a regression: a quiet interval was once read as the end)."""
+    import asyncio
+
+    from deltahub.serve import app as app_mod
+    from deltahub.serve.protocol import GenerationParams
+
+    monkeypatch.setattr(app_mod, "DISCONNECT_CHECK_S", 0.01)
+    job = app_mod._Job(GenerationParams(model="m", prompt=[1]), runtime=None, tenant=0, tokenizer=None, chat=False, t0=0.0)
+    client = _Present()
+
+    async def run() -> dict:
+        async def engine() -> None:
+            for t in (5, 6, 7):
+                await asyncio.sleep(0.05)  # 5 check intervals without an event
+                job.queue.put_nowait(("token", t))
+            job.queue.put_nowait(("done", "length"))
+
+        feeder = asyncio.ensure_future(engine())
+        out = await job.collect(client)
+        await feeder
+        return out
+
+    out = asyncio.run(run())
+    assert job.tokens == [5, 6, 7] and job.finish_reason == "length" and job.status == 200
+    assert out is not None and out["usage"]["completion_tokens"] == 3
+    assert client.checks >= 5  # the client was checked while the engine was quiet

@@ -425,6 +425,8 @@ class _Job:
                     self.status = 499
                     yield ("gone", None)
                     return
+            if not kind:  # no event within the check interval
+                continue
             if kind == "token":
                 if self.first_token is None:
                     self.first_token = time.perf_counter()
@@ -530,3 +532,4 @@ class _Job:
                    "ttft_s": None if ttft is None else round(ttft, 4), "total_s": round(now - self.t0, 4),
                    "finish_reason": self.finish_reason, "stream": self.params.stream},
         )
+

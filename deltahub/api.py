@@ -258,6 +258,22 @@ class Store:
             bits=bits, max_size=_size_arg(max_size),
         )
 
+    def vllm_prepare(
+        self,
+        name: str,
+        out_dir: str | Path,
+        dtype: str | torch.dtype | None = None,
+        force: bool = False,
+        bits: int | None = None,
+        max_size: int | str | None = None,
+    ) -> Any:
+        """Write the folder vLLM serves ``name`` from with ``--load-format deltahub``: its config,
+        tokenizer and a pointer to this store, no weights (:mod:`deltahub.ops.vllm_stub`). Returns a
+        :class:`~deltahub.ops.vllm_stub.PrepareResult`."""
+        from deltahub.ops.vllm_stub import prepare
+
+        return prepare(self._ctx, name, Path(out_dir), dtype=dtype, force=force, bits=bits, max_size=_size_arg(max_size))
+
     def push(
         self,
         name: str,

@@ -609,6 +609,37 @@ def materialize(
     _emit(data, as_json, f"wrote {name} ({result.dtype}, {_human(result.bytes_written)}) to {result.out_dir}")
 
 
+@cli.command("vllm-prepare")
+@click.argument("name")
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--dtype", type=click.Choice(defaults.DTYPE_CHOICES), default=None,
+              help="Dtype vLLM runs the model in (default: the stored model's).")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it is not empty.")
+@click.option("--bits", type=int, default=None, help="Serve the first BITS sign planes of each matrix only.")
+@click.option("--max-size", "max_size", default=None, metavar="SIZE",
+              help="Serve the best prefix of the stored planes whose tensor data fits SIZE (e.g. 30MB).")
+@json_option
+@click.pass_context
+def vllm_prepare(ctx: click.Context, name: str, out_dir: Path, dtype: str | None, force: bool, bits: int | None,
+                 max_size: str | None, as_json: bool) -> None:
+    """Write the folder vLLM serves stored model NAME from: config, tokenizer and a pointer to this
+    store; no weights.
+
+    Needs vLLM and deltahub in one environment (deltahub registers itself as a vLLM plug-in):
+
+    \b
+        deltahub vllm-prepare my-ft ./my-ft-vllm
+        python -m vllm.entrypoints.openai.api_server --model ./my-ft-vllm --load-format deltahub
+
+    vLLM then reads the base weights and the delta's sign planes from the store and applies the delta
+    on the fly. The folder serves the model NAME named when it was written, even if NAME is re-pointed.
+    """
+    result = _store(ctx).vllm_prepare(name, out_dir, dtype=dtype, force=force, bits=bits, max_size=_max_size(max_size))
+    _emit(result.to_json(), as_json, f"prepared {name} ({result.dtype}, {result.delta_tensors} delta tensor(s) as sign "
+          f"planes) in {result.out_dir}\nserve it: python -m vllm.entrypoints.openai.api_server --model "
+          f"{result.out_dir} --load-format deltahub")
+
+
 @cli.command()
 @click.argument("name")
 @click.argument("repo_id")

@@ -3,6 +3,7 @@ module outside ``deltahub/codec/`` branches on a codec's name.
 
     cli → api → {ops, serve};  ops → {store, index, hub, formats, codec, runtime, calibrate}
     serve → {runtime, formats, codec} (the HTTP layer; it is handed an ops.pool.ModelPool)
+    integrations → {api, ops, serve, runtime, formats, codec, kernels} (plug-ins other engines load)
     runtime → {kernels, codec};  calibrate → {runtime, formats, codec}
     codec and kernels import nothing of the rest;  store and index never import each other
 
@@ -24,6 +25,11 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "deltahub.cli": ("deltahub.api", "deltahub.errors"),
     "deltahub.api": ("deltahub.ops", "deltahub.serve", *LEAF),
     "deltahub.serve": ("deltahub.runtime", "deltahub.formats", "deltahub.codec", *LEAF),
+    # loaded by other engines (vLLM's plug-in entry point, Ray Serve); nothing of deltahub imports it
+    "deltahub.integrations": (
+        "deltahub.api", "deltahub.ops", "deltahub.serve", "deltahub.runtime", "deltahub.formats", "deltahub.codec",
+        "deltahub.kernels", *LEAF,
+    ),
     "deltahub.ops": (
         "deltahub.store", "deltahub.index", "deltahub.hub", "deltahub.formats", "deltahub.codec",
         "deltahub.runtime", "deltahub.calibrate", "deltahub.kernels", *LEAF,

@@ -48,6 +48,8 @@ __all__ = [
     "TensorCodec",
     "DenseDeltaOperator",
     "as_output",
+    "BitPlanes",
+    "PlanesLayout",
 ]
 
 JSONValue = Any
@@ -64,6 +66,38 @@ class PartSpec:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class PlanesLayout:
+    """The shape of a delta kept as sign planes (see :class:`BitPlanes`), known from the manifest
+    alone: ``planes`` P (1..8), ``columns`` C of scales per row (1, or ``ceil(K/group)``) and
+    ``group`` (columns per scale group when ``columns > 1``, else None)."""
+
+    planes: int
+    columns: int
+    group: int | None
+
+
+@dataclass(frozen=True)
+class BitPlanes:
+    """A delta ``Δ = Σᵢ sᵢ ⊙ Sᵢ`` as P sign planes, the layout deltahub's kernels read (and engines
+    that hold deltas in their own tensors, such as the vLLM plug-in).
+
+    Attributes:
+        packed: P tensors int32 ``[N, ceil(K/32)]`` (sign layout v1).
+        scales: P tensors fp32 ``[R, C]``: ``R`` is 1 (one scale for all rows) or N; ``C`` is 1 or
+            ``ceil(K/group)``.
+        group: columns per scale group when ``C > 1``, else None.
+    """
+
+    packed: list[Tensor]
+    scales: list[Tensor]
+    group: int | None
+
+    @property
+    def layout(self) -> PlanesLayout:
+        return PlanesLayout(len(self.packed), int(self.scales[0].shape[1]), self.group)
 
 
 @dataclass
@@ -185,6 +219,11 @@ class TensorCodec:
         its tensor is used as decoded)."""
         return None
 
+    def planes_layout(self, shape: tuple[int, ...], params: Mapping[str, JSONValue]) -> PlanesLayout | None:
+        """The :class:`PlanesLayout` of this tensor's :meth:`DeltaOperator.bit_planes`, from its shape
+        and parameters only (``None``: the codec's delta is not sign planes)."""
+        return None
+
     def with_params(self, params: Mapping[str, JSONValue], updates: Mapping[str, float]) -> dict[str, JSONValue]:
         """``params`` with trained values of ``trainable_params`` (rounded to fp32, finite)."""
         out = dict(params)
@@ -283,6 +322,11 @@ class DeltaOperator(nn.Module):
     def kernel_linear(self, kernels: Any, x2d: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
         """Kernel hook: ``x·(W + Δ)ᵀ + bias`` in one fused call, or ``None`` (no kernel: the runtime
         uses ``F.linear`` plus :meth:`matmul`)."""
+        return None
+
+    def bit_planes(self) -> BitPlanes | None:
+        """This delta as sign planes and scales (views, no copy), or ``None`` when the codec keeps it
+        otherwise (then use :meth:`matmul` or :meth:`dense`)."""
         return None
 
     def transposed(self) -> DeltaOperator:

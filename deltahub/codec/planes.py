@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import signs
-from .base import DeltaOperator, Encoded, JSONValue, PartSpec, TenantDeltas, TensorCodec
+from .base import BitPlanes, DeltaOperator, Encoded, JSONValue, PartSpec, PlanesLayout, TenantDeltas, TensorCodec
 from .codecs import CodecError, NonFiniteDeltaError
 from .packing import WORD_BITS, pack_signs, packed_shape, sign_lut
 from .planes_apply import planes_kernel_linear, stack_planes
@@ -230,6 +230,11 @@ class PlanesCodec(TensorCodec):
         return result
 
     # ------------------------------------------------------------------ inference
+    def planes_layout(self, shape: tuple[int, ...], params: Mapping[str, JSONValue]) -> PlanesLayout:
+        n, k = shape
+        columns = _scale_shape(n, k, params)[1]
+        return PlanesLayout(int(params["planes"]), columns, int(params["group_size"]) if columns > 1 else None)  # type: ignore[arg-type]
+
     def operator(self, parts: Mapping[str, Tensor], params: Mapping[str, JSONValue], shape: tuple[int, ...]) -> DeltaOperator:
         planes = int(params["planes"])  # type: ignore[arg-type]
         group = int(params["group_size"]) if params["scales"] == "group" else None  # type: ignore[arg-type]
@@ -256,6 +261,11 @@ class PlanesOperator(DeltaOperator):
 
     def _plane(self, i: int) -> tuple[Tensor, Tensor]:
         return getattr(self, f"packed{i}"), getattr(self, f"scales{i}")
+
+    def bit_planes(self) -> BitPlanes:
+        planes = [self._plane(i) for i in range(self.k)]
+        scales = [s.detach() for _p, s in planes]
+        return BitPlanes([p for p, _s in planes], scales, self.group if scales[0].shape[1] > 1 else None)
 
     def matmul(self, x2d: Tensor, kernels: Any = None) -> Tensor:
         k = self.in_features

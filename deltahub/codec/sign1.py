@@ -29,7 +29,7 @@ import torch
 
 from collections.abc import Mapping
 
-from .base import DeltaOperator, Encoded, JSONValue, PartSpec, TensorCodec
+from .base import DeltaOperator, Encoded, JSONValue, PartSpec, PlanesLayout, TensorCodec
 from .codecs import CodecError, NonFiniteDeltaError
 from .packing import (
     WORD_BITS,
@@ -587,6 +587,9 @@ class Sign1Codec(TensorCodec):
     def rescaled_error(self, params: Mapping[str, JSONValue], initial: Mapping[str, JSONValue],
                        known: Mapping[str, JSONValue], known_error: float | None) -> float | None:
         return recon_error_at(float(params["scale"]), float(initial["scale"]), float(known["scale"]), known_error)
+
+    def planes_layout(self, shape: tuple[int, ...], params: Mapping[str, JSONValue]) -> PlanesLayout | None:
+        return PlanesLayout(1, 1, None) if len(shape) == 2 else None
 
     def operator(self, parts: Mapping[str, torch.Tensor], params: Mapping[str, JSONValue],
                  shape: tuple[int, ...]) -> DeltaOperator:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from . import signs
-from .base import DeltaOperator, PackedTenantDeltas
+from .base import BitPlanes, DeltaOperator, PackedTenantDeltas
 from .codecs import CodecError
 from .packing import WORD_BITS
 
@@ -126,6 +126,9 @@ class SignOperator(DeltaOperator):
     def kernel_linear(self, kernels: Any, x2d: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
         xw = x2d if x2d.dtype == weight.dtype else x2d.to(weight.dtype)  # never copy W
         return kernels.sign_matmul(xw, self.packed, self.scale, weight, bias).to(x2d.dtype)
+
+    def bit_planes(self) -> BitPlanes:
+        return BitPlanes([self.packed], [self.scale.detach().reshape(1, 1)], None)
 
     def transposed(self) -> SignOperator:
         packed_t = transpose_packed(self.packed, self.out_features, self.in_features)

@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,6 +199,32 @@ class NamedInputs:
             )
 
 
+def check_output_dir(ctx: StoreContext, out_dir: Path, force: bool) -> Path:
+    """``out_dir`` made absolute, or :class:`OutputExistsError` when writing it would touch the store,
+    follow a symbolic link, or replace a file or a non-empty folder without ``force``."""
+    out_dir = Path(os.path.abspath(out_dir))
+    home = ctx.home.resolve()
+    if out_dir == Path(out_dir.anchor) or out_dir.resolve() == home or home in out_dir.resolve().parents or (
+        out_dir.resolve() in home.parents
+    ):
+        raise OutputExistsError(
+            f"refusing to write into {out_dir}", "choose an output directory outside the store and not containing it"
+        )
+    if out_dir.is_symlink() and not force:
+        raise OutputExistsError(
+            f"{out_dir} is a symbolic link (to {os.readlink(out_dir)}); deltahub writes a real directory and "
+            "does not follow links",
+            "give the link's target itself, or pass --force to replace the link (its target is left untouched)",
+        )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputExistsError(f"{out_dir} exists and is not a directory", "choose another output path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise OutputExistsError(
+            f"{out_dir} is not empty", "choose an empty or new directory, or pass --force to replace it"
+        )
+    return out_dir
+
+
 def materialize(
     ctx: StoreContext,
     name: str,
@@ -214,27 +240,8 @@ def materialize(
     ``bits``: rebuild from the first ``bits`` planes of each progressive tensor only (a coarser model
     from the same stored artifact; the other planes are not read). ``max_size``: from the best prefix
     of the stored plane order whose tensor data fits that many bytes (:meth:`Manifest.at_size`)."""
-    out_dir = Path(os.path.abspath(out_dir))
     out_dtype = parse_output_dtype(dtype)
-    home = ctx.home.resolve()
-    if out_dir == Path(out_dir.anchor) or out_dir.resolve() == home or home in out_dir.resolve().parents or (
-        out_dir.resolve() in home.parents
-    ):
-        raise OutputExistsError(
-            f"refusing to write into {out_dir}", "choose an output directory outside the store and not containing it"
-        )
-    if out_dir.is_symlink() and not force:
-        raise OutputExistsError(
-            f"{out_dir} is a symbolic link (to {os.readlink(out_dir)}); materialize writes a real directory and "
-            "does not follow links",
-            "give the link's target itself, or pass --force to replace the link (its target is left untouched)",
-        )
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputExistsError(f"{out_dir} exists and is not a directory", "choose another output path")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise OutputExistsError(
-            f"{out_dir} is not empty", "choose an empty or new directory, or pass --force to replace it"
-        )
+    out_dir = check_output_dir(ctx, out_dir, force)
     with ctx.reading():  # gc waits until every object is read
         return _materialize(ctx, name, out_dir, out_dtype, force, max_shard_bytes, verify, bits, max_size)
 
@@ -262,21 +269,17 @@ def _materialize(
         return _write_output(source, name, specs, out_dir, out_dtype, force, max_shard_bytes)
 
 
-def _write_output(
-    source: ModelSource,
-    name: str,
-    specs: list,
-    out_dir: Path,
-    out_dtype: torch.dtype | None,
-    force: bool,
-    max_shard_bytes: int,
-) -> MaterializeResult:
-    """Fill a temporary sibling of ``out_dir`` and rename it into place (removed on any failure)."""
+def publish_dir(out_dir: Path, force: bool, fill: Callable[[Path], list[str]]) -> list[str]:
+    """Call ``fill`` on a new temporary sibling of ``out_dir`` (it returns the files it wrote), fsync
+    them and rename the folder into place: ``out_dir`` is never seen half-written. With ``force`` an
+    existing ``out_dir`` (or link) is replaced; without it, a folder filled meanwhile is an error.
+    The temporary folder is removed on any failure."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.deltahub-tmp-{os.getpid()}-", dir=out_dir.parent))
     try:
         with _owned_dir(tmp):
-            config = json.dumps(source.config(out_dtype), indent=2, sort_keys=True) + "\n"
-            files = write_checkpoint(source, tmp, specs, f"materialize {name}", max_shard_bytes, config.encode())
+            files = fill(tmp)
             _fsync_tree(tmp)
         os.chmod(tmp, 0o755)
         if force and os.path.lexists(out_dir):  # (a dangling link too)
@@ -292,13 +295,31 @@ def _write_output(
             except OSError as exc:
                 if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
                     raise OutputExistsError(
-                        f"{out_dir} was filled while materializing", "choose another directory or pass --force"
+                        f"{out_dir} was filled while deltahub was writing it", "choose another directory or pass --force"
                     ) from None
                 raise
         fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return files
+
+
+def _write_output(
+    source: ModelSource,
+    name: str,
+    specs: list,
+    out_dir: Path,
+    out_dtype: torch.dtype | None,
+    force: bool,
+    max_shard_bytes: int,
+) -> MaterializeResult:
+    """Fill a temporary sibling of ``out_dir`` and rename it into place (removed on any failure)."""
+    def fill(tmp: Path) -> list[str]:
+        config = json.dumps(source.config(out_dtype), indent=2, sort_keys=True) + "\n"
+        return write_checkpoint(source, tmp, specs, f"materialize {name}", max_shard_bytes, config.encode())
+
+    files = publish_dir(out_dir, force, fill)
     bytes_written = sum((out_dir / f).stat().st_size for f in files)
     logger.info("materialized %s into %s", name, out_dir)
     shown = dtype_name(out_dtype) if out_dtype is not None else source.manifest.dtype

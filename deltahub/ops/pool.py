@@ -336,6 +336,31 @@ class ModelPool:
                     res.pins -= 1
             self._released.notify_all()
 
+    def unload(self, name: str, base: bool = False) -> bool:
+        """Evict served model ``name`` from memory now, unless a request uses it: a fine-tune's
+        delta, or (a base's name, or ``base=True``) the base with every fine-tune of it. For a cache
+        outside the pool that decides what stays (Ray Serve's multiplexing); a later request loads
+        it again. True if it is not resident afterwards, False if in use (it stays: call again).
+
+        Raises:
+            NameNotFoundError: ``name`` is not served.
+        """
+        served = self.model(name)
+        with self._load_lock:
+            with self._lock:
+                if served.parent is None or base:
+                    keys = [f"base:{served.base_id}", *self._deltas.get(served.base_id, [])]
+                else:
+                    keys = [served.name]
+                victims = [self._residents[k] for k in keys if k in self._residents]
+                if any(v.pins for v in victims):
+                    return False
+                for v in victims:
+                    del self._residents[v.key]
+            if victims:
+                self._evict(victims)
+        return True
+
     def _keys(self, served: ServedModel) -> list[str]:
         keys = [f"base:{served.base_id}"]
         if served.parent is not None:

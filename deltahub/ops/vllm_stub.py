@@ -1,0 +1,229 @@
+"""The folder vLLM is pointed at to serve a stored model: config, tokenizer and a pointer, no weights.
+
+``deltahub vllm-prepare NAME DIR`` writes (format ``deltahub-vllm-stub`` version 1)::
+
+    DIR/config.json        the model's config, dtype written in, plus ``quantization_config``:
+                           {"quant_method": "deltahub", "version": 1,
+                            "planes": {tensor name: [P, C, G or null], ...}}
+    DIR/deltahub.json      {"format": "deltahub-vllm-stub", "version": 1, "home": ..., "name": ...,
+                            "manifest": <manifest id>, "bits": null, "max_size": null}
+    DIR/<tokenizer files>  as stored (tokenizer.json, tokenizer_config.json, ...)
+
+``vllm serve DIR --load-format deltahub`` then builds the model from ``config.json`` and deltahub's
+plug-in (:mod:`deltahub.integrations.vllm`) streams its weights from the store named in the pointer:
+base weights, and each Linear delta kept as sign planes (``planes``: the layout of each such tensor,
+:class:`~deltahub.codec.base.PlanesLayout`, which the plug-in needs before any weight is read). The
+pointer names the exact manifest: re-pointing ``NAME`` later does not change what ``DIR`` serves.
+
+Reading a stub (:func:`read_stub`) treats it as input: size, JSON depth, types and the store folder
+are checked; a stub never makes deltahub read outside the store it names.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deltahub.errors import CorruptObjectError, InputError, NameNotFoundError, StoreError
+from deltahub.fileio import write_file
+from deltahub.formats import safe_json
+from deltahub.formats.manifest import ModelKind
+from deltahub.formats.paths import join_inside
+from deltahub.formats.safetensors_io import dtype_name
+from deltahub.ops.context import Resolved, StoreContext
+from deltahub.ops.materialize import check_output_dir, parse_output_dtype, publish_dir
+from deltahub.ops.reconstruct import ModelSource
+
+__all__ = ["STUB_FORMAT", "STUB_VERSION", "POINTER_FILE", "QUANT_METHOD", "Stub", "PrepareResult",
+           "prepare", "read_stub", "open_stub", "planes_plan"]
+
+logger = logging.getLogger(__name__)
+
+STUB_FORMAT = "deltahub-vllm-stub"
+STUB_VERSION = 1
+POINTER_FILE = "deltahub.json"
+QUANT_METHOD = "deltahub"
+QUANT_VERSION = 1
+MAX_POINTER_BYTES = 64 << 10
+
+
+@dataclass(frozen=True)
+class Stub:
+    """A parsed ``deltahub.json``: which store, which model, which planes."""
+
+    home: Path
+    name: str
+    manifest: str
+    bits: int | None = None
+    max_size: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": STUB_FORMAT, "version": STUB_VERSION, "home": str(self.home), "name": self.name,
+                "manifest": self.manifest, "bits": self.bits, "max_size": self.max_size}
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    name: str
+    out_dir: Path
+    manifest: str
+    dtype: str
+    delta_tensors: int
+    files: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dir": str(self.out_dir), "manifest": self.manifest, "dtype": self.dtype,
+                "delta_tensors": self.delta_tensors, "files": self.files}
+
+
+def planes_plan(source: ModelSource) -> dict[str, list[Any]]:
+    """Tensor name → ``[P, C, G]`` for every 2-D tensor whose delta is sign planes (sorted by name)."""
+    plan: dict[str, list[Any]] = {}
+    if source.manifest.kind is not ModelKind.DELTA:
+        return plan
+    for tname, rec in sorted(source.manifest.tensors.items()):
+        if len(rec.shape) != 2 or not rec.parts:
+            continue
+        layout = rec.impl.planes_layout(tuple(rec.shape), rec.params)
+        if layout is not None:
+            plan[tname] = [layout.planes, layout.columns, layout.group]
+    return plan
+
+
+def prepare(ctx: StoreContext, name: str, out_dir: Path, dtype: str | torch.dtype | None = None,
+            force: bool = False, bits: int | None = None, max_size: int | None = None) -> PrepareResult:
+    """Write the vLLM stub folder of stored model ``name`` into ``out_dir`` (see the module docstring).
+
+    Raises:
+        NameNotFoundError: no such name. OutputExistsError: ``out_dir`` is not an empty folder (and
+        not ``force``) or lies in the store.
+    """
+    out_dtype = parse_output_dtype(dtype)
+    out_dir = check_output_dir(ctx, out_dir, force)
+    with ctx.reading():
+        source = ModelSource.open(ctx, name, bits=bits, max_size=max_size)
+        resolved = ctx.resolve(name)
+        plan = planes_plan(source)
+        config = source.config(out_dtype)
+        config["quantization_config"] = {"quant_method": QUANT_METHOD, "version": QUANT_VERSION, "planes": plan}
+        stub = Stub(ctx.home.resolve(), name, resolved.manifest_id, bits, max_size)
+
+        def fill(tmp: Path) -> list[str]:
+            files = []
+            for rel in sorted(source.manifest.files):
+                target = join_inside(tmp, rel)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                data = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode() if rel == "config.json" \
+                    else source.file_bytes(rel)
+                write_file(target, data)
+                files.append(rel)
+            write_file(tmp / POINTER_FILE, (json.dumps(stub.to_json(), indent=2) + "\n").encode())
+            return [*files, POINTER_FILE]
+
+        files = publish_dir(out_dir, force, fill)
+    shown = dtype_name(out_dtype) if out_dtype is not None else source.manifest.dtype
+    logger.info("prepared %s for vLLM in %s (%d delta tensor(s) as sign planes)", name, out_dir, len(plan))
+    return PrepareResult(name, out_dir, resolved.manifest_id, shown, len(plan), sorted(files))
+
+
+def _bad(folder: Path, what: str) -> InputError:
+    return InputError(f"{folder / POINTER_FILE}: {what}", f"write the folder again with `deltahub vllm-prepare NAME {folder}`")
+
+
+def read_stub(folder: str | Path) -> Stub:
+    """The pointer of stub folder ``folder``, checked (never follows a symlinked pointer).
+
+    Raises:
+        InputError: missing, oversized, not JSON, another format or version, or wrong field types.
+    """
+    folder = Path(folder)
+    path = folder / POINTER_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise InputError(f"{folder} has no {POINTER_FILE}: it is not a deltahub stub folder",
+                         "write one with `deltahub vllm-prepare NAME DIR` and point vLLM at DIR") from None
+    except OSError as exc:
+        raise _bad(folder, f"cannot be read ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as fh:
+        raw = fh.read(MAX_POINTER_BYTES + 1)
+    if len(raw) > MAX_POINTER_BYTES:
+        raise _bad(folder, f"is larger than {MAX_POINTER_BYTES} bytes")
+    try:
+        data = safe_json.loads(raw, POINTER_FILE, max_depth=4, allow_nan=False, unique_keys=True)
+    except safe_json.JSONInputError as exc:
+        raise _bad(folder, str(exc)) from None
+    if not isinstance(data, dict) or data.get("format") != STUB_FORMAT:
+        raise _bad(folder, f"is not a {STUB_FORMAT} pointer")
+    version = data.get("version")
+    if version != STUB_VERSION:
+        raise InputError(f"{path}: stub version {version!r} is not supported (this deltahub reads {STUB_VERSION})",
+                         "upgrade deltahub, or write the folder again with `deltahub vllm-prepare`")
+    home, name, manifest = data.get("home"), data.get("name"), data.get("manifest")
+    if not all(isinstance(v, str) and v for v in (home, name, manifest)) or not os.path.isabs(home):  # type: ignore[arg-type]
+        raise _bad(folder, "needs 'home' (an absolute path), 'name' and 'manifest' strings")
+    if not re.fullmatch(r"[0-9a-f]{64}", manifest) or len(name) > 256:  # type: ignore[arg-type]
+        raise _bad(folder, "'manifest' must be a manifest id (64 hex digits) and 'name' a stored name")
+    for key in ("bits", "max_size"):
+        v = data.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise _bad(folder, f"{key!r} must be a positive integer or null")
+    return Stub(Path(home), name, manifest, data.get("bits"), data.get("max_size"))  # type: ignore[arg-type]
+
+
+def open_stub(stub: Stub) -> tuple[StoreContext, ModelSource]:
+    """The store context and a :class:`ModelSource` of the exact manifest ``stub`` names (the caller
+    holds ``ctx.reading()`` while reading tensors and closes ``ctx``).
+
+    Raises:
+        StoreError: the store folder is missing. NameNotFoundError: the manifest is gone (collected
+        after its name was removed or re-pointed).
+    """
+    if not (stub.home / "index.sqlite").is_file():
+        raise StoreError(f"{stub.home} is not a deltahub store (named by the stub of {stub.name!r})",
+                         "prepare the folder again from the store that holds the model")
+    ctx = StoreContext(stub.home)
+    try:
+        if not ctx.objects.exists(stub.manifest):
+            raise NameNotFoundError(
+                f"the stored model {stub.name!r} this folder was prepared from (manifest {stub.manifest[:12]}) is "
+                f"no longer in {stub.home}", f"run `deltahub vllm-prepare {stub.name} DIR --force` again")
+        manifest = ctx.load_manifest(stub.manifest)
+        current = ctx.index.get_name(stub.name)
+        if current is None or current.manifest_id != stub.manifest:
+            logger.warning("%r now names another model; this folder still serves the one it was prepared from",
+                           stub.name)
+        resolved = Resolved(stub.name, stub.manifest, manifest)
+        if stub.bits is not None or stub.max_size is not None:
+            resolved = Resolved(stub.name, stub.manifest, manifest.select(stub.bits, stub.max_size, stub.name))
+        base = ctx.base_of(manifest)[1] if manifest.kind is ModelKind.DELTA else None
+        return ctx, ModelSource(ctx, resolved, base)
+    except BaseException:
+        ctx.close()
+        raise
+
+
+def planes_of(value: Any, what: str) -> tuple[int, int, int | None]:
+    """``[P, C, G]`` of the quantization config checked: P in 1..8, C >= 1, G a multiple of 32 or null."""
+    ok = isinstance(value, list) and len(value) == 3 and all(
+        v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in value)
+    if ok:
+        p, c, g = value
+        ok = isinstance(p, int) and 1 <= p <= 8 and isinstance(c, int) and 1 <= c <= 1 << 20 and (
+            (c == 1 and g is None) or (isinstance(g, int) and g >= 32 and g % 32 == 0 and c > 1))
+    if not ok:
+        raise CorruptObjectError(f"{what}: the planes of a tensor must be [P (1..8), C, G], got {value!r}",
+                                 "write the folder again with `deltahub vllm-prepare`")
+    return value[0], value[1], value[2]
+
+
+def expected_columns(k: int, group: int | None) -> int:
+    return 1 if group is None else math.ceil(k / group)

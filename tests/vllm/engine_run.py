@@ -1,0 +1,56 @@
+"""Run vLLM engines in this process, one after another, and print their greedy tokens as JSON.
+
+    python engine_run.py SPEC.json   ->  stdout: {"runs": [[tokens of prompt 1, ...], ...]}
+
+SPEC: {"runs": [{"model": DIR, "prompts": [text, ...], "max_tokens": N,
+                 "engine": {extra LLM(...) kwargs}, "loras": [null | [name, id, path], ...]}]}
+
+The tests run engines in a child process: vLLM's distributed state is per process, and the layer
+tests of test_vllm_plugin.py set up their own.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+def main() -> None:
+    from vllm import LLM, SamplingParams
+
+    spec = json.loads(open(sys.argv[1]).read())
+    results = []
+    for run in spec["runs"]:
+        engine = {"enforce_eager": True, "gpu_memory_utilization": 0.1, "dtype": "float32", "max_model_len": 256,
+                  "load_format": "deltahub", **run.get("engine", {})}
+        llm = LLM(run["model"], **engine)
+        params = SamplingParams(max_tokens=run["max_tokens"], temperature=0, ignore_eos=True)
+        kwargs = {}
+        if run.get("loras"):
+            from vllm.lora.request import LoRARequest
+
+            kwargs["lora_request"] = [None if lo is None else LoRARequest(*lo) for lo in run["loras"]]
+        outs = llm.generate(run["prompts"], params, **kwargs)
+        tokens = [list(o.outputs[0].token_ids) for o in outs]
+        if run.get("inspect"):
+            from deltahub.integrations.vllm.loader import delta_modules
+
+            def inspect(model):
+                mods = delta_modules(model)
+                return {"delta_layers": len(mods),
+                        "nonzero_scales": sum(int(m.delta_scales.abs().sum() > 0) for m in mods.values())}
+
+            results.append({"tokens": tokens, "inspect": llm.apply_model(inspect)[0]})
+        else:
+            results.append({"tokens": tokens})
+        del llm
+        gc.collect()
+    print(json.dumps({"runs": results}))
+
+
+if __name__ == "__main__":
+    main()

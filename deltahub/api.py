@@ -266,13 +266,18 @@ class Store:
         force: bool = False,
         bits: int | None = None,
         max_size: int | str | None = None,
+        adapter_planes: int = 1,
+        adapter_group: int | None = None,
     ) -> Any:
         """Write the folder vLLM serves ``name`` from with ``--load-format deltahub``: its config,
-        tokenizer and a pointer to this store, no weights (:mod:`deltahub.ops.vllm_stub`). Returns a
-        :class:`~deltahub.ops.vllm_stub.PrepareResult`."""
+        tokenizer and a pointer to this store, no weights (:mod:`deltahub.ops.vllm_stub`). For a base
+        served with ``--enable-lora``, ``adapter_planes`` / ``adapter_group`` size its adapter slots
+        (the most sign planes, and the scale group, a fine-tune served as an adapter may have).
+        Returns a :class:`~deltahub.ops.vllm_stub.PrepareResult`."""
         from deltahub.ops.vllm_stub import prepare
 
-        return prepare(self._ctx, name, Path(out_dir), dtype=dtype, force=force, bits=bits, max_size=_size_arg(max_size))
+        return prepare(self._ctx, name, Path(out_dir), dtype=dtype, force=force, bits=bits, max_size=_size_arg(max_size),
+                       adapter_planes=adapter_planes, adapter_group=adapter_group)
 
     def push(
         self,

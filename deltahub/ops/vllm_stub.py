@@ -4,7 +4,9 @@
 
     DIR/config.json        the model's config, dtype written in, plus ``quantization_config``:
                            {"quant_method": "deltahub", "version": 1,
-                            "planes": {tensor name: [P, C, G or null], ...}}
+                            "planes": {tensor name: [P, C, G or null], ...},
+                            "manifest": <manifest id>, "base_manifest": <its base's, or null>,
+                            "adapter_planes": P, "adapter_group": G or null}
     DIR/deltahub.json      {"format": "deltahub-vllm-stub", "version": 1, "home": ..., "name": ...,
                             "manifest": <manifest id>, "bits": null, "max_size": null}
     DIR/<tokenizer files>  as stored (tokenizer.json, tokenizer_config.json, ...)
@@ -14,6 +16,10 @@ plug-in (:mod:`deltahub.integrations.vllm`) streams its weights from the store n
 base weights, and each Linear delta kept as sign planes (``planes``: the layout of each such tensor,
 :class:`~deltahub.codec.base.PlanesLayout`, which the plug-in needs before any weight is read). The
 pointer names the exact manifest: re-pointing ``NAME`` later does not change what ``DIR`` serves.
+
+A base's folder can also serve many fine-tunes of it as vLLM LoRA adapters, each a stub folder of
+its own (:mod:`deltahub.integrations.vllm.lora`): ``adapter_planes`` / ``adapter_group`` size the
+engine's adapter slots (the most sign planes, and the scale group, an adapter may bring).
 
 Reading a stub (:func:`read_stub`) treats it as input: size, JSON depth, types and the store folder
 are checked; a stub never makes deltahub read outside the store it names.
@@ -32,7 +38,7 @@ from typing import Any
 
 import torch
 
-from deltahub.errors import CorruptObjectError, InputError, NameNotFoundError, StoreError
+from deltahub.errors import InputError, NameNotFoundError, StoreError
 from deltahub.fileio import write_file
 from deltahub.formats import safe_json
 from deltahub.formats.manifest import ModelKind
@@ -99,7 +105,8 @@ def planes_plan(source: ModelSource) -> dict[str, list[Any]]:
 
 
 def prepare(ctx: StoreContext, name: str, out_dir: Path, dtype: str | torch.dtype | None = None,
-            force: bool = False, bits: int | None = None, max_size: int | None = None) -> PrepareResult:
+            force: bool = False, bits: int | None = None, max_size: int | None = None,
+            adapter_planes: int = 1, adapter_group: int | None = None) -> PrepareResult:
     """Write the vLLM stub folder of stored model ``name`` into ``out_dir`` (see the module docstring).
 
     Raises:
@@ -109,11 +116,15 @@ def prepare(ctx: StoreContext, name: str, out_dir: Path, dtype: str | torch.dtyp
     out_dtype = parse_output_dtype(dtype)
     out_dir = check_output_dir(ctx, out_dir, force)
     with ctx.reading():
-        source = ModelSource.open(ctx, name, bits=bits, max_size=max_size)
         resolved = ctx.resolve(name)
+        source = _source(ctx, resolved, bits, max_size)
         plan = planes_plan(source)
         config = source.config(out_dtype)
-        config["quantization_config"] = {"quant_method": QUANT_METHOD, "version": QUANT_VERSION, "planes": plan}
+        planes_of([adapter_planes, 1 if adapter_group is None else 2, adapter_group], "the adapter slots")
+        base_manifest = source.manifest.base.manifest if source.manifest.base is not None else None
+        config["quantization_config"] = {
+            "quant_method": QUANT_METHOD, "version": QUANT_VERSION, "planes": plan, "manifest": resolved.manifest_id,
+            "base_manifest": base_manifest, "adapter_planes": adapter_planes, "adapter_group": adapter_group}
         stub = Stub(ctx.home.resolve(), name, resolved.manifest_id, bits, max_size)
 
         def fill(tmp: Path) -> list[str]:
@@ -132,6 +143,15 @@ def prepare(ctx: StoreContext, name: str, out_dir: Path, dtype: str | torch.dtyp
     shown = dtype_name(out_dtype) if out_dtype is not None else source.manifest.dtype
     logger.info("prepared %s for vLLM in %s (%d delta tensor(s) as sign planes)", name, out_dir, len(plan))
     return PrepareResult(name, out_dir, resolved.manifest_id, shown, len(plan), sorted(files))
+
+
+def _source(ctx: StoreContext, resolved: Resolved, bits: int | None, max_size: int | None) -> ModelSource:
+    """The exact manifest of ``resolved`` (its plane prefix when ``bits``/``max_size``) with its base."""
+    manifest = resolved.manifest
+    base = ctx.base_of(manifest)[1] if manifest.kind is ModelKind.DELTA else None
+    if bits is not None or max_size is not None:
+        resolved = Resolved(resolved.name, resolved.manifest_id, manifest.select(bits, max_size, resolved.name))
+    return ModelSource(ctx, resolved, base)
 
 
 def _bad(folder: Path, what: str) -> InputError:
@@ -201,11 +221,7 @@ def open_stub(stub: Stub) -> tuple[StoreContext, ModelSource]:
         if current is None or current.manifest_id != stub.manifest:
             logger.warning("%r now names another model; this folder still serves the one it was prepared from",
                            stub.name)
-        resolved = Resolved(stub.name, stub.manifest, manifest)
-        if stub.bits is not None or stub.max_size is not None:
-            resolved = Resolved(stub.name, stub.manifest, manifest.select(stub.bits, stub.max_size, stub.name))
-        base = ctx.base_of(manifest)[1] if manifest.kind is ModelKind.DELTA else None
-        return ctx, ModelSource(ctx, resolved, base)
+        return ctx, _source(ctx, Resolved(stub.name, stub.manifest, manifest), stub.bits, stub.max_size)
     except BaseException:
         ctx.close()
         raise
@@ -220,8 +236,8 @@ def planes_of(value: Any, what: str) -> tuple[int, int, int | None]:
         ok = isinstance(p, int) and 1 <= p <= 8 and isinstance(c, int) and 1 <= c <= 1 << 20 and (
             (c == 1 and g is None) or (isinstance(g, int) and g >= 32 and g % 32 == 0 and c > 1))
     if not ok:
-        raise CorruptObjectError(f"{what}: the planes of a tensor must be [P (1..8), C, G], got {value!r}",
-                                 "write the folder again with `deltahub vllm-prepare`")
+        raise InputError(f"{what}: planes must be [P (1..8), C, G (a multiple of 32, or null)], got {value!r}",
+                         "write the folder again with `deltahub vllm-prepare`")
     return value[0], value[1], value[2]
 
 

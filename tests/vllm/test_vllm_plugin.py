@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -28,50 +27,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from vllm_fixtures import FINETUNES, make_vllm_store  # noqa: E402
+from vllm_fixtures import FINETUNES, MAX_TOKENS, PROMPTS, free_port as _free_port, one_rank, run_engines as _run_engines, vstore  # noqa: E402,F401,E501
 
-PROMPTS = ["w1 w2 w3 w4", "w9 w8 w7", "w30 w31"]
-MAX_TOKENS = 10
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def vstore(tmp_path_factory) -> dict:
-    """The store, each fine-tune's stub folder and transformers' greedy tokens on its materialized copy."""
-    import deltahub
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    root = tmp_path_factory.mktemp("vllm")
-    home = make_vllm_store(root)
-    tok = AutoTokenizer.from_pretrained(root / "ck" / "base")
-    out: dict = {"home": home, "root": root, "stub": {}, "want": {}}
-    with deltahub.Store(home) as store:
-        for name in ["base", *FINETUNES]:
-            out["stub"][name] = store.vllm_prepare(name, root / "stub" / name, dtype="float32").out_dir
-            store.materialize(name, root / "mat" / name, dtype="float32")
-            model = AutoModelForCausalLM.from_pretrained(root / "mat" / name).eval()
-            want = []
-            for p in PROMPTS:
-                ids = tok(p, return_tensors="pt").input_ids
-                gen = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False, min_new_tokens=MAX_TOKENS)
-                want.append(gen[0, ids.shape[1]:].tolist())
-            out["want"][name] = want
-    return out
-
-
-def _run_engines(tmp_path: Path, runs: list[dict], timeout: int = 600) -> list[dict]:
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"runs": runs}))
-    proc = subprocess.run([sys.executable, str(HERE / "engine_run.py"), str(spec)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    if proc.returncode != 0:
-        raise AssertionError(f"engine run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])["runs"]
 
 
 # ---------------------------------------------------------------------------------------- registration
@@ -108,22 +65,6 @@ def test_unsupported_versions_are_refused_clearly():
 
 
 # ---------------------------------------------------------------------------------------- layers
-@pytest.fixture(scope="module")
-def one_rank():
-    """vLLM's distributed state for one rank on gloo, and a current vLLM config."""
-    from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.distributed import init_distributed_environment, initialize_model_parallel
-
-    with set_current_vllm_config(VllmConfig()):
-        init_distributed_environment(world_size=1, rank=0, distributed_init_method=f"tcp://127.0.0.1:{_free_port()}",
-                                     local_rank=0, backend="gloo")
-        initialize_model_parallel(1, 1)
-        from deltahub.integrations.vllm import register
-
-        register()
-        yield
-
-
 def _encoded(codec: str, options: dict | None, n: int, k: int, seed: int):
     """A base ``[n, k]``, a fine-tune of it stored by ``codec``, its operator and decoded weight."""
     from deltahub.codec import registry
@@ -279,10 +220,6 @@ def test_a_folder_without_pointer_is_refused_before_loading(vstore, tmp_path):
     bad = tmp_path / "no-pointer"
     shutil.copytree(vstore["stub"]["ft-sign1"], bad)
     (bad / "deltahub.json").unlink()
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"runs": [{"model": str(bad), "prompts": ["w1"], "max_tokens": 1}]}))
-    proc = subprocess.run([sys.executable, str(HERE / "engine_run.py"), str(spec)], capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode != 0
-    assert "has no deltahub.json: it is not a deltahub stub folder" in proc.stderr
-    assert "deltahub vllm-prepare NAME DIR" in proc.stderr
+    run, = _run_engines(tmp_path, [{"model": str(bad), "prompts": ["w1"], "max_tokens": 1}])
+    assert "has no deltahub.json: it is not a deltahub stub folder" in run["error"]
+    assert "deltahub vllm-prepare NAME DIR" in run["error"]

@@ -8,6 +8,9 @@ every one of its processes, so :func:`register` is idempotent. It registers, wit
   ``[P, N, C]``) and computes ``x·Wᵀ + Σᵢ (x·Sᵢᵀ) ⊙ sᵢ``: on a GPU through deltahub's Triton kernel,
   on a CPU through the torch path, both behind the custom op ``torch.ops.deltahub.planes_delta``
   (:mod:`.ops`), so CUDA graphs and ``torch.compile`` see one opaque op;
+* many fine-tunes per engine as LoRA adapters (:mod:`.lora`: the one module that patches vLLM
+  internals, on the supported releases only) and a ``LoRAResolver`` that loads a stored fine-tune by
+  name;
 * the load format ``deltahub`` (:mod:`.loader`): reads the stub folder written by
   ``deltahub vllm-prepare`` (:mod:`deltahub.ops.vllm_stub`) and streams the weights, tensor by
   tensor, from the store into vLLM's own ``weight_loader`` s (fused q/k/v and gate/up included).
@@ -48,5 +51,12 @@ def register() -> None:
 
     register_quantization_config("deltahub")(DeltahubConfig)
     register_model_loader("deltahub")(DeltahubModelLoader)
+    try:  # many fine-tunes per engine (vLLM internals: supported releases only)
+        from .lora import install_lora_patches, register_resolver
+
+        install_lora_patches()
+        register_resolver()
+    except UnsupportedVLLMError as exc:
+        logger.warning("deltahub: fine-tunes as vLLM adapters are off: %s (%s)", exc, exc.hint)
     _registered = True
     logger.debug("deltahub vLLM plug-in registered in process %d", os.getpid())

@@ -21,7 +21,7 @@ from torch import Tensor
 from deltahub.codec.planes_apply import planes_matmul_torch
 from deltahub.kernels import triton_can_run
 
-__all__ = ["planes_delta", "planes_delta_ref"]
+__all__ = ["planes_delta", "planes_delta_ref", "multi_tenant_planes_delta", "multi_tenant_planes_delta_ref"]
 
 
 def planes_delta_ref(x: Tensor, packed: Tensor, scales: Tensor, k: int, group: int) -> Tensor:
@@ -41,3 +41,35 @@ def planes_delta(x: Tensor, packed: Tensor, scales: Tensor, k: int, group: int) 
 @planes_delta.register_fake
 def _(x: Tensor, packed: Tensor, scales: Tensor, k: int, group: int) -> Tensor:
     return x.new_empty((x.shape[0], packed.shape[1]), dtype=torch.float32)
+
+
+def multi_tenant_planes_delta_ref(x: Tensor, packed: Tensor, scales: Tensor, slot: Tensor, k: int, group: int) -> Tensor:
+    """The torch path: rows grouped by slot, each group through :func:`planes_delta_ref`."""
+    out = torch.zeros((x.shape[0], packed.shape[2]), dtype=torch.float32, device=x.device)
+    for s in torch.unique(slot).tolist():
+        if s < 0:
+            continue
+        rows = (slot == s).nonzero().flatten()
+        out.index_copy_(0, rows, planes_delta_ref(x.index_select(0, rows), packed[s], scales[s], k, group))
+    return out
+
+
+@torch.library.custom_op("deltahub::multi_tenant_planes_delta", mutates_args=())
+def multi_tenant_planes_delta(x: Tensor, packed: Tensor, scales: Tensor, slot: Tensor, k: int, group: int) -> Tensor:
+    """``Σᵢ (x[m]·S_{t,i}ᵀ) ⊙ s_{t,i}`` with ``t = slot[m]`` (``-1``: zero), fp32 ``[M, N]``.
+
+    Args:
+        x: ``[M, K]`` float. packed: int32 ``[T, P, N, ceil(K/32)]``. scales: fp32 ``[T, P, N, C]``.
+        slot: int ``[M]`` in ``[-1, T)``. k: K. group: columns per scale group, 0 when C = 1.
+    """
+    if x.is_cuda and triton_can_run(x, packed):
+        from deltahub import kernels
+
+        return kernels.multi_tenant_planes_matmul(x, None, packed, scales, slot, None, group_size=group or None,
+                                                  validate=False).to(torch.float32)
+    return multi_tenant_planes_delta_ref(x, packed, scales, slot, k, group)
+
+
+@multi_tenant_planes_delta.register_fake
+def _(x: Tensor, packed: Tensor, scales: Tensor, slot: Tensor, k: int, group: int) -> Tensor:
+    return x.new_empty((x.shape[0], packed.shape[2]), dtype=torch.float32)

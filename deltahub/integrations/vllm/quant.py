@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from typing import Any
 
 import torch
@@ -37,9 +38,14 @@ Layout = tuple[int, int, int | None]
 class DeltahubConfig(QuantizationConfig):
     """Which Linear weights carry a deltahub delta, and its planes layout."""
 
-    def __init__(self, planes: dict[str, Layout]) -> None:
+    def __init__(self, planes: dict[str, Layout], manifest: str | None = None, base_manifest: str | None = None,
+                 adapter_planes: int = 1, adapter_group: int | None = None) -> None:
         super().__init__()
         self.planes = planes
+        self.manifest = manifest
+        self.base_manifest = base_manifest
+        self.adapter_planes = adapter_planes
+        self.adapter_group = adapter_group
 
     def __repr__(self) -> str:
         return f"DeltahubConfig({len(self.planes)} delta tensors)"
@@ -68,7 +74,14 @@ class DeltahubConfig(QuantizationConfig):
         if not isinstance(planes, dict):
             raise InputError("deltahub quantization_config has no 'planes' object",
                              "write the folder again with `deltahub vllm-prepare`")
-        return cls({str(name): planes_of(v, f"quantization_config planes of {name!r}") for name, v in planes.items()})
+        p, _c, g = planes_of([config.get("adapter_planes", 1), 2 if config.get("adapter_group") else 1,
+                              config.get("adapter_group")], "quantization_config adapter slots")
+        ids = [config.get(k) for k in ("manifest", "base_manifest")]
+        if any(v is not None and not (isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v)) for v in ids):
+            raise InputError("deltahub quantization_config: 'manifest' and 'base_manifest' must be manifest ids",
+                             "write the folder again with `deltahub vllm-prepare`")
+        return cls({str(name): planes_of(v, f"quantization_config planes of {name!r}") for name, v in planes.items()},
+                   ids[0], ids[1], p, g)
 
     def shards(self, prefix: str) -> list[str]:
         """The checkpoint module names behind vLLM module ``prefix`` (its shards when fused)."""

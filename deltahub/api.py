@@ -14,6 +14,7 @@ from __future__ import annotations
 import operator
 
 from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from deltahub import defaults
@@ -422,8 +423,13 @@ def serve(
     max_waiting: int = defaults.SERVE_MAX_WAITING,
     grace: float = defaults.SERVE_GRACE_SECONDS,
     json_logs: bool = False,
-) -> None:
+    engine: str = "builtin",
+    engine_args: Sequence[str] = (),
+) -> int:
     """Serve stored models over an OpenAI-compatible HTTP API until SIGINT/SIGTERM (``deltahub serve``).
+
+    ``engine="vllm"``: vLLM's OpenAI server with deltahub's plug-in (:mod:`deltahub.ops.vllm_engine`;
+    ``engine_args`` go to it as they are); returns its exit status.
 
     ``names`` (fine-tunes or bases; ``serve_all``: every stored name) are loaded at start while they
     fit ``memory_budget`` (bytes of resident bases and deltas, or ``"4GB"``); others load on demand
@@ -438,6 +444,13 @@ def serve(
     if not (isinstance(grace, int | float) and math.isfinite(grace) and 0 <= grace <= defaults.SERVE_MAX_GRACE_SECONDS):
         raise InputError(f"the grace period must be 0 to {defaults.SERVE_MAX_GRACE_SECONDS:g} seconds, got {grace!r}",
                          "pass --grace SECONDS")
+    if engine not in ("builtin", "vllm"):
+        raise InputError(f"unknown engine {engine!r}", "use builtin or vllm (Ray Serve: serve run deltahub.integrations.ray:app)")
+    if engine == "vllm":
+        return _serve_vllm(names, serve_all, home, host, port, device, dtype, max_batch, memory_budget, api_key, pull,
+                           max_context, grace, json_logs, engine_args)
+    if engine_args:
+        raise InputError("--engine-arg goes with --engine vllm", "leave it out, or add --engine vllm")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -460,6 +473,31 @@ def serve(
             pool.close(cancel=True, timeout=grace)
     finally:
         sock.close()
+    return 0
+
+
+def _serve_vllm(names: Sequence[str], serve_all: bool, home: str | Path | None, host: str, port: int, device: str,
+                dtype: str | None, max_batch: int, memory_budget: int | str | None, api_key: str | None, pull: bool,
+                max_context: int | None, grace: float, json_logs: bool, engine_args: Sequence[str]) -> int:
+    from deltahub.ops.context import StoreContext
+    from deltahub.ops.vllm_engine import plan_vllm, run_vllm
+
+    unsupported = [flag for flag, on in (("--all", serve_all), ("--pull", pull), ("--json-logs", json_logs),
+                                         ("--memory-budget", memory_budget is not None),
+                                         ("--device", device not in ("auto", defaults.SERVE_DEVICE))) if on]
+    if unsupported:
+        raise InputError(f"not available with --engine vllm: {', '.join(unsupported)} (built-in engine only)",
+                         "name the models; pass vLLM's own options with --engine-arg (e.g. --engine-arg=--gpu-memory-utilization=0.5)")
+    from deltahub.serve import configure_logging
+
+    configure_logging(False)
+    ctx = StoreContext(home)
+    try:
+        with ctx.reading():
+            launch = plan_vllm(ctx, list(names), host, port, dtype, max_batch, max_context, api_key, list(engine_args))
+    finally:
+        ctx.close()
+    return run_vllm(launch, grace)
 
 
 def load_model(

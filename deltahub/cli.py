@@ -1021,6 +1021,11 @@ def generate(
 @click.option("--grace", type=click.FloatRange(min=0, max=defaults.SERVE_MAX_GRACE_SECONDS), default=defaults.SERVE_GRACE_SECONDS, show_default=True,
               help="Seconds SIGTERM/Ctrl-C leaves requests in flight to finish before cancelling them.")
 @click.option("--json-logs", is_flag=True, help="Log JSON lines on stderr (startup, one line per request).")
+@click.option("--engine", type=click.Choice(["builtin", "vllm"]), default="builtin", show_default=True,
+              help="builtin: deltahub's own server. vllm: vLLM's OpenAI server with deltahub's plug-in (one base per "
+              "server; its fine-tunes as adapters; needs vLLM installed).")
+@click.option("--engine-arg", "engine_args", multiple=True, metavar="ARG",
+              help="An option passed to vLLM as it is (repeatable), e.g. --engine-arg=--gpu-memory-utilization=0.5.")
 @click.pass_context
 def serve(
     ctx: click.Context,
@@ -1038,6 +1043,8 @@ def serve(
     pull: bool,
     grace: float,
     json_logs: bool,
+    engine: str,
+    engine_args: tuple[str, ...],
 ) -> None:
     """Serve stored models over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
     /v1/models, /health), with the fine-tune chosen by each request's "model".
@@ -1049,6 +1056,9 @@ def serve(
     \b
     deltahub serve chat code --port 8000
     curl localhost:8000/v1/completions -d '{"model": "chat", "prompt": "Hello", "max_tokens": 20}'
+
+    With --engine vllm, vLLM serves them instead (the same API): one fine-tune alone exactly, or a base
+    and fine-tunes of it in one engine, each fine-tune a LoRA adapter (Linear deltas only).
     """
     if not names and not serve_all:
         raise click.UsageError("name the models to serve, or pass --all")
@@ -1058,9 +1068,12 @@ def serve(
         raise click.BadParameter("is empty: give a key, or leave --api-key out", param_hint="--api-key")
     if api_key is not None and not (api_key.isascii() and api_key.isprintable()):
         raise click.BadParameter("must be printable ASCII (HTTP headers carry nothing else)", param_hint="--api-key")
-    api.serve(list(names), serve_all=serve_all, home=ctx.find_root().obj.get("home"), host=host, port=port,
-              device=device, dtype=dtype, max_batch=max_batch, memory_budget=_size(memory_budget, "--memory-budget"), api_key=api_key,
-              pull=pull, max_context=max_context, max_waiting=max_waiting, grace=grace, json_logs=json_logs)
+    rc = api.serve(list(names), serve_all=serve_all, home=ctx.find_root().obj.get("home"), host=host, port=port,
+                   device=device, dtype=dtype, max_batch=max_batch, memory_budget=_size(memory_budget, "--memory-budget"),
+                   api_key=api_key, pull=pull, max_context=max_context, max_waiting=max_waiting, grace=grace,
+                   json_logs=json_logs, engine=engine, engine_args=engine_args)
+    if rc:
+        ctx.exit(rc)
 
 
 def main() -> None:

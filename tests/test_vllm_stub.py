@@ -137,3 +137,52 @@ def test_cli_vllm_prepare_json(with_deltas, tmp_path):
     again = subprocess.run([sys.executable, "-m", "deltahub.cli", "--home", str(home), "vllm-prepare", "ft", str(out)],
                            capture_output=True, text=True, timeout=120)
     assert again.returncode != 0 and "not empty" in again.stderr and "--force" in again.stderr
+
+
+def test_engine_vllm_plans_one_model_alone_or_a_base_with_adapters(based, model_dirs, monkeypatch, tmp_path):
+    """``deltahub serve --engine vllm``'s command line (vLLM itself runs in tests/vllm)."""
+    import shutil
+
+    from deltahub.ops import vllm_engine
+    from deltahub.ops.context import StoreContext
+
+    store, home, _ = based
+    monkeypatch.setattr(vllm_engine, "vllm_available", lambda: True)
+    store.compress(model_dirs["llama"]["ft"], base=BASE, name="ft")
+    ctx = StoreContext(home)
+    try:
+        one = vllm_engine.plan_vllm(ctx, ["ft"], "127.0.0.1", 8000, "float16", 4, 64, "sekrit", ["--seed=1"])
+        assert one.served == ["ft"] and one.cmd[-1] == "--seed=1" and "--enable-lora" not in one.cmd
+        assert one.env == {"VLLM_API_KEY": "sekrit"} and "sekrit" not in " ".join(one.cmd)
+        model = Path(one.cmd[one.cmd.index("--model") + 1])
+        assert read_stub(model).name == "ft" and model.parent == one.workdir
+        assert one.cmd[one.cmd.index("--max-model-len") + 1] == "64" and "--enforce-eager" in one.cmd
+        shutil.rmtree(one.workdir)
+        # the llama fine-tune changes norms and embeddings: no adapter can carry it
+        with pytest.raises(InputError, match="cannot carry") as exc:
+            vllm_engine.plan_vllm(ctx, ["base", "ft"], "127.0.0.1", 8000, None, 4, None, None)
+        assert "deltahub serve ft --engine vllm" in exc.value.hint
+        with pytest.raises(InputError, match="name the models"):
+            vllm_engine.plan_vllm(ctx, [], "127.0.0.1", 8000, None, 4, None, None)
+    finally:
+        ctx.close()
+
+
+def test_engine_vllm_refuses_models_of_two_bases_and_builtin_only_flags(based, model_dirs, monkeypatch):
+    import deltahub.api
+    from deltahub.ops import vllm_engine
+    from deltahub.ops.context import StoreContext
+
+    store, home, _ = based
+    monkeypatch.setattr(vllm_engine, "vllm_available", lambda: True)
+    store.add(model_dirs["gpt2"]["base"], name="other")
+    ctx = StoreContext(home)
+    try:
+        with pytest.raises(InputError, match="one vLLM engine serves one base"):
+            vllm_engine.plan_vllm(ctx, [BASE, "other"], "127.0.0.1", 8000, None, 4, None, None)
+    finally:
+        ctx.close()
+    with pytest.raises(InputError, match="not available with --engine vllm: --all, --memory-budget"):
+        deltahub.api.serve([], serve_all=True, home=home, memory_budget="1GB", engine="vllm")
+    with pytest.raises(InputError, match="--engine-arg goes with --engine vllm"):
+        deltahub.api.serve([BASE], home=home, engine_args=["--x"])

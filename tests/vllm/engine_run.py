@@ -5,7 +5,7 @@
 SPEC: {"runs": [{"model": DIR, "prompts": [text, ...], "max_tokens": N,
                  "engine": {extra LLM(...) kwargs}, "loras": [null | [name, id, path], ...],
                  "batches": [{"prompts": [...], "loras": [...]}, ...] (instead of prompts/loras),
-                 "inspect": bool}]}
+                 "inspect": bool, "fake_vllm_version": "0.31.0"}]}
 Each run reports "tokens", "cached" (num_cached_tokens per request) and "errors" (per batch when
 "batches" is given); an engine that fails to start reports {"error": ...}.
 
@@ -31,11 +31,18 @@ def main() -> None:
     for run in spec["runs"]:
         engine = {"enforce_eager": True, "gpu_memory_utilization": 0.1, "dtype": "float32", "max_model_len": 256,
                   "load_format": "deltahub", **run.get("engine", {})}
+        import vllm
+
+        real_version = vllm.__version__
+        if run.get("fake_vllm_version"):  # what deltahub's plug-in sees as the installed vLLM
+            vllm.__version__ = run["fake_vllm_version"]
         try:
             llm = LLM(run["model"], **engine)
         except Exception as exc:  # noqa: BLE001 (reported to the test)
             results.append({"error": f"{type(exc).__name__}: {exc}"})
             continue
+        finally:
+            vllm.__version__ = real_version
         params = SamplingParams(max_tokens=run["max_tokens"], temperature=0, ignore_eos=True)
         batches = run.get("batches") or [{"prompts": run["prompts"], "loras": run.get("loras")}]
         tokens, cached, errors = [], [], []

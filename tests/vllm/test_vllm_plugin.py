@@ -163,7 +163,11 @@ def test_shards_with_different_scale_layouts_stay_unquantized(one_rank):
 def test_llm_on_stub_folders_equals_transformers_on_the_materialized_fine_tunes(vstore, tmp_path):
     names = ["base", *FINETUNES]
     runs = _run_engines(tmp_path, [{"model": str(vstore["stub"][n]), "prompts": PROMPTS, "max_tokens": MAX_TOKENS,
-                                    "inspect": True} for n in names])
+                                    "inspect": True} for n in names]
+                        + [{"model": str(vstore["stub"]["ft-sign1"]), "prompts": PROMPTS, "max_tokens": 1,
+                            "fake_vllm_version": "0.31.2"}])
+    refused = runs.pop()
+    assert "vLLM 0.31.2 is not supported by deltahub's vLLM plug-in" in refused["error"], refused
     for name, run in zip(names, runs):
         assert run["tokens"] == vstore["want"][name], name
         delta = run["inspect"]
@@ -174,44 +178,60 @@ def test_llm_on_stub_folders_equals_transformers_on_the_materialized_fine_tunes(
     assert len({json.dumps(r["tokens"]) for r in runs}) == len(names)  # four different models
 
 
-def test_openai_server_with_the_plugin_from_the_entry_point(vstore, tmp_path):
-    """vLLM's own OpenAI server in its default multi-process mode: the engine process finds the
-    plug-in through the entry point (nothing is imported by hand)."""
+def test_deltahub_serve_engine_vllm_serves_a_base_and_its_fine_tunes(vstore, tmp_path):
+    """``deltahub serve base ad-sign1 ad-planes --engine vllm``: vLLM's own OpenAI server in its
+    default multi-process mode (the engine process finds the plug-in through the entry point), the
+    base as the model and each fine-tune a LoRA adapter; the real OpenAI client gets each model's
+    greedy tokens. SIGTERM stops it and its temporary stub folders are removed."""
+    import signal
+
     import openai
+    from transformers import AutoTokenizer
 
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(vstore["stub"]["ft-planes"]),
-         "--served-model-name", "ft-planes", "--load-format", "deltahub", "--dtype", "float32", "--enforce-eager",
-         "--max-model-len", "256", "--gpu-memory-utilization", "0.1", "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env={**env, "TOKENIZERS_PARALLELISM": "false"})
+        [sys.executable, "-m", "deltahub.cli", "--home", str(vstore["home"]), "serve", "base", "ad-sign1", "ad-planes",
+         "--engine", "vllm", "--dtype", "float32", "--max-context", "256", "--port", str(port),
+         "--engine-arg=--gpu-memory-utilization=0.1"],
+        stdout=log, stderr=subprocess.STDOUT, env={**env, "TOKENIZERS_PARALLELISM": "false", "TMPDIR": str(tmp_path)})
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
         deadline = time.monotonic() + 300
         while True:
             try:
-                assert [m.id for m in client.models.list().data] == ["ft-planes"]
+                assert [m.id for m in client.models.list().data] == ["base", "ad-sign1", "ad-planes"]
                 break
             except (openai.APIConnectionError, openai.InternalServerError):
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError("vLLM server did not start:\n" + (tmp_path / "server.log").read_text()[-4000:])
+                    raise AssertionError("the server did not start:\n" + (tmp_path / "server.log").read_text()[-4000:])
                 time.sleep(1)
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(vstore["stub"]["ft-planes"])
-        for prompt, want in zip(PROMPTS, vstore["want"]["ft-planes"]):
-            r = client.completions.create(model="ft-planes", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
-                                          extra_body={"ignore_eos": True})
-            assert r.choices[0].text.split() == tok.decode(want, skip_special_tokens=True).split()
+        tok = AutoTokenizer.from_pretrained(vstore["stub"]["base"])
+        for name in ("base", "ad-sign1", "ad-planes"):
+            for prompt, want in zip(PROMPTS[:2], vstore["want"][name][:2]):
+                r = client.completions.create(model=name, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                              extra_body={"ignore_eos": True})
+                assert r.choices[0].text.split() == tok.decode(want, skip_special_tokens=True).split(), name
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="ft-sign1", prompt="w1", max_tokens=2)
+        assert len(list(tmp_path.glob("deltahub-vllm-*"))) == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert not list(tmp_path.glob("deltahub-vllm-*"))  # the stub folders are gone
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
+        if proc.poll() is None:
             proc.kill()
         log.close()
+    text = (tmp_path / "server.log").read_text()
+    assert "--load-format deltahub" in text and "--enable-lora" in text and "--lora-modules" in text
+
+
+def test_engine_vllm_refuses_what_an_adapter_cannot_carry(vstore):
+    proc = subprocess.run([sys.executable, "-m", "deltahub.cli", "--home", str(vstore["home"]), "serve", "base", "ft-sign1",
+                           "--engine", "vllm"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "change(s) tensors a vLLM adapter cannot carry" in proc.stderr
+    assert "deltahub serve ft-sign1 --engine vllm" in proc.stderr
 
 
 def test_a_folder_without_pointer_is_refused_before_loading(vstore, tmp_path):

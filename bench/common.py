@@ -452,9 +452,11 @@ def python_child(code: str, *argv: str) -> list[str]:
     return [sys.executable, "-c", code, *argv]
 
 
-def write_noisy_finetune(base_dir: Path, out_dir: Path, seed: int, noise: float) -> Path:
+def write_noisy_finetune(base_dir: Path, out_dir: Path, seed: int, noise: float,
+                         only: Callable[[str], bool] | None = None) -> Path:
     """``out_dir``: ``base_dir``'s files with ``model.safetensors`` replaced by the base plus
-    N(0, noise²) on every tensor (generator seeded with ``seed``): a synthetic full fine-tune."""
+    N(0, noise²) on every tensor (generator seeded with ``seed``): a synthetic full fine-tune.
+    ``only``: change just the tensors it accepts (by name); the others stay the base's."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -464,6 +466,9 @@ def write_noisy_finetune(base_dir: Path, out_dir: Path, seed: int, noise: float)
     with safe_open(str(base_dir / "model.safetensors"), framework="pt") as f:
         for name in f.keys():
             t = f.get_tensor(name)
+            if only is not None and not only(name):
+                tensors[name] = t
+                continue
             tensors[name] = (t.float() + torch.randn(t.shape, generator=gen) * noise).to(t.dtype)
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     return out_dir

@@ -482,7 +482,7 @@ def _serve_vllm(names: Sequence[str], serve_all: bool, home: str | Path | None, 
     from deltahub.ops.context import StoreContext
     from deltahub.ops.vllm_engine import plan_vllm, run_vllm
 
-    unsupported = [flag for flag, on in (("--all", serve_all), ("--pull", pull), ("--json-logs", json_logs),
+    unsupported = [flag for flag, on in (("--all", serve_all), ("--json-logs", json_logs),
                                          ("--memory-budget", memory_budget is not None),
                                          ("--device", device not in ("auto", defaults.SERVE_DEVICE))) if on]
     if unsupported:
@@ -494,7 +494,8 @@ def _serve_vllm(names: Sequence[str], serve_all: bool, home: str | Path | None, 
     ctx = StoreContext(home)
     try:
         with ctx.reading():
-            launch = plan_vllm(ctx, list(names), host, port, dtype, max_batch, max_context, api_key, list(engine_args))
+            launch = plan_vllm(ctx, list(names), host, port, dtype, max_batch, max_context, api_key, list(engine_args),
+                               pull=pull)
     finally:
         ctx.close()
     return run_vllm(launch, grace)

@@ -153,7 +153,8 @@ def test_engine_vllm_plans_one_model_alone_or_a_base_with_adapters(based, model_
     try:
         one = vllm_engine.plan_vllm(ctx, ["ft"], "127.0.0.1", 8000, "float16", 4, 64, "sekrit", ["--seed=1"])
         assert one.served == ["ft"] and one.cmd[-1] == "--seed=1" and "--enable-lora" not in one.cmd
-        assert one.env == {"VLLM_API_KEY": "sekrit"} and "sekrit" not in " ".join(one.cmd)
+        assert one.env == {"VLLM_API_KEY": "sekrit", "DELTAHUB_VLLM_ONLY_DELTAHUB_ADAPTERS": "1"}
+        assert "sekrit" not in " ".join(one.cmd)
         model = Path(one.cmd[one.cmd.index("--model") + 1])
         assert read_stub(model).name == "ft" and model.parent == one.workdir
         assert one.cmd[one.cmd.index("--max-model-len") + 1] == "64" and "--enforce-eager" in one.cmd
@@ -162,6 +163,10 @@ def test_engine_vllm_plans_one_model_alone_or_a_base_with_adapters(based, model_
         with pytest.raises(InputError, match="cannot carry") as exc:
             vllm_engine.plan_vllm(ctx, ["base", "ft"], "127.0.0.1", 8000, None, 4, None, None)
         assert "deltahub serve ft --engine vllm" in exc.value.hint
+        pulled = vllm_engine.plan_vllm(ctx, [BASE], "127.0.0.1", 8000, None, 4, None, None, pull=True)
+        assert "--enable-lora" in pulled.cmd and "--lora-modules" not in pulled.cmd
+        assert pulled.env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "1" and pulled.env["DELTAHUB_VLLM_PULL"] == "1"
+        shutil.rmtree(pulled.workdir)
         with pytest.raises(InputError, match="name the models"):
             vllm_engine.plan_vllm(ctx, [], "127.0.0.1", 8000, None, 4, None, None)
     finally:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -62,7 +61,6 @@ __all__ = ["BaseRuntime", "ModelPool", "PoolFullError", "ServedModel"]
 logger = logging.getLogger(__name__)
 
 
-_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}(?:@[\w./-]{1,255})?$", re.ASCII)
 """What ``--pull`` takes for a Hub repo id (``NAME`` or ``NAMESPACE/NAME``, optionally ``@REVISION``)."""
 
 
@@ -250,9 +248,9 @@ class ModelPool:
             return self._resolve(ctx, name)
         if stored or not self.pull:
             return None
-        from deltahub.ops.pull import pull
+        from deltahub.ops.pull import looks_like_repo_id, pull
 
-        if ".." in name or not _REPO_ID.match(name):  # not a Hub repo id at all: simply not served
+        if not looks_like_repo_id(name):  # not a Hub repo id at all: simply not served
             return None
         logger.info("pulling %s from the Hub", name)
         try:

@@ -25,6 +25,7 @@ missing. An online pull writes ``refs/<branch>`` for the commit it resolved, so 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,15 @@ class PullResult:
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}(?:@[\w./-]{1,255})?$", re.ASCII)
+
+
+def looks_like_repo_id(name: str) -> bool:
+    """Whether a requested model name is shaped like a Hub repo id (``[owner/]repo[@revision]``): the
+    servers pull only such names (``--pull``); anything else (a path, ``..``) is simply unknown."""
+    return ".." not in name and _REPO_ID.match(name) is not None
 
 
 def _corrupt(what: str, where: str) -> CorruptObjectError:

@@ -71,9 +71,12 @@ def _not_adapter_tensors(r: Resolved) -> list[str]:
 
 
 def plan_vllm(ctx: StoreContext, names: Sequence[str], host: str, port: int, dtype: str | None, max_batch: int,
-              max_context: int | None, api_key: str | None, engine_args: Sequence[str] = ()) -> VLLMLaunch:
+              max_context: int | None, api_key: str | None, engine_args: Sequence[str] = (),
+              pull: bool = False) -> VLLMLaunch:
     """Write the stub folders for ``names`` and the vLLM command that serves them (see the module
-    docstring). The caller runs it (:func:`run_vllm`) and removes ``workdir``.
+    docstring). The caller runs it (:func:`run_vllm`) and removes ``workdir``. ``pull``: other stored
+    fine-tunes of the base, and Hub repo ids the store lacks, load by name on their first request
+    (vLLM's runtime adapter loading with deltahub's resolver).
 
     Raises:
         InputError: no names, models of several bases, or a fine-tune an adapter cannot carry.
@@ -93,7 +96,13 @@ def plan_vllm(ctx: StoreContext, names: Sequence[str], host: str, port: int, dty
     fine_tunes = {n: r for n, r in resolved.items() if r.manifest_id != base_id}
     workdir = Path(tempfile.mkdtemp(prefix="deltahub-vllm-"))
     try:
-        env = {"VLLM_API_KEY": api_key} if api_key else {}
+        # adapters are deltahub stubs only: never a PEFT folder whose .bin vLLM would unpickle
+        env = {"DELTAHUB_VLLM_ONLY_DELTAHUB_ADAPTERS": "1"}
+        if api_key:
+            env["VLLM_API_KEY"] = api_key
+        if pull:
+            env.update({"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "DELTAHUB_VLLM_PULL": "1",
+                        "DELTAHUB_VLLM_ADAPTERS": str(workdir / "adapters")})
         common = ["--host", host, "--port", str(port), "--max-num-seqs", str(max_batch), "--load-format", "deltahub"]
         if dtype:
             common += ["--dtype", dtype]
@@ -101,7 +110,7 @@ def plan_vllm(ctx: StoreContext, names: Sequence[str], host: str, port: int, dty
             common += ["--max-model-len", str(max_context)]
         if not _cuda_available() and "--enforce-eager" not in engine_args:
             common.append("--enforce-eager")  # vLLM's CPU build runs eagerly
-        if len(resolved) == 1:  # one model alone: every tensor exact
+        if len(resolved) == 1 and not pull:  # one model alone: every tensor exact
             (name, r), = resolved.items()
             stub = prepare(ctx, name, workdir / _safe(name), dtype=dtype).out_dir
             cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(stub),
@@ -132,11 +141,11 @@ def plan_vllm(ctx: StoreContext, names: Sequence[str], host: str, port: int, dty
         for name, r in fine_tunes.items():
             stub = prepare(ctx, name, workdir / "adapters" / f"{_safe(name)}-{r.manifest_id}", dtype=dtype).out_dir
             modules.append(f"{name}={stub}")
-        slots = min(len(fine_tunes), max_batch)
+        slots = max(1, min(len(fine_tunes) if not pull else max_batch, max_batch))
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base_stub),
                "--served-model-name", base_name, *common, "--enable-lora", "--max-loras", str(slots),
                "--max-cpu-loras", str(max(slots, len(fine_tunes))), "--max-lora-rank", "8",
-               "--lora-modules", *modules, *engine_args]
+               *(["--lora-modules", *modules] if modules else []), *engine_args]
         logger.info("vLLM engine: base %s, %d fine-tune(s) as adapters (%d slot(s) of %d plane(s))", base_name,
                     len(fine_tunes), slots, planes)
         return VLLMLaunch(cmd, env, workdir, [base_name, *fine_tunes])

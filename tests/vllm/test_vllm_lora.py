@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from hub_fixtures import hub_server  # noqa: E402,F401
 from vllm_fixtures import ADAPTERS, MAX_TOKENS, PROMPTS, one_rank, run_engines, vstore  # noqa: E402,F401
 
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -153,6 +154,48 @@ def test_the_resolver_finds_fine_tunes_of_the_served_base_by_name(vstore, tmp_pa
     assert asyncio.run(r.resolve_lora(base, "../../etc")) is None
     assert asyncio.run(r.resolve_lora(base, "base")) is None  # the base itself is no adapter
     assert asyncio.run(r.resolve_lora(str(tmp_path), "ad-sign1")) is None  # not a deltahub engine
+
+
+def test_the_resolver_pulls_a_hub_repo_id_when_asked(vstore, tmp_path, monkeypatch, hub_server):
+    """``deltahub serve --engine vllm --pull``: a fine-tune of the served base that the store lacks
+    is pulled from the Hub by its repo id (the project's own test Hub), then served as an adapter."""
+    import deltahub
+    from hub_fixtures import FAKE_USER, plant_repo
+
+    from deltahub.integrations.vllm.lora import DeltahubResolver, load_adapter
+
+    repo = f"{FAKE_USER}/ad-planes-delta"
+    plant_repo(hub_server, "someone/tiny-base", "b" * 40)
+    with deltahub.Store(vstore["home"]) as store:
+        store.push("ad-planes", repo, base_repo=f"someone/tiny-base@{'b' * 40}")
+    fresh = tmp_path / "fresh"
+    with deltahub.Store(fresh) as store:
+        store.add(vstore["root"] / "ck" / "base", name="base")
+        base = store.vllm_prepare("base", tmp_path / "base-stub", dtype="float32", adapter_planes=2).out_dir
+    monkeypatch.setenv("DELTAHUB_VLLM_ADAPTERS", str(tmp_path / "adapters"))
+    r = DeltahubResolver()
+    assert asyncio.run(r.resolve_lora(str(base), repo)) is None  # not without --pull
+    monkeypatch.setenv("DELTAHUB_VLLM_PULL", "1")
+    req = asyncio.run(r.resolve_lora(str(base), repo))
+    assert req is not None and req.lora_name == repo
+    model = load_adapter(req, SimpleNamespace(quantization_config=__import__("json").loads(
+        (base / "config.json").read_text())["quantization_config"]), set(LINEAR))
+    assert len(model.loras) == 14
+    for hostile in (f"{FAKE_USER}/missing", "../../etc/passwd", "a" * 300):
+        assert asyncio.run(r.resolve_lora(str(base), hostile)) is None
+
+
+def test_an_only_deltahub_engine_refuses_peft_folders(tmp_path, monkeypatch):
+    from vllm.lora.request import LoRARequest
+    from vllm.lora.worker_manager import WorkerLoRAManager
+
+    from deltahub.integrations.vllm import lora
+
+    lora.install_lora_patches()
+    monkeypatch.setenv("DELTAHUB_VLLM_ONLY_DELTAHUB_ADAPTERS", "1")
+    monkeypatch.setattr(lora, "_vllm_load_adapter", lambda self, r: pytest.fail("vLLM's loader was reached"))
+    with pytest.raises(lora.AdapterError, match="deltahub adapters only"):
+        WorkerLoRAManager._load_adapter(SimpleNamespace(), LoRARequest("p", 1, str(tmp_path)))
 
 
 # ---------------------------------------------------------------------------------------- end to end

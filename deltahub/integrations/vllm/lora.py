@@ -55,6 +55,12 @@ WORD_BITS = 32
 PATCHED: list[str] = []
 #: vLLM's own ``WorkerLoRAManager._load_adapter`` (P1 hands it every folder that is no deltahub stub).
 _vllm_load_adapter: Any = None
+#: "1": P1 refuses folders that are no deltahub stub (``deltahub serve --engine vllm`` sets it: with
+#: runtime adapter loading on, a client could otherwise name any local PEFT folder, whose ``.bin`` /
+#: ``.pt`` files vLLM would unpickle).
+ONLY_DELTAHUB_ENV = "DELTAHUB_VLLM_ONLY_DELTAHUB_ADAPTERS"
+#: "1": :class:`DeltahubResolver` pulls a requested Hub repo id the store lacks (``--pull``).
+PULL_ENV = "DELTAHUB_VLLM_PULL"
 
 
 class AdapterError(DeltaHubError):
@@ -247,6 +253,9 @@ def install_lora_patches(version: str | None = None) -> list[str]:
 
     def _load_adapter(self: Any, lora_request: Any) -> Any:
         if not (Path(lora_request.lora_path) / POINTER_FILE).is_file():
+            if os.environ.get(ONLY_DELTAHUB_ENV) == "1":
+                raise AdapterError(f"{lora_request.lora_path} is not a deltahub adapter folder, and this engine serves "
+                                   "deltahub adapters only", "name a stored fine-tune of the served base")
             return _vllm_load_adapter(self, lora_request)  # a PEFT adapter: vLLM's own loader
         mgr = self._adapter_manager
         embeddings = set(getattr(self, "embedding_modules", {}) or {}) | {"embed_tokens", "lm_head"}
@@ -277,9 +286,10 @@ def adapters_dir() -> Path:
 
 class DeltahubResolver:
     """A vLLM ``LoRAResolver`` (public API; used when ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=1``): a
-    request naming a stored fine-tune of the served base loads it as an adapter. Its stub folder is
-    named after the manifest (``NAME-<manifest id>``), so a re-pointed name is a new adapter, never a
-    stale prefix cache."""
+    request naming a stored fine-tune of the served base loads it as an adapter; with
+    ``DELTAHUB_VLLM_PULL=1`` a Hub repo id the store lacks is pulled first. Its stub folder is named
+    after the manifest (``NAME-<manifest id>``), so a re-pointed name is a new adapter, never a stale
+    prefix cache."""
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> Any:
         return await asyncio.to_thread(self._resolve, base_model_name, lora_name)
@@ -298,18 +308,29 @@ class DeltahubResolver:
         try:
             try:
                 entry = ctx.index.get_name(lora_name)
-            except DeltaHubError:  # not a valid store name
-                return None
+            except DeltaHubError:  # not a valid store name (a repo id with its owner, say)
+                entry = None
+            stored = lora_name
             if entry is None:
-                return None
-            resolved = ctx.resolve(lora_name)
+                from deltahub.ops.pull import looks_like_repo_id, pull
+
+                if os.environ.get(PULL_ENV) != "1" or not looks_like_repo_id(lora_name):
+                    return None
+
+                logger.info("pulling %s from the Hub", lora_name)
+                try:
+                    stored = pull(ctx, lora_name).name
+                except DeltaHubError as exc:
+                    logger.info("%s: not pulled (%s)", lora_name, exc)
+                    return None
+            resolved = ctx.resolve(stored)
             m = resolved.manifest
             if m.kind is not ModelKind.DELTA or m.base is None or m.base.manifest != base.manifest:
                 logger.info("%s is not a fine-tune of the served base; not loaded as an adapter", lora_name)
                 return None
             folder = adapters_dir() / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', lora_name)}-{resolved.manifest_id}"
             if not (folder / POINTER_FILE).is_file():
-                prepare(ctx, lora_name, folder, force=True)
+                prepare(ctx, stored, folder, force=True)
                 if read_stub(folder).manifest != resolved.manifest_id:  # re-pointed meanwhile
                     raise AdapterError(f"{lora_name!r} was re-pointed while it was being loaded", "send the request again")
             return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(folder))

@@ -423,7 +423,7 @@ def serve(
     max_waiting: int = defaults.SERVE_MAX_WAITING,
     grace: float = defaults.SERVE_GRACE_SECONDS,
     json_logs: bool = False,
-    engine: str = "builtin",
+    engine: str = defaults.SERVE_ENGINE,
     engine_args: Sequence[str] = (),
 ) -> int:
     """Serve stored models over an OpenAI-compatible HTTP API until SIGINT/SIGTERM (``deltahub serve``).
@@ -444,7 +444,7 @@ def serve(
     if not (isinstance(grace, int | float) and math.isfinite(grace) and 0 <= grace <= defaults.SERVE_MAX_GRACE_SECONDS):
         raise InputError(f"the grace period must be 0 to {defaults.SERVE_MAX_GRACE_SECONDS:g} seconds, got {grace!r}",
                          "pass --grace SECONDS")
-    if engine not in ("builtin", "vllm"):
+    if engine not in defaults.SERVE_ENGINES:
         raise InputError(f"unknown engine {engine!r}", "use builtin or vllm (Ray Serve: serve run deltahub.integrations.ray:app)")
     if engine == "vllm":
         return _serve_vllm(names, serve_all, home, host, port, device, dtype, max_batch, memory_budget, api_key, pull,

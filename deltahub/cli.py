@@ -1021,7 +1021,7 @@ def generate(
 @click.option("--grace", type=click.FloatRange(min=0, max=defaults.SERVE_MAX_GRACE_SECONDS), default=defaults.SERVE_GRACE_SECONDS, show_default=True,
               help="Seconds SIGTERM/Ctrl-C leaves requests in flight to finish before cancelling them.")
 @click.option("--json-logs", is_flag=True, help="Log JSON lines on stderr (startup, one line per request).")
-@click.option("--engine", type=click.Choice(["builtin", "vllm"]), default="builtin", show_default=True,
+@click.option("--engine", type=click.Choice(defaults.SERVE_ENGINES), default=defaults.SERVE_ENGINE, show_default=True,
               help="builtin: deltahub's own server. vllm: vLLM's OpenAI server with deltahub's plug-in (one base per "
               "server; its fine-tunes as adapters; needs vLLM installed).")
 @click.option("--engine-arg", "engine_args", multiple=True, metavar="ARG",

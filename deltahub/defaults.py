@@ -60,6 +60,9 @@ SERVE_FULL_WAIT_S = 10.0
 #: Seconds SIGTERM leaves requests in flight to finish before they are cancelled.
 SERVE_GRACE_SECONDS = 30.0
 SERVE_MAX_GRACE_SECONDS = 86400.0  # a day: longer is a mistake (and overflows timers)
+#: ``deltahub serve --engine``: deltahub's own server, or vLLM's with deltahub's plug-in.
+SERVE_ENGINES = ("builtin", "vllm")
+SERVE_ENGINE = "builtin"
 #: A model whose config names no context length.
 SERVE_DEFAULT_CONTEXT = 2048
 #: ``max_tokens`` when a request gives none: completions (OpenAI's default) and chat (capped by the context).

@@ -267,7 +267,7 @@ class Store:
         force: bool = False,
         bits: int | None = None,
         max_size: int | str | None = None,
-        adapter_planes: int = 1,
+        adapter_planes: int = defaults.VLLM_ADAPTER_PLANES,
         adapter_group: int | None = None,
     ) -> Any:
         """Write the folder vLLM serves ``name`` from with ``--load-format deltahub``: its config,

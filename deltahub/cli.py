@@ -618,10 +618,14 @@ def materialize(
 @click.option("--bits", type=int, default=None, help="Serve the first BITS sign planes of each matrix only.")
 @click.option("--max-size", "max_size", default=None, metavar="SIZE",
               help="Serve the best prefix of the stored planes whose tensor data fits SIZE (e.g. 30MB).")
+@click.option("--adapter-planes", type=click.IntRange(1, 8), default=defaults.VLLM_ADAPTER_PLANES, show_default=True,
+              help="For a base served with --enable-lora: the most sign planes a fine-tune served as its adapter may have.")
+@click.option("--adapter-group", type=int, default=None,
+              help="For a base served with --enable-lora: the scale group (columns) of adapters with per-group scales.")
 @json_option
 @click.pass_context
 def vllm_prepare(ctx: click.Context, name: str, out_dir: Path, dtype: str | None, force: bool, bits: int | None,
-                 max_size: str | None, as_json: bool) -> None:
+                 max_size: str | None, adapter_planes: int, adapter_group: int | None, as_json: bool) -> None:
     """Write the folder vLLM serves stored model NAME from: config, tokenizer and a pointer to this
     store; no weights.
 
@@ -634,7 +638,8 @@ def vllm_prepare(ctx: click.Context, name: str, out_dir: Path, dtype: str | None
     vLLM then reads the base weights and the delta's sign planes from the store and applies the delta
     on the fly. The folder serves the model NAME named when it was written, even if NAME is re-pointed.
     """
-    result = _store(ctx).vllm_prepare(name, out_dir, dtype=dtype, force=force, bits=bits, max_size=_max_size(max_size))
+    result = _store(ctx).vllm_prepare(name, out_dir, dtype=dtype, force=force, bits=bits, max_size=_max_size(max_size),
+                                      adapter_planes=adapter_planes, adapter_group=adapter_group)
     _emit(result.to_json(), as_json, f"prepared {name} ({result.dtype}, {result.delta_tensors} delta tensor(s) as sign "
           f"planes) in {result.out_dir}\nserve it: python -m vllm.entrypoints.openai.api_server --model "
           f"{result.out_dir} --load-format deltahub")

@@ -63,6 +63,8 @@ SERVE_MAX_GRACE_SECONDS = 86400.0  # a day: longer is a mistake (and overflows t
 #: ``deltahub serve --engine``: deltahub's own server, or vLLM's with deltahub's plug-in.
 SERVE_ENGINES = ("builtin", "vllm")
 SERVE_ENGINE = "builtin"
+#: ``vllm-prepare --adapter-planes``: sign planes an adapter slot holds (sign1 and one-plane deltas).
+VLLM_ADAPTER_PLANES = 1
 #: A model whose config names no context length.
 SERVE_DEFAULT_CONTEXT = 2048
 #: ``max_tokens`` when a request gives none: completions (OpenAI's default) and chat (capped by the context).

@@ -160,7 +160,7 @@ def test_engine_vllm_plans_one_model_alone_or_a_base_with_adapters(based, model_
         assert one.cmd[one.cmd.index("--max-model-len") + 1] == "64" and "--enforce-eager" in one.cmd
         shutil.rmtree(one.workdir)
         # the llama fine-tune changes norms and embeddings: no adapter can carry it
-        with pytest.raises(InputError, match="cannot carry") as exc:
+        with pytest.raises(InputError, match="cannot be a vLLM adapter of its base: it changes .* tensor") as exc:
             vllm_engine.plan_vllm(ctx, ["base", "ft"], "127.0.0.1", 8000, None, 4, None, None)
         assert "deltahub serve ft --engine vllm" in exc.value.hint
         pulled = vllm_engine.plan_vllm(ctx, [BASE], "127.0.0.1", 8000, None, 4, None, None, pull=True)
@@ -191,3 +191,40 @@ def test_engine_vllm_refuses_models_of_two_bases_and_builtin_only_flags(based, m
         deltahub.api.serve([], serve_all=True, home=home, memory_budget="1GB", engine="vllm")
     with pytest.raises(InputError, match="--engine-arg goes with --engine vllm"):
         deltahub.api.serve([BASE], home=home, engine_args=["--x"])
+
+
+def test_conv1d_weights_are_served_decoded_and_adapters_must_match_the_bases_files(based, model_dirs, tmp_path):
+    """GPT-2's Conv1D weights are [in, out]: engines transpose them, so their deltas are never planes
+    (they are decoded, exactly); a fine-tune whose tokenizer differs from its base's is no adapter."""
+    import shutil
+
+    from deltahub.ops.context import StoreContext
+    from deltahub.ops.vllm_stub import adapter_problems, planes_plan, source_of
+
+    store, home, _ = based
+    store.add(model_dirs["gpt2"]["base"], name="g")
+    store.compress(model_dirs["gpt2"]["ft"], base="g", name="g-ft")
+    plan = json.loads((store.vllm_prepare("g-ft", tmp_path / "g").out_dir / "config.json").read_text())[
+        "quantization_config"]["planes"]
+    assert not [n for n in plan if ".attn.c_" in n or ".mlp.c_" in n]
+    odd = tmp_path / "odd-tok"
+    shutil.copytree(model_dirs["llama"]["base"], odd)
+    cfg = json.loads((odd / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{{ messages }}"
+    (odd / "tokenizer_config.json").write_text(json.dumps(cfg))
+    store.compress(odd, base=BASE, name="tok")
+    ctx = StoreContext(home)
+    try:
+        source = source_of(ctx, ctx.resolve("tok"))
+        problems = adapter_problems(source, planes_plan(source))
+        assert problems == ["its tokenizer_config.json differ(s) from the base's (an adapter is served with the base's)"]
+    finally:
+        ctx.close()
+
+
+def test_a_pointer_that_is_a_fifo_is_refused_at_once(tmp_path):
+    folder = tmp_path / "stub"
+    folder.mkdir()
+    os.mkfifo(folder / POINTER_FILE)
+    with pytest.raises(InputError, match="is not a regular file"):
+        read_stub(folder)

@@ -39,6 +39,7 @@ replica's memory. Every response carries ``x-deltahub-replica`` (the replica tha
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import os
@@ -54,6 +55,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from deltahub import defaults
 from deltahub.errors import DeltaHubError, InputError
 from deltahub.fileio import parse_size
+from deltahub.formats import safe_json
 from deltahub.serve import configure_logging
 from deltahub.serve.app import BODY_TIMEOUT_S, MAX_BODY_BYTES, create_app
 
@@ -191,6 +193,7 @@ class DeltahubEngine:
                               max_batch=max_batch, memory_budget=memory_budget, pull=pull,
                               max_context=max_context, preload=False)
         self.app = create_app(self.pool, api_key=api_key, max_waiting=max_waiting)
+        self._api_key = api_key
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # (outside a replica: tests calling the class directly)
@@ -288,7 +291,7 @@ class DeltahubEngine:
         """One HTTP request through this replica's ``deltahub serve`` app (a streaming call): yields
         ``(status, headers)``, then the body's chunks."""
         model_id = serve.get_multiplexed_model_id()
-        if model_id:
+        if model_id and self._authorized(headers):  # (else the app answers 401: nothing is loaded or pulled)
             await self._ensure(model_id)
         answer = _call_asgi(self.app, method, path, query, headers, body, self._tasks)
         try:
@@ -296,6 +299,12 @@ class DeltahubEngine:
                 yield (item[0], [*item[1], (REPLICA_HEADER, self.replica)]) if isinstance(item, tuple) else item
         finally:  # (a caller gone: the app sees its disconnect now, not when the GC gets here)
             await answer.aclose()
+
+    def _authorized(self, headers: list[tuple[str, str]]) -> bool:
+        if not self._api_key:
+            return True
+        given = next((v for k, v in headers if k.lower() == "authorization"), "")
+        return hmac.compare_digest(given.encode(), f"Bearer {self._api_key}".encode())
 
     def loaded(self) -> dict[str, Any]:
         """What this replica holds: ``replica``, ``multiplexed`` (the ids Ray's multiplexing holds
@@ -321,8 +330,8 @@ class DeltahubEngine:
 def _model_of(body: bytes) -> str | None:
     """The ``model`` of a JSON request body (``None``: none to route by; the engine answers it)."""
     try:
-        parsed = json.loads(body)
-    except ValueError:
+        parsed = safe_json.loads(body, "the request body")
+    except (safe_json.JSONInputError, ValueError, UnicodeDecodeError):
         return None
     model = parsed.get("model") if isinstance(parsed, dict) else None
     return model if isinstance(model, str) and 0 < len(model) <= MAX_MODEL_ID else None

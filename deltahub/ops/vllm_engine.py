@@ -31,18 +31,12 @@ from pathlib import Path
 
 from deltahub.errors import InputError
 from deltahub.formats.manifest import ModelKind
-from deltahub.ops.context import Resolved, StoreContext
-from deltahub.ops.vllm_stub import prepare
+from deltahub.ops.context import StoreContext
+from deltahub.ops.vllm_stub import adapter_problems, planes_plan, prepare, source_of
 
 __all__ = ["VLLMLaunch", "plan_vllm", "run_vllm", "vllm_available"]
 
 logger = logging.getLogger(__name__)
-
-#: checkpoint tensor names a vLLM adapter slot carries: the decoder's Linear weights
-_ADAPTER_TENSOR = re.compile(r"\.(q_proj|k_proj|v_proj|o_proj|qkv_proj|gate_proj|up_proj|down_proj|gate_up_proj|"
-                             r"c_attn|c_proj|c_fc|query_key_value|dense|dense_h_to_4h|dense_4h_to_h|fc1|fc2|"
-                             r"out_proj|wqkv|wo|w1|w2|w3)\.weight$")
-
 
 @dataclass
 class VLLMLaunch:
@@ -62,12 +56,6 @@ def vllm_available() -> bool:
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-
-
-def _not_adapter_tensors(r: Resolved) -> list[str]:
-    """The tensors of fine-tune ``r`` that change but are no Linear weight of a decoder layer."""
-    return [name for name, rec in sorted(r.manifest.tensors.items())
-            if rec.parts and (not _ADAPTER_TENSOR.search(name) or rec.impl.planes_layout(tuple(rec.shape), rec.params) is None)]
 
 
 def plan_vllm(ctx: StoreContext, names: Sequence[str], host: str, port: int, dtype: str | None, max_batch: int,
@@ -112,21 +100,22 @@ def plan_vllm(ctx: StoreContext, names: Sequence[str], host: str, port: int, dty
             common.append("--enforce-eager")  # vLLM's CPU build runs eagerly
         if len(resolved) == 1 and not pull:  # one model alone: every tensor exact
             (name, r), = resolved.items()
-            stub = prepare(ctx, name, workdir / _safe(name), dtype=dtype).out_dir
+            stub = prepare(ctx, name, workdir / _safe(name), dtype=dtype, resolved=r).out_dir
             cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(stub),
                    "--served-model-name", name, *common, *engine_args]
             return VLLMLaunch(cmd, env, workdir, [name])
-        refused = {n: bad for n, r in fine_tunes.items() if (bad := _not_adapter_tensors(r))}
-        if refused:
-            first, bad = next(iter(refused.items()))
-            raise InputError(
-                f"{', '.join(refused)} change(s) tensors a vLLM adapter cannot carry (embeddings, LM head, norms, "
-                f"biases), e.g. {first}: {', '.join(bad[:3])}",
-                f"serve {first} alone (deltahub serve {first} --engine vllm) or use the built-in engine (no --engine)")
-        layouts = [rec.impl.planes_layout(tuple(rec.shape), rec.params) for r in fine_tunes.values()
-                   for rec in r.manifest.tensors.values() if rec.parts]
-        planes = max((lay.planes for lay in layouts if lay), default=1)
-        groups = {lay.group for lay in layouts if lay and lay.group}
+        plans = {}
+        for n, r in fine_tunes.items():
+            source = source_of(ctx, r)
+            plans[n] = planes_plan(source)
+            problems = adapter_problems(source, plans[n])
+            if problems:
+                raise InputError(f"{n} cannot be a vLLM adapter of its base: {'; '.join(problems)}",
+                                 f"serve {n} alone (deltahub serve {n} --engine vllm) or use the built-in engine "
+                                 "(no --engine)")
+        layouts = [lay for plan in plans.values() for lay in plan.values()]
+        planes = max((lay[0] for lay in layouts), default=1)
+        groups = {lay[2] for lay in layouts if lay[2]}
         if len(groups) > 1:
             raise InputError(f"the fine-tunes use different scale groups ({sorted(groups)}); one engine's adapter "
                              "slots hold one", "serve them on separate engines, or use the built-in engine")
@@ -139,9 +128,12 @@ def plan_vllm(ctx: StoreContext, names: Sequence[str], host: str, port: int, dty
                             adapter_group=next(iter(groups), None)).out_dir
         modules = []
         for name, r in fine_tunes.items():
-            stub = prepare(ctx, name, workdir / "adapters" / f"{_safe(name)}-{r.manifest_id}", dtype=dtype).out_dir
+            stub = prepare(ctx, name, workdir / "adapters" / f"{_safe(name)}-{r.manifest_id}", dtype=dtype,
+                           resolved=r).out_dir
             modules.append(f"{name}={stub}")
         slots = max(1, min(len(fine_tunes) if not pull else max_batch, max_batch))
+        if "--enforce-eager" not in common and "--enforce-eager" not in engine_args:
+            common.append("--enforce-eager")  # adapters under torch.compile / CUDA graphs are not verified yet
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base_stub),
                "--served-model-name", base_name, *common, "--enable-lora", "--max-loras", str(slots),
                "--max-cpu-loras", str(max(slots, len(fine_tunes))), "--max-lora-rank", "8",
@@ -161,20 +153,25 @@ def _cuda_available() -> bool:
 
 
 def run_vllm(launch: VLLMLaunch, grace: float) -> int:
-    """Run the server until it exits; SIGINT/SIGTERM are passed on, and after ``grace`` seconds more
-    it is killed. Removes ``launch.workdir``. Returns the server's exit status (0 after a signal)."""
-    logger.info("starting vLLM: %s", " ".join(launch.cmd))
-    proc = subprocess.Popen(launch.cmd, env={**os.environ, **launch.env})
+    """Run the server until it exits; SIGINT/SIGTERM are passed on (the server runs in a session of
+    its own, so a terminal's Ctrl-C reaches it once, through here), and ``grace`` seconds after the
+    first one its whole process group is killed. Removes ``launch.workdir``. Returns the server's
+    exit status (0 after a signal)."""
     stopping: list[int] = []
+    proc: subprocess.Popen[bytes] | None = None
 
     def forward(signum: int, _frame: object) -> None:
         stopping.append(signum)
-        if proc.poll() is None:
+        if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM if signum == signal.SIGTERM else signal.SIGINT)
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     deadline: float | None = None
     try:
+        logger.info("starting vLLM: %s", " ".join(launch.cmd))
+        proc = subprocess.Popen(launch.cmd, env={**os.environ, **launch.env}, start_new_session=True)
+        if stopping:  # a signal before the server existed
+            proc.send_signal(signal.SIGTERM)
         while True:
             try:
                 rc = proc.wait(timeout=0.5)
@@ -184,13 +181,21 @@ def run_vllm(launch: VLLMLaunch, grace: float) -> int:
                     deadline = time.monotonic() + grace
                 if deadline is not None and time.monotonic() > deadline:
                     logger.warning("vLLM did not stop within %.0f s of the signal; killing it", grace)
-                    proc.kill()
+                    _kill_group(proc)
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
-        if proc.poll() is None:
-            proc.kill()
+        if proc is not None and proc.poll() is None:
+            _kill_group(proc)
             proc.wait()
+        if proc is not None:
+            _kill_group(proc)  # (its engine and worker processes, if any outlived it)
         shutil.rmtree(launch.workdir, ignore_errors=True)
     return 0 if stopping else rc
 
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -6,6 +6,7 @@
                            {"quant_method": "deltahub", "version": 1,
                             "planes": {tensor name: [P, C, G or null], ...},
                             "manifest": <manifest id>, "base_manifest": <its base's, or null>,
+                            "home": <the store>,
                             "adapter_planes": P, "adapter_group": G or null}
     DIR/deltahub.json      {"format": "deltahub-vllm-stub", "version": 1, "home": ..., "name": ...,
                             "manifest": <manifest id>, "bits": null, "max_size": null}
@@ -32,6 +33,7 @@ import logging
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,11 +47,12 @@ from deltahub.formats.manifest import ModelKind
 from deltahub.formats.paths import join_inside
 from deltahub.formats.safetensors_io import dtype_name
 from deltahub.ops.context import Resolved, StoreContext
+from deltahub.ops.load import TOKENIZER_FILES
 from deltahub.ops.materialize import check_output_dir, parse_output_dtype, publish_dir
 from deltahub.ops.reconstruct import ModelSource
 
 __all__ = ["STUB_FORMAT", "STUB_VERSION", "POINTER_FILE", "QUANT_METHOD", "Stub", "PrepareResult",
-           "prepare", "read_stub", "open_stub", "planes_plan"]
+           "prepare", "read_stub", "open_stub", "planes_plan", "adapter_problems", "source_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,13 +93,39 @@ class PrepareResult:
                 "delta_tensors": self.delta_tensors, "files": self.files}
 
 
+def _linear_weights(config: dict[str, Any], architectures: list[str]) -> set[str] | None:
+    """The ``[out, in]`` Linear weights of the model ``config`` describes (built on the meta device:
+    no memory), or None when transformers cannot build it. Neither GPT-2's ``Conv1D`` weights
+    (``[in, out]``: engines transpose those, and a delta's planes would not follow) nor the LM head
+    (engines hold it as a vocabulary table) are among them."""
+    try:
+        from transformers import AutoConfig
+
+        from deltahub.ops.load import model_class
+        from deltahub.runtime.patch import is_conv1d
+
+        cfg = AutoConfig.for_model(**config)
+        with torch.device("meta"):
+            model = model_class(architectures)(cfg)
+    except Exception as exc:  # noqa: BLE001 (an architecture transformers cannot build here)
+        logger.warning("cannot build the model to find its Linear layers (%s); every tensor is served decoded", exc)
+        return None
+    head = model.get_output_embeddings()  # the LM head: a vocabulary table to engines, not a Linear
+    return {f"{name}.weight" for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and not is_conv1d(m) and m is not head}
+
+
 def planes_plan(source: ModelSource) -> dict[str, list[Any]]:
-    """Tensor name → ``[P, C, G]`` for every 2-D tensor whose delta is sign planes (sorted by name)."""
+    """Tensor name → ``[P, C, G]`` for every Linear weight (``[out, in]``) whose delta is sign planes
+    (sorted by name). Any other changed tensor is served decoded (or refused as an adapter)."""
     plan: dict[str, list[Any]] = {}
     if source.manifest.kind is not ModelKind.DELTA:
         return plan
+    linear = _linear_weights(source.config(None), source.manifest.architectures)
+    if linear is None:
+        return plan
     for tname, rec in sorted(source.manifest.tensors.items()):
-        if len(rec.shape) != 2 or not rec.parts:
+        if len(rec.shape) != 2 or not rec.parts or tname not in linear:
             continue
         layout = rec.impl.planes_layout(tuple(rec.shape), rec.params)
         if layout is not None:
@@ -104,10 +133,34 @@ def planes_plan(source: ModelSource) -> dict[str, list[Any]]:
     return plan
 
 
+#: files that shape what a model answers besides its weights: an adapter is served with the base's
+ANSWER_FILES = (*TOKENIZER_FILES, "generation_config.json")
+
+
+def adapter_problems(source: ModelSource, plan: dict[str, list[Any]]) -> list[str]:
+    """Why fine-tune ``source`` cannot be an adapter of its base in an engine that serves the base
+    (empty: it can). An adapter carries the Linear deltas of ``plan`` only; every other changed
+    tensor (embeddings, LM head, norms, biases, GPT-2 ``Conv1D``) and any tokenizer, chat template or
+    generation config of its own would be silently dropped, so each is a problem."""
+    m = source.manifest
+    if m.kind is not ModelKind.DELTA or source.base is None:
+        return ["it is not a fine-tune (a delta) of a stored base"]
+    tensors = [n for n, rec in sorted(m.tensors.items()) if rec.parts and n not in plan]
+    files = [f for f in ANSWER_FILES if m.files.get(f) != source.base.files.get(f)]
+    out = []
+    if tensors:
+        out.append(f"it changes {len(tensors)} tensor(s) a LoRA slot cannot carry (embeddings, LM head, norms, "
+                   f"biases, Conv1D), e.g. {', '.join(tensors[:3])}")
+    if files:
+        out.append(f"its {', '.join(files)} differ(s) from the base's (an adapter is served with the base's)")
+    return out
+
+
 def prepare(ctx: StoreContext, name: str, out_dir: Path, dtype: str | torch.dtype | None = None,
             force: bool = False, bits: int | None = None, max_size: int | None = None,
-            adapter_planes: int = 1, adapter_group: int | None = None) -> PrepareResult:
+            adapter_planes: int = 1, adapter_group: int | None = None, resolved: Resolved | None = None) -> PrepareResult:
     """Write the vLLM stub folder of stored model ``name`` into ``out_dir`` (see the module docstring).
+    ``resolved``: that exact version of it (already looked up), not whatever ``name`` points at now.
 
     Raises:
         NameNotFoundError: no such name. OutputExistsError: ``out_dir`` is not an empty folder (and
@@ -116,14 +169,16 @@ def prepare(ctx: StoreContext, name: str, out_dir: Path, dtype: str | torch.dtyp
     out_dtype = parse_output_dtype(dtype)
     out_dir = check_output_dir(ctx, out_dir, force)
     with ctx.reading():
-        resolved = ctx.resolve(name)
-        source = _source(ctx, resolved, bits, max_size)
+        if resolved is None:
+            resolved = ctx.resolve(name)
+        source = source_of(ctx, resolved, bits, max_size)
         plan = planes_plan(source)
         config = source.config(out_dtype)
         planes_of([adapter_planes, 1 if adapter_group is None else 2, adapter_group], "the adapter slots")
         base_manifest = source.manifest.base.manifest if source.manifest.base is not None else None
         config["quantization_config"] = {
             "quant_method": QUANT_METHOD, "version": QUANT_VERSION, "planes": plan, "manifest": resolved.manifest_id,
+            "home": str(ctx.home.resolve()),
             "base_manifest": base_manifest, "adapter_planes": adapter_planes, "adapter_group": adapter_group}
         stub = Stub(ctx.home.resolve(), name, resolved.manifest_id, bits, max_size)
 
@@ -145,7 +200,7 @@ def prepare(ctx: StoreContext, name: str, out_dir: Path, dtype: str | torch.dtyp
     return PrepareResult(name, out_dir, resolved.manifest_id, shown, len(plan), sorted(files))
 
 
-def _source(ctx: StoreContext, resolved: Resolved, bits: int | None, max_size: int | None) -> ModelSource:
+def source_of(ctx: StoreContext, resolved: Resolved, bits: int | None = None, max_size: int | None = None) -> ModelSource:
     """The exact manifest of ``resolved`` (its plane prefix when ``bits``/``max_size``) with its base."""
     manifest = resolved.manifest
     base = ctx.base_of(manifest)[1] if manifest.kind is ModelKind.DELTA else None
@@ -167,13 +222,15 @@ def read_stub(folder: str | Path) -> Stub:
     folder = Path(folder)
     path = folder / POINTER_FILE
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
     except FileNotFoundError:
         raise InputError(f"{folder} has no {POINTER_FILE}: it is not a deltahub stub folder",
                          "write one with `deltahub vllm-prepare NAME DIR` and point vLLM at DIR") from None
     except OSError as exc:
         raise _bad(folder, f"cannot be read ({exc.strerror})") from None
     with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # (a FIFO or a device would block or never end)
+            raise _bad(folder, "is not a regular file")
         raw = fh.read(MAX_POINTER_BYTES + 1)
     if len(raw) > MAX_POINTER_BYTES:
         raise _bad(folder, f"is larger than {MAX_POINTER_BYTES} bytes")
@@ -221,7 +278,7 @@ def open_stub(stub: Stub) -> tuple[StoreContext, ModelSource]:
         if current is None or current.manifest_id != stub.manifest:
             logger.warning("%r now names another model; this folder still serves the one it was prepared from",
                            stub.name)
-        return ctx, _source(ctx, Resolved(stub.name, stub.manifest, manifest), stub.bits, stub.max_size)
+        return ctx, source_of(ctx, Resolved(stub.name, stub.manifest, manifest), stub.bits, stub.max_size)
     except BaseException:
         ctx.close()
         raise

@@ -24,6 +24,11 @@ from vllm_fixtures import ADAPTERS, MAX_TOKENS, PROMPTS, one_rank, run_engines, 
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def _linear(module: str) -> bool:
+    """An engine that carries adapters for every decoder Linear (what vLLM wraps by default)."""
+    return module.rpartition(".")[2] in LINEAR
+
+
 def _engine_config(vstore, name: str = "base") -> SimpleNamespace:
     """The HF config an engine serving ``name``'s stub folder has (its quantization_config)."""
     import json
@@ -39,24 +44,30 @@ def test_p1_load_adapter_reads_a_fine_tune_from_the_store(vstore):
     from deltahub.integrations.vllm.lora import AdapterError, load_adapter
 
     req = LoRARequest("ad-planes", 7, str(vstore["stub"]["ad-planes"]))
-    model = load_adapter(req, _engine_config(vstore), set(LINEAR))
+    model = load_adapter(req, _engine_config(vstore), _linear)
     assert model.id == 7 and len(model.loras) == 2 * 7  # 2 layers x 7 Linear weights
     q = model.loras["model.layers.0.self_attn.q_proj"]
     assert q.lora_a.dtype == torch.int32 and tuple(q.lora_a.shape) == (2, 128, 4)  # P=2 slots, K=128: 4 words
     assert q.lora_b.dtype == torch.float32 and tuple(q.lora_b.shape) == (2, 128, 1) and q.lora_b.abs().min() > 0
-    one = load_adapter(LoRARequest("ad-sign1", 8, str(vstore["stub"]["ad-sign1"])), _engine_config(vstore), set(LINEAR))
+    one = load_adapter(LoRARequest("ad-sign1", 8, str(vstore["stub"]["ad-sign1"])), _engine_config(vstore), _linear)
     b = one.loras["model.layers.1.mlp.down_proj"].lora_b
     assert (b[1] == 0).all() and (b[0] == b[0, 0, 0]).all()  # one plane, one scale per matrix, padded to P=2
-    with pytest.raises(AdapterError, match="changes 4 tensor\\(s\\) a vLLM adapter slot cannot carry") as exc:
-        load_adapter(LoRARequest("ft-sign1", 9, str(vstore["stub"]["ft-sign1"])), _engine_config(vstore), set(LINEAR))
-    assert "deltahub vllm-prepare ft-sign1" in exc.value.hint
+    with pytest.raises(AdapterError, match="it changes 4 tensor\\(s\\) a LoRA slot cannot carry") as exc:
+        load_adapter(LoRARequest("ft-sign1", 9, str(vstore["stub"]["ft-sign1"])), _engine_config(vstore), _linear)
+    assert "deltahub serve ft-sign1 --engine vllm" in exc.value.hint
+    with pytest.raises(AdapterError, match="carries no adapter for 2 of its Linear layers, e.g. .*v_proj"):  # no v_proj
+        load_adapter(req, _engine_config(vstore), lambda m: m.endswith(("o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                                           "mlp.down_proj", "q_proj", "k_proj")))
+    other = SimpleNamespace(quantization_config={**_engine_config(vstore).quantization_config, "home": "/elsewhere"})
+    with pytest.raises(AdapterError, match="prepared from .*, this engine's base from /elsewhere"):
+        load_adapter(req, other, _linear)
     with pytest.raises(AdapterError, match="serves a fine-tune, not a base"):
-        load_adapter(req, _engine_config(vstore, "ft-planes"), set(LINEAR))
+        load_adapter(req, _engine_config(vstore, "ft-planes"), _linear)
     with pytest.raises(AdapterError, match="does not serve a deltahub base"):
-        load_adapter(req, SimpleNamespace(), set(LINEAR))
+        load_adapter(req, SimpleNamespace(), _linear)
     one_plane = SimpleNamespace(quantization_config={**_engine_config(vstore).quantization_config, "adapter_planes": 1})
     with pytest.raises(AdapterError, match="2 sign plane") as exc:
-        load_adapter(req, one_plane, set(LINEAR))
+        load_adapter(req, one_plane, _linear)
     assert "--adapter-planes 2" in exc.value.hint
 
 
@@ -72,9 +83,10 @@ def test_p1_patched_load_adapter_sends_other_folders_to_vllm(vstore, tmp_path, m
     calls = []
     assert patched.__wrapped__ is lora._vllm_load_adapter
     monkeypatch.setattr(lora, "_vllm_load_adapter", lambda self, r: calls.append(r.lora_path) or "peft")
-    mgr = SimpleNamespace(supported_lora_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj", "embed_tokens"],
-                          packed_modules_mapping={"qkv_proj": ["q_proj", "k_proj", "v_proj"],
-                                                  "gate_up_proj": ["gate_proj", "up_proj"]},
+    wrappers = {f"model.layers.{i}.{m}": object.__new__(type("W", (lora.DeltaSlots,), {}))
+                for i in range(2) for m in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")}
+    mgr = SimpleNamespace(modules=wrappers, packed_modules_mapping={"qkv_proj": ["q_proj", "k_proj", "v_proj"],
+                                                                    "gate_up_proj": ["gate_proj", "up_proj"]},
                           model=SimpleNamespace(config=_engine_config(vstore)))
     fake = SimpleNamespace(_adapter_manager=mgr, embedding_modules={"embed_tokens": "input_embeddings"})
     peft = tmp_path / "peft"
@@ -115,7 +127,7 @@ def test_p2_wrappers_carry_per_slot_deltas_and_leave_base_rows_alone(one_rank, v
     base.quant_method.process_weights_after_loading(base)  # (vLLM's CPU GEMM takes the weight over)
     layer = from_layer(base, 2, LoRAConfig(max_lora_rank=8, max_loras=2, lora_dtype=torch.float32), ["q_proj", "k_proj", "v_proj"], cfg)
     assert isinstance(layer, lora.DeltaSlots) and tuple(layer.dh_packed.shape) == (2, 2, 256, 4)
-    ads = {n: lora.load_adapter(LoRARequest(n, i + 1, str(vstore["stub"][n])), cfg, set(LINEAR))
+    ads = {n: lora.load_adapter(LoRARequest(n, i + 1, str(vstore["stub"][n])), cfg, _linear)
            for i, n in enumerate(["ad-sign1", "ad-planes"])}
     deltas = {}
     for slot, (name, model) in enumerate(ads.items()):
@@ -179,7 +191,7 @@ def test_the_resolver_pulls_a_hub_repo_id_when_asked(vstore, tmp_path, monkeypat
     req = asyncio.run(r.resolve_lora(str(base), repo))
     assert req is not None and req.lora_name == repo
     model = load_adapter(req, SimpleNamespace(quantization_config=__import__("json").loads(
-        (base / "config.json").read_text())["quantization_config"]), set(LINEAR))
+        (base / "config.json").read_text())["quantization_config"]), _linear)
     assert len(model.loras) == 14
     for hostile in (f"{FAKE_USER}/missing", "../../etc/passwd", "a" * 300):
         assert asyncio.run(r.resolve_lora(str(base), hostile)) is None
@@ -229,4 +241,4 @@ def test_mixed_batches_equal_each_model_alone_with_on_demand_loads_and_private_p
     assert len({str(want[n][0]) for n in ("base", "ad-sign1", "ad-planes")}) == 3  # the models differ
     # the long prompt's blocks are cached under the base: the fine-tune reuses none, the base all
     assert cached[4][0] == 0 and cached[4][1] >= 64, cached
-    assert "ft-sign1" in errors[5] and "cannot carry" in errors[5]
+    assert "ft-sign1" in errors[5] and "cannot be served as an adapter" in errors[5]

@@ -22,9 +22,9 @@ from torch import nn
 from vllm.config import ModelConfig
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
-from deltahub.errors import DeltaHubError
+from deltahub.errors import DeltaHubError, InputError
 from deltahub.ops.reconstruct import ModelSource
-from deltahub.ops.vllm_stub import open_stub, read_stub
+from deltahub.ops.vllm_stub import POINTER_FILE, open_stub, read_stub
 
 from .version import check_vllm_version
 from .quant import DeltahubLinearMethod
@@ -106,6 +106,12 @@ class DeltahubModelLoader(BaseModelLoader):
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         check_vllm_version()
         stub = read_stub(model_config.model)
+        quant = getattr(model_config.hf_config, "quantization_config", None)
+        prepared = quant.get("manifest") if isinstance(quant, dict) else None
+        if prepared is not None and prepared != stub.manifest:  # the planes plan is of another model
+            raise InputError(f"{model_config.model}: config.json was written for manifest {prepared[:12]} but "
+                             f"{POINTER_FILE} names {stub.manifest[:12]}",
+                             f"write the folder again with `deltahub vllm-prepare {stub.name} DIR --force`")
         ctx, source = open_stub(stub)
         try:
             with ctx.reading():

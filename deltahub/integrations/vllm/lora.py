@@ -33,7 +33,9 @@ import logging
 import math
 import os
 import re
+import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,7 @@ import torch
 
 from deltahub.errors import DeltaHubError, InputError
 from deltahub.formats.manifest import ModelKind
-from deltahub.ops.vllm_stub import POINTER_FILE, open_stub, read_stub
+from deltahub.ops.vllm_stub import POINTER_FILE, adapter_problems, open_stub, planes_plan, read_stub
 
 from .version import UnsupportedVLLMError, check_vllm_version
 
@@ -89,17 +91,19 @@ def _columns(k: int, group: int | None) -> int:
 
 
 # ---------------------------------------------------------------------------------------- P1: loading
-def load_adapter(lora_request: Any, engine_config: Any, expected: set[str]) -> Any:
+def load_adapter(lora_request: Any, engine_config: Any, wrapped: Callable[[str], bool]) -> Any:
     """The ``LoRAModel`` of the fine-tune whose stub folder ``lora_request.lora_path`` is.
 
     Args:
         lora_request: vLLM's ``LoRARequest``. engine_config: the engine model's HF config (its
-            deltahub ``quantization_config`` says which base it serves and sizes the slots).
-        expected: the Linear module names (last component: ``q_proj``, ...) vLLM wraps for adapters.
+            deltahub ``quantization_config`` says which base of which store it serves and sizes
+            the slots).
+        wrapped: whether a checkpoint module name (``model.layers.0.self_attn.q_proj``) is a Linear
+            layer the engine carries adapters for (vLLM skips any other module without an error).
 
     Raises:
-        AdapterError: the engine serves no deltahub base, the fine-tune is of another base, or it
-        changes tensors a LoRA slot cannot carry (all of them named in the message).
+        AdapterError: the engine serves no deltahub base, the fine-tune is of another base or
+        store, or it changes anything an adapter cannot carry (:func:`adapter_problems`).
     """
     from vllm.lora.lora_model import LoRAModel
     from vllm.lora.lora_weights import LoRALayerWeights
@@ -114,23 +118,32 @@ def load_adapter(lora_request: Any, engine_config: Any, expected: set[str]) -> A
         raise AdapterError("this vLLM engine serves a fine-tune, not a base: an adapter would add to its delta",
                            "serve the base's folder (`deltahub vllm-prepare BASE DIR`) with --enable-lora")
     planes, group = adapter_slots(engine_config)
+    if q.get("home") and stub.home != Path(q["home"]):  # one store: its manifest ids name one content
+        raise AdapterError(f"{stub.name!r} is prepared from {stub.home}, this engine's base from {q['home']}",
+                           "prepare the fine-tune from the store the base was prepared from")
     ctx, source = open_stub(stub)
     try:
         manifest = source.manifest
         if manifest.kind is not ModelKind.DELTA or manifest.base is None or manifest.base.manifest != q["manifest"]:
             raise AdapterError(f"{stub.name!r} is not a fine-tune of the base this engine serves",
                                "serve it on an engine of its own base")
+        plan = planes_plan(source)
+        problems = adapter_problems(source, plan)
+        unwrapped = sorted(n for n in plan if not wrapped(n.rpartition(".")[0]))
+        if unwrapped:
+            problems.append(f"this engine carries no adapter for {len(unwrapped)} of its Linear layers, e.g. "
+                            f"{', '.join(unwrapped[:3])} (see --lora-target-modules)")
+        if problems:
+            raise AdapterError(f"{stub.name!r} cannot be served as an adapter: {'; '.join(problems)}",
+                               f"serve it alone (`deltahub serve {stub.name} --engine vllm`) or with the built-in "
+                               "engine (`deltahub serve`)")
         loras: dict[str, Any] = {}
-        refused: list[str] = []
         with ctx.reading():
-            for name, rec in sorted(manifest.tensors.items()):
-                if not rec.parts:  # unchanged (the base's tensor)
-                    continue
+            for name in plan:
+                rec = manifest.tensors[name]
                 layout = rec.impl.planes_layout(tuple(rec.shape), rec.params)
-                module, _, leaf = name.rpartition(".")
-                if layout is None or leaf != "weight" or module.rpartition(".")[2] not in expected:
-                    refused.append(name)
-                    continue
+                assert layout is not None  # (in the plan)
+                module = name.rpartition(".")[0]
                 if layout.planes > planes or (layout.columns > 1 and layout.group != group):
                     raise AdapterError(
                         f"{stub.name!r}: {name} has {layout.planes} sign plane(s)"
@@ -149,15 +162,34 @@ def load_adapter(lora_request: Any, engine_config: Any, expected: set[str]) -> A
                     scales[i].copy_(s.to(torch.float32).expand(n, c))
                 loras[module] = LoRALayerWeights(module, rank=1, lora_alpha=1, lora_a=packed, lora_b=scales,
                                                  scaling=1.0)
-        if refused:
-            raise AdapterError(
-                f"{stub.name!r} changes {len(refused)} tensor(s) a vLLM adapter slot cannot carry (embeddings, LM "
-                f"head, norms, biases), e.g. {', '.join(refused[:3])}",
-                f"serve it alone (`deltahub vllm-prepare {stub.name} DIR`) or with `deltahub serve` (built-in engine)")
         logger.info("deltahub adapter %s: %d Linear delta(s) from %s", stub.name, len(loras), stub.home)
         return LoRAModel(lora_request.lora_int_id, rank=1, loras=loras)
     finally:
         ctx.close()
+
+
+def _wrapped_by(mgr: Any) -> Callable[[str], bool]:
+    """Whether a checkpoint module name is a Linear adapter layer of vLLM's adapter manager ``mgr``
+    (``q_proj`` counts when its fused ``qkv_proj`` is wrapped), after the model's own renaming."""
+    modules = getattr(mgr, "modules", {}) or {}
+    fused = {shard: name for name, shards in (getattr(mgr, "packed_modules_mapping", {}) or {}).items()
+             for shard in shards}
+    mapper = getattr(mgr.model, "hf_to_vllm_mapper", None)
+
+    def wrapped(hf_module: str) -> bool:
+        name = hf_module
+        if mapper is not None:
+            mapped = mapper.apply_list([name])
+            if not mapped:
+                return False
+            name = mapped[0]
+        parent, _, leaf = name.rpartition(".")
+        for candidate in (name, f"{parent}.{fused[leaf]}" if leaf in fused else None):
+            if candidate is not None and isinstance(modules.get(candidate), DeltaSlots):
+                return True
+        return False
+
+    return wrapped
 
 
 # ---------------------------------------------------------------------------------------- P2: layers
@@ -202,17 +234,23 @@ class DeltaSlots:
         self.dh_active[index] = True
 
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        # No branch on Python state here: vLLM traces this once (torch.compile, guards dropped) before
+        # any adapter is active, so the delta op always runs (zero scales and slot -1 add nothing).
         out = super().apply(x, bias)  # type: ignore[misc]
-        if not any(self.dh_active):
-            return out
         x2 = x.reshape(-1, x.shape[-1])
-        slot = self.punica_wrapper.token_lora_indices  # type: ignore[attr-defined]
-        m = x2.shape[0]
-        if slot.shape[0] < m:  # padded rows (CUDA graph sizes): base
-            slot = torch.cat([slot, slot.new_full((m - slot.shape[0],), -1)])
-        delta = torch.ops.deltahub.multi_tenant_planes_delta(x2, self.dh_packed, self.dh_scales, slot[:m],
+        delta = torch.ops.deltahub.multi_tenant_planes_delta(x2, self.dh_packed, self.dh_scales, self._slots(x2.shape[0]),
                                                              self.input_size, self.dh_group)  # type: ignore[attr-defined]
         return out + delta.to(out.dtype).view(out.shape)
+
+    def _slots(self, m: int) -> torch.Tensor:
+        """The adapter slot of each of the ``m`` rows (-1: base): vLLM's static per-token buffer (rows
+        past this step's tokens are padding, whose output is discarded), else its current view."""
+        punica = self.punica_wrapper  # type: ignore[attr-defined]
+        static = getattr(punica, "_token_lora_indices", None)
+        if static is not None and static.shape[0] >= m:
+            return static[:m]
+        slot = punica.token_lora_indices
+        return torch.cat([slot, slot.new_full((max(0, m - slot.shape[0]),), -1)])[:m]
 
 
 # ---------------------------------------------------------------------------------------- install
@@ -258,10 +296,7 @@ def install_lora_patches(version: str | None = None) -> list[str]:
                                    "deltahub adapters only", "name a stored fine-tune of the served base")
             return _vllm_load_adapter(self, lora_request)  # a PEFT adapter: vLLM's own loader
         mgr = self._adapter_manager
-        embeddings = set(getattr(self, "embedding_modules", {}) or {}) | {"embed_tokens", "lm_head"}
-        expected = {n for m in mgr.supported_lora_modules if m not in embeddings
-                    for n in mgr.packed_modules_mapping.get(m, [m])}
-        return load_adapter(lora_request, getattr(mgr.model, "config", None), expected)
+        return load_adapter(lora_request, getattr(mgr.model, "config", None), _wrapped_by(mgr))
 
     _load_adapter.__wrapped__ = _vllm_load_adapter  # type: ignore[attr-defined]
     WorkerLoRAManager._load_adapter = _load_adapter  # type: ignore[method-assign]
@@ -280,8 +315,19 @@ def install_lora_patches(version: str | None = None) -> list[str]:
 # ---------------------------------------------------------------------------------------- by name
 def adapters_dir() -> Path:
     """Where stub folders of adapters resolved by name are written (``DELTAHUB_VLLM_ADAPTERS``, else a
-    folder of this user's in the temporary directory)."""
-    return Path(os.environ.get("DELTAHUB_VLLM_ADAPTERS") or Path(tempfile.gettempdir()) / f"deltahub-vllm-adapters-{os.getuid()}")
+    folder of this user's in the temporary directory), created private (0700) and checked to be this
+    user's real folder: in a shared temporary directory another user could plant one."""
+    path = Path(os.environ.get("DELTAHUB_VLLM_ADAPTERS") or
+                Path(tempfile.gettempdir()) / f"deltahub-vllm-adapters-{os.getuid()}")
+    try:
+        path.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise AdapterError(f"{path} is not a private folder of this user (a link, another owner, or open to others)",
+                           "remove it, or set DELTAHUB_VLLM_ADAPTERS to a private folder")
+    return path
 
 
 class DeltahubResolver:
@@ -329,10 +375,14 @@ class DeltahubResolver:
                 logger.info("%s is not a fine-tune of the served base; not loaded as an adapter", lora_name)
                 return None
             folder = adapters_dir() / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', lora_name)}-{resolved.manifest_id}"
-            if not (folder / POINTER_FILE).is_file():
-                prepare(ctx, stored, folder, force=True)
-                if read_stub(folder).manifest != resolved.manifest_id:  # re-pointed meanwhile
-                    raise AdapterError(f"{lora_name!r} was re-pointed while it was being loaded", "send the request again")
+            current = None
+            if (folder / POINTER_FILE).is_file():
+                try:
+                    current = read_stub(folder)
+                except InputError:
+                    current = None
+            if current is None or current.manifest != resolved.manifest_id or current.home != base.home:
+                prepare(ctx, stored, folder, force=True, resolved=resolved)
             return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(folder))
         finally:
             ctx.close()

@@ -59,7 +59,7 @@ from deltahub.formats import safe_json
 from deltahub.serve import configure_logging
 from deltahub.serve.app import BODY_TIMEOUT_S, MAX_BODY_BYTES, create_app
 
-__all__ = ["DeltahubEngine", "DeltahubIngress", "app", "build", "build_app"]
+__all__ = ["DeltahubEngine", "DeltahubIngress", "DeltahubVLLMEngine", "app", "build", "build_app"]
 
 logger = logging.getLogger("deltahub.integrations.ray")
 
@@ -326,6 +326,100 @@ class DeltahubEngine:
         self.pool.close(cancel=True, timeout=5)
 
 
+@serve.deployment(name="DeltahubVLLMEngine")
+class DeltahubVLLMEngine:
+    """One engine replica backed by vLLM: ``deltahub serve NAMES --engine vllm --pull`` (one base,
+    its fine-tunes as adapters, others loaded by name on their first request) on a private local
+    port, each request proxied to it. vLLM keeps its own adapter LRU (``--max-cpu-loras``); Ray's
+    multiplexing only routes a model id to the replicas that served it last."""
+
+    def __init__(self, home: str | None = None, names: Sequence[str] = (), dtype: str | None = None,
+                 max_batch: int = defaults.SERVE_MAX_BATCH, max_context: int | None = None, api_key: str | None = None,
+                 pull: bool = False, max_models: int = DEFAULT_MAX_MODELS, engine_args: Sequence[str] = (),
+                 json_logs: bool = False, start_timeout: float = 900.0) -> None:
+        import socket
+        import subprocess
+        import sys
+        import time
+
+        import httpx
+
+        configure_logging(json_logs)
+        if not names:
+            raise InputError("the vLLM engine serves named models (one base and fine-tunes of it)",
+                             "pass names=BASE,FT1,...")
+        with socket.socket() as sock:  # (a free port for this replica's own vLLM server)
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [sys.executable, "-m", "deltahub.cli", *(["--home", os.fspath(home)] if home else []), "serve", *names,
+               "--engine", "vllm", "--host", "127.0.0.1", "--port", str(port), "--max-batch", str(max_batch),
+               "--pull" if pull else "", *(["--dtype", dtype] if dtype else []),
+               *(["--max-context", str(max_context)] if max_context else []),
+               *(f"--engine-arg={a}" for a in engine_args)]
+        env = {**os.environ, **({"DELTAHUB_API_KEY": api_key} if api_key else {})}
+        self.proc = subprocess.Popen([c for c in cmd if c], env=env, start_new_session=True)
+        self.url = f"http://127.0.0.1:{port}"
+        self.client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(None, connect=10.0))
+        deadline = time.monotonic() + start_timeout
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        while True:  # ready when vLLM lists its models
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the vLLM server of this replica exited ({self.proc.returncode}): see the replica log")
+            try:
+                if httpx.get(self.url + "/v1/models", headers=headers, timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self._stop()
+                raise RuntimeError(f"the vLLM server of this replica did not start within {start_timeout:.0f} s")
+            time.sleep(1)
+        try:
+            self.replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # (outside a replica)
+            self.replica = f"local-{os.getpid()}"
+
+        async def deltahub_route(model_id: str) -> str:  # vLLM loads adapters itself: routing only
+            return model_id
+
+        self._multiplexed = serve.multiplexed(max_num_models_per_replica=max_models)(deltahub_route)
+        logger.info("vLLM engine replica %s on %s: %s", self.replica, self.url, ", ".join(names))
+
+    async def forward(self, method: str, path: str, query: str, headers: list[tuple[str, str]],
+                      body: bytes) -> AsyncIterator[_Start | bytes]:
+        """One HTTP request proxied to this replica's vLLM server (a streaming call)."""
+        model_id = serve.get_multiplexed_model_id()
+        if model_id:
+            await self._multiplexed(model_id)
+        request = self.client.build_request(method, path + (f"?{query}" if query else ""), content=body,
+                                            headers=[(k, v) for k, v in headers if k.lower() not in _HOP_HEADERS])
+        response = await self.client.send(request, stream=True)
+        try:
+            yield (response.status_code, [*response.headers.items(), (REPLICA_HEADER, self.replica)])
+            async for chunk in response.aiter_raw():
+                yield chunk
+        finally:
+            await response.aclose()
+
+    def check_health(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"the vLLM server of this replica exited ({self.proc.returncode})")
+
+    def _stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # deltahub's launcher stops vLLM and removes its stubs
+            try:
+                self.proc.wait(60)
+            except Exception:  # noqa: BLE001
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def __del__(self) -> None:  # Ray calls it on a replica's shutdown
+        if hasattr(self, "proc"):
+            self._stop()
+
+
 # --------------------------------------------------------------------------------------------- ingress
 def _model_of(body: bytes) -> str | None:
     """The ``model`` of a JSON request body (``None``: none to route by; the engine answers it)."""
@@ -448,8 +542,12 @@ def build_app(
     max_ongoing_requests: int | None = None,
     ingress_replicas: int = 1,
     json_logs: bool = False,
+    engine: str = defaults.SERVE_ENGINE,
+    engine_args: Sequence[str] = (),
 ) -> Any:
     """The Ray Serve application (``serve.run(build_app(...))``): an ingress and engine replicas.
+    ``engine="vllm"``: each replica runs vLLM with deltahub's plug-in (:class:`DeltahubVLLMEngine`:
+    ``names`` = one base and fine-tunes of it; ``engine_args`` go to vLLM), else deltahub's own.
 
     ``home``: the store (default ``$DELTAHUB_HOME``, else deltahub's default); it must be readable
     at that path on every node. ``names``: the models served (none: every stored model). ``device``,
@@ -486,14 +584,24 @@ def build_app(
         options["autoscaling_config"] = {"target_ongoing_requests": max_batch, **autoscaling_config}
     else:
         options["num_replicas"] = num_replicas or 1
-    engine = DeltahubEngine.options(**options).bind(
-        home=None if home is None else os.fspath(home), names=list(names), device=device, dtype=dtype,
-        max_batch=max_batch, max_waiting=max_waiting, max_context=max_context, memory_budget=budget,
-        api_key=api_key, pull=pull, max_models=max_models, json_logs=json_logs,
-    )
+    if engine not in defaults.SERVE_ENGINES:
+        raise InputError(f"unknown engine {engine!r}", f"use {' or '.join(defaults.SERVE_ENGINES)}")
+    if engine == "vllm":
+        replicas = DeltahubVLLMEngine.options(**options).bind(
+            home=None if home is None else os.fspath(home), names=list(names), dtype=dtype, max_batch=max_batch,
+            max_context=max_context, api_key=api_key, pull=pull, max_models=max_models, engine_args=list(engine_args),
+            json_logs=json_logs)
+    else:
+        if engine_args:
+            raise InputError("engine_args go with engine=vllm", "leave them out, or pass engine=vllm")
+        replicas = DeltahubEngine.options(**options).bind(
+            home=None if home is None else os.fspath(home), names=list(names), device=device, dtype=dtype,
+            max_batch=max_batch, max_waiting=max_waiting, max_context=max_context, memory_budget=budget,
+            api_key=api_key, pull=pull, max_models=max_models, json_logs=json_logs,
+        )
     ingress = DeltahubIngress.options(num_replicas=ingress_replicas, max_ongoing_requests=1000,
                                       ray_actor_options={"num_cpus": 0})
-    return ingress.bind(engine)
+    return ingress.bind(replicas)
 
 
 def _flag(text: str) -> bool:
@@ -513,6 +621,8 @@ _ARGS: dict[str, Callable[[Any], Any]] = {
     "pull": lambda v: v if isinstance(v, bool) else _flag(str(v)),
     "json_logs": lambda v: v if isinstance(v, bool) else _flag(str(v)),
     "autoscaling_config": lambda v: json.loads(v) if isinstance(v, str) else dict(v),
+    "engine": str,
+    "engine_args": lambda v: [a for a in v.split(" ") if a] if isinstance(v, str) else list(v),
 }
 
 

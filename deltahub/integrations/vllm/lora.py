@@ -91,15 +91,16 @@ def _columns(k: int, group: int | None) -> int:
 
 
 # ---------------------------------------------------------------------------------------- P1: loading
-def load_adapter(lora_request: Any, engine_config: Any, wrapped: Callable[[str], bool]) -> Any:
+def load_adapter(lora_request: Any, engine_config: Any, wrapped: Callable[[str], str | None]) -> Any:
     """The ``LoRAModel`` of the fine-tune whose stub folder ``lora_request.lora_path`` is.
 
     Args:
         lora_request: vLLM's ``LoRARequest``. engine_config: the engine model's HF config (its
             deltahub ``quantization_config`` says which base of which store it serves and sizes
             the slots).
-        wrapped: whether a checkpoint module name (``model.layers.0.self_attn.q_proj``) is a Linear
-            layer the engine carries adapters for (vLLM skips any other module without an error).
+        wrapped: a checkpoint module name (``model.layers.0.self_attn.q_proj``) → its name in the
+            engine's model when that is a Linear layer it carries adapters for, else None (vLLM
+            skips any other module without an error).
 
     Raises:
         AdapterError: the engine serves no deltahub base, the fine-tune is of another base or
@@ -129,7 +130,8 @@ def load_adapter(lora_request: Any, engine_config: Any, wrapped: Callable[[str],
                                "serve it on an engine of its own base")
         plan = planes_plan(source)
         problems = adapter_problems(source, plan)
-        unwrapped = sorted(n for n in plan if not wrapped(n.rpartition(".")[0]))
+        targets = {n: wrapped(n.rpartition(".")[0]) for n in plan}
+        unwrapped = sorted(n for n, t in targets.items() if t is None)
         if unwrapped:
             problems.append(f"this engine carries no adapter for {len(unwrapped)} of its Linear layers, e.g. "
                             f"{', '.join(unwrapped[:3])} (see --lora-target-modules)")
@@ -143,7 +145,6 @@ def load_adapter(lora_request: Any, engine_config: Any, wrapped: Callable[[str],
                 rec = manifest.tensors[name]
                 layout = rec.impl.planes_layout(tuple(rec.shape), rec.params)
                 assert layout is not None  # (in the plan)
-                module = name.rpartition(".")[0]
                 if layout.planes > planes or (layout.columns > 1 and layout.group != group):
                     raise AdapterError(
                         f"{stub.name!r}: {name} has {layout.planes} sign plane(s)"
@@ -160,7 +161,9 @@ def load_adapter(lora_request: Any, engine_config: Any, wrapped: Callable[[str],
                 for i, (p, s) in enumerate(zip(bits.packed, bits.scales, strict=True)):
                     packed[i].copy_(p)
                     scales[i].copy_(s.to(torch.float32).expand(n, c))
-                loras[module] = LoRALayerWeights(module, rank=1, lora_alpha=1, lora_a=packed, lora_b=scales,
+                target = targets[name]
+                assert target is not None  # (checked above)
+                loras[target] = LoRALayerWeights(target, rank=1, lora_alpha=1, lora_a=packed, lora_b=scales,
                                                  scaling=1.0)
         logger.info("deltahub adapter %s: %d Linear delta(s) from %s", stub.name, len(loras), stub.home)
         return LoRAModel(lora_request.lora_int_id, rank=1, loras=loras)
@@ -168,26 +171,21 @@ def load_adapter(lora_request: Any, engine_config: Any, wrapped: Callable[[str],
         ctx.close()
 
 
-def _wrapped_by(mgr: Any) -> Callable[[str], bool]:
-    """Whether a checkpoint module name is a Linear adapter layer of vLLM's adapter manager ``mgr``
-    (``q_proj`` counts when its fused ``qkv_proj`` is wrapped), after the model's own renaming."""
+def _wrapped_by(mgr: Any) -> Callable[[str], str | None]:
+    """A checkpoint module name → itself when it is a Linear adapter layer of vLLM's adapter manager
+    ``mgr`` (``q_proj`` counts when its fused ``qkv_proj`` is wrapped), else None. A model whose vLLM
+    module names differ from its checkpoint's (vLLM's ``hf_to_vllm_mapper`` renames weights, not
+    adapter modules) finds none wrapped: its fine-tunes are refused as adapters, never misplaced."""
     modules = getattr(mgr, "modules", {}) or {}
     fused = {shard: name for name, shards in (getattr(mgr, "packed_modules_mapping", {}) or {}).items()
              for shard in shards}
-    mapper = getattr(mgr.model, "hf_to_vllm_mapper", None)
 
-    def wrapped(hf_module: str) -> bool:
-        name = hf_module
-        if mapper is not None:
-            mapped = mapper.apply_list([name])
-            if not mapped:
-                return False
-            name = mapped[0]
+    def wrapped(name: str) -> str | None:
         parent, _, leaf = name.rpartition(".")
         for candidate in (name, f"{parent}.{fused[leaf]}" if leaf in fused else None):
             if candidate is not None and isinstance(modules.get(candidate), DeltaSlots):
-                return True
-        return False
+                return name
+        return None
 
     return wrapped
 
@@ -206,7 +204,7 @@ class DeltaSlots:
         self.dh_packed = torch.zeros((max_loras, planes, n, math.ceil(k / WORD_BITS)), dtype=torch.int32, device=device)
         self.dh_scales = torch.zeros((max_loras, planes, n, _columns(k, group)), dtype=torch.float32, device=device)
         self.dh_group = group or 0
-        self.dh_active = [False] * max_loras
+        self.dh_active = torch.zeros(max_loras, dtype=torch.bool, device=device)  # slots holding a deltahub delta
 
     def reset_lora(self, index: int) -> None:
         super().reset_lora(index)  # type: ignore[misc]
@@ -235,11 +233,12 @@ class DeltaSlots:
 
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # No branch on Python state here: vLLM traces this once (torch.compile, guards dropped) before
-        # any adapter is active, so the delta op always runs (zero scales and slot -1 add nothing).
+        # any adapter is active, so the delta op always runs; inactive slots (dh_active, a tensor) and
+        # slot -1 add nothing and cost nothing.
         out = super().apply(x, bias)  # type: ignore[misc]
         x2 = x.reshape(-1, x.shape[-1])
         delta = torch.ops.deltahub.multi_tenant_planes_delta(x2, self.dh_packed, self.dh_scales, self._slots(x2.shape[0]),
-                                                             self.input_size, self.dh_group)  # type: ignore[attr-defined]
+                                                             self.dh_active, self.input_size, self.dh_group)  # type: ignore[attr-defined]
         return out + delta.to(out.dtype).view(out.shape)
 
     def _slots(self, m: int) -> torch.Tensor:

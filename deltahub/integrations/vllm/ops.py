@@ -43,8 +43,16 @@ def _(x: Tensor, packed: Tensor, scales: Tensor, k: int, group: int) -> Tensor:
     return x.new_empty((x.shape[0], packed.shape[1]), dtype=torch.float32)
 
 
-def multi_tenant_planes_delta_ref(x: Tensor, packed: Tensor, scales: Tensor, slot: Tensor, k: int, group: int) -> Tensor:
-    """The torch path: rows grouped by slot, each group through :func:`planes_delta_ref`."""
+def _live(slot: Tensor, active: Tensor) -> Tensor:
+    """``slot`` with the rows of inactive slots (no deltahub delta: empty, a PEFT adapter or vLLM's
+    warm-up dummy) set to -1: a tensor op, no host sync."""
+    return torch.where((slot >= 0) & active[slot.clamp(min=0)], slot, torch.full_like(slot, -1))
+
+
+def multi_tenant_planes_delta_ref(x: Tensor, packed: Tensor, scales: Tensor, slot: Tensor, active: Tensor, k: int,
+                                  group: int) -> Tensor:
+    """The torch path: rows grouped by live slot, each group through :func:`planes_delta_ref`."""
+    slot = _live(slot, active)
     out = torch.zeros((x.shape[0], packed.shape[2]), dtype=torch.float32, device=x.device)
     for s in torch.unique(slot).tolist():
         if s < 0:
@@ -55,21 +63,23 @@ def multi_tenant_planes_delta_ref(x: Tensor, packed: Tensor, scales: Tensor, slo
 
 
 @torch.library.custom_op("deltahub::multi_tenant_planes_delta", mutates_args=())
-def multi_tenant_planes_delta(x: Tensor, packed: Tensor, scales: Tensor, slot: Tensor, k: int, group: int) -> Tensor:
-    """``Σᵢ (x[m]·S_{t,i}ᵀ) ⊙ s_{t,i}`` with ``t = slot[m]`` (``-1``: zero), fp32 ``[M, N]``.
+def multi_tenant_planes_delta(x: Tensor, packed: Tensor, scales: Tensor, slot: Tensor, active: Tensor, k: int,
+                              group: int) -> Tensor:
+    """``Σᵢ (x[m]·S_{t,i}ᵀ) ⊙ s_{t,i}`` with ``t = slot[m]`` (``-1`` or an inactive slot: zero), fp32 ``[M, N]``.
 
     Args:
         x: ``[M, K]`` float. packed: int32 ``[T, P, N, ceil(K/32)]``. scales: fp32 ``[T, P, N, C]``.
-        slot: int ``[M]`` in ``[-1, T)``. k: K. group: columns per scale group, 0 when C = 1.
+        slot: int ``[M]`` in ``[-1, T)``. active: bool ``[T]``, the slots holding a deltahub delta.
+        k: K. group: columns per scale group, 0 when C = 1.
     """
     if x.is_cuda and triton_can_run(x, packed):
         from deltahub import kernels
 
-        return kernels.multi_tenant_planes_matmul(x, None, packed, scales, slot, None, group_size=group or None,
-                                                  validate=False).to(torch.float32)
-    return multi_tenant_planes_delta_ref(x, packed, scales, slot, k, group)
+        return kernels.multi_tenant_planes_matmul(x, None, packed, scales, _live(slot, active), None,
+                                                  group_size=group or None, validate=False).to(torch.float32)
+    return multi_tenant_planes_delta_ref(x, packed, scales, slot, active, k, group)
 
 
 @multi_tenant_planes_delta.register_fake
-def _(x: Tensor, packed: Tensor, scales: Tensor, slot: Tensor, k: int, group: int) -> Tensor:
+def _(x: Tensor, packed: Tensor, scales: Tensor, slot: Tensor, active: Tensor, k: int, group: int) -> Tensor:
     return x.new_empty((x.shape[0], packed.shape[2]), dtype=torch.float32)

@@ -12,8 +12,10 @@ carries), stored as sign1 deltas. Each configuration runs in a child process of 
              M engines = M times that memory, and their tokens/s on the same cores = C·T over M
              times its time (the engines take turns; running them at once on 2 cores only slows
              each).
-  stub       one engine on one fine-tune's stub folder (base + sign planes applied on the fly, the
-             public-API path) serving the same share: the cost of not materializing.
+  stub       one engine on one fine-tune's stub folder (the public-API path; weights streamed from
+             the store) serving the same share, twice: ``--apply auto`` (on a CPU the deltas are
+             merged into the weights once after loading) and ``--apply on-the-fly`` (base GEMM +
+             the planes op every forward, the GPU default): the cost of not materializing.
 
 Every engine: fp32, ``enforce_eager``, ``max_model_len`` 256, ``VLLM_CPU_KVCACHE_SPACE`` 1 GiB (the
 KV cache is the same size in all, and part of every RSS). T new tokens per request (greedy,
@@ -111,6 +113,8 @@ def build(work: Path, args: argparse.Namespace) -> dict:
             if i == 0:
                 store.materialize("ft0", work / "mat" / "ft0", dtype="float32")
                 out["materialized"]["ft0"] = str(work / "mat" / "ft0")
+                out["stub"]["ft0-fly"] = str(store.vllm_prepare("ft0", work / "stub" / "ft0-fly", dtype="float32",
+                                                                apply="on-the-fly").out_dir)
             shutil.rmtree(ft)
             log(f"fine-tune {i}: delta {fmt_bytes(res.stored_bytes)}")
     return out
@@ -158,15 +162,19 @@ def main() -> int:
             "separate": run({**common, "model": info["materialized"]["ft0"], "prompts": prompts[:share]},
                             "separate (1 of M engines)"),
             "stub": run({**common, "model": info["stub"]["ft0"], "prompts": prompts[:share],
-                         "engine": {"load_format": "deltahub"}}, "stub (ft0 alone)"),
+                         "engine": {"load_format": "deltahub"}}, "stub, merged at load (ft0 alone)"),
+            "stub_fly": run({**common, "model": info["stub"]["ft0-fly"], "prompts": prompts[:share],
+                             "engine": {"load_format": "deltahub"}}, "stub, on the fly (ft0 alone)"),
         }
-    a, s, st = out["adapters"], out["separate"], out["stub"]
+    a, s, st, fly = out["adapters"], out["separate"], out["stub"], out["stub_fly"]
     m = args.models
     m_engines = {"peak_rss": m * s["peak_rss"], "tokens_per_s": args.requests * args.max_tokens / (m * s["gen_s"])}
     ratios = {"memory_one_engine_over_m_engines": a["peak_rss"] / m_engines["peak_rss"],
               "tokens_per_s_one_engine_over_m_engines": a["tokens_per_s"] / m_engines["tokens_per_s"],
               "stub_over_materialized_tokens_per_s": st["tokens_per_s"] / s["tokens_per_s"],
-              "stub_over_materialized_rss": st["peak_rss"] / s["peak_rss"]}
+              "stub_over_materialized_rss": st["peak_rss"] / s["peak_rss"],
+              "on_the_fly_over_materialized_tokens_per_s": fly["tokens_per_s"] / s["tokens_per_s"],
+              "on_the_fly_over_materialized_rss": fly["peak_rss"] / s["peak_rss"]}
     print(f"SmolLM2 layout: {args.layers} layers, {info['n_params'] / 1e6:.1f} M params, fp32, vLLM CPU build; "
           f"M={m} fine-tunes (Linear deltas, sign1 {fmt_bytes(info['delta_stored_bytes'])} each), C={args.requests} "
           f"requests x {args.prompt_len} prompt + {args.max_tokens} new tokens, KV cache 1 GiB per engine")
@@ -177,8 +185,10 @@ def main() -> int:
          fmt_bytes(m_engines["peak_rss"]), f"{s['start_s']:.1f} each"],
         [f"1 engine, ft0 materialized ({share} requests)", f"{s['tokens_per_s']:.1f}", fmt_bytes(s["peak_rss"]),
          f"{s['start_s']:.1f}"],
-        [f"1 engine, ft0 stub: base + planes ({share} requests)", f"{st['tokens_per_s']:.1f}", fmt_bytes(st["peak_rss"]),
+        [f"1 engine, ft0 stub, merged at load ({share} requests)", f"{st['tokens_per_s']:.1f}", fmt_bytes(st["peak_rss"]),
          f"{st['start_s']:.1f}"],
+        [f"1 engine, ft0 stub, base + planes on the fly ({share} requests)", f"{fly['tokens_per_s']:.1f}",
+         fmt_bytes(fly["peak_rss"]), f"{fly['start_s']:.1f}"],
     ])
     print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
     result = {"layout": {k: getattr(args, k) for k in SMOLLM2}, "models": m, "requests": args.requests,

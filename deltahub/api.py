@@ -269,16 +269,19 @@ class Store:
         max_size: int | str | None = None,
         adapter_planes: int = defaults.VLLM_ADAPTER_PLANES,
         adapter_group: int | None = None,
+        apply: str = defaults.VLLM_APPLY,
     ) -> Any:
         """Write the folder vLLM serves ``name`` from with ``--load-format deltahub``: its config,
         tokenizer and a pointer to this store, no weights (:mod:`deltahub.ops.vllm_stub`). For a base
         served with ``--enable-lora``, ``adapter_planes`` / ``adapter_group`` size its adapter slots
         (the most sign planes, and the scale group, a fine-tune served as an adapter may have).
+        ``apply``: ``auto`` (deltas merged into the weights once on a CPU; on the fly with the Triton
+        kernels on a GPU), ``merged`` or ``on-the-fly``.
         Returns a :class:`~deltahub.ops.vllm_stub.PrepareResult`."""
         from deltahub.ops.vllm_stub import prepare
 
         return prepare(self._ctx, name, Path(out_dir), dtype=dtype, force=force, bits=bits, max_size=_size_arg(max_size),
-                       adapter_planes=adapter_planes, adapter_group=adapter_group)
+                       adapter_planes=adapter_planes, adapter_group=adapter_group, apply=apply)
 
     def push(
         self,

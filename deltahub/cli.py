@@ -622,10 +622,14 @@ def materialize(
               help="For a base served with --enable-lora: the most sign planes a fine-tune served as its adapter may have.")
 @click.option("--adapter-group", type=int, default=None,
               help="For a base served with --enable-lora: the scale group (columns) of adapters with per-group scales.")
+@click.option("--apply", "apply_mode", type=click.Choice(defaults.VLLM_APPLY_MODES), default=defaults.VLLM_APPLY,
+              show_default=True, help="How vLLM applies the deltas: auto = merged into the weights once on a CPU, "
+              "on the fly with the Triton kernels on a GPU.")
 @json_option
 @click.pass_context
 def vllm_prepare(ctx: click.Context, name: str, out_dir: Path, dtype: str | None, force: bool, bits: int | None,
-                 max_size: str | None, adapter_planes: int, adapter_group: int | None, as_json: bool) -> None:
+                 max_size: str | None, adapter_planes: int, adapter_group: int | None, apply_mode: str,
+                 as_json: bool) -> None:
     """Write the folder vLLM serves stored model NAME from: config, tokenizer and a pointer to this
     store; no weights.
 
@@ -639,7 +643,7 @@ def vllm_prepare(ctx: click.Context, name: str, out_dir: Path, dtype: str | None
     on the fly. The folder serves the model NAME named when it was written, even if NAME is re-pointed.
     """
     result = _store(ctx).vllm_prepare(name, out_dir, dtype=dtype, force=force, bits=bits, max_size=_max_size(max_size),
-                                      adapter_planes=adapter_planes, adapter_group=adapter_group)
+                                      adapter_planes=adapter_planes, adapter_group=adapter_group, apply=apply_mode)
     _emit(result.to_json(), as_json, f"prepared {name} ({result.dtype}, {result.delta_tensors} delta tensor(s) as sign "
           f"planes) in {result.out_dir}\nserve it: python -m vllm.entrypoints.openai.api_server --model "
           f"{result.out_dir} --load-format deltahub")

@@ -65,6 +65,9 @@ SERVE_ENGINES = ("builtin", "vllm")
 SERVE_ENGINE = "builtin"
 #: ``vllm-prepare --adapter-planes``: sign planes an adapter slot holds (sign1 and one-plane deltas).
 VLLM_ADAPTER_PLANES = 1
+#: ``vllm-prepare --apply``: how a Linear applies its delta in vLLM (see integrations/vllm/quant.py).
+VLLM_APPLY_MODES = ("auto", "merged", "on-the-fly")
+VLLM_APPLY = "auto"
 #: A model whose config names no context length.
 SERVE_DEFAULT_CONTEXT = 2048
 #: ``max_tokens`` when a request gives none: completions (OpenAI's default) and chat (capped by the context).

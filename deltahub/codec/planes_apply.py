@@ -53,12 +53,17 @@ class _PlanesLike(Protocol):
     def _plane(self, i: int) -> tuple[Tensor, Tensor]: ...
 
 
-def _expand(scales: Tensor, n: int, k: int, group: int | None) -> Tensor:
-    """Scales ``[R, C]`` → broadcastable to ``[n, k]`` (groups of ``group`` columns)."""
+def expand_scales(scales: Tensor, k: int, group: int | None) -> Tensor:
+    """Scales ``[R, C]`` → broadcastable to ``[R, k]`` (``C > 1``: groups of ``group`` columns)."""
     if scales.shape[1] == 1:
         return scales
     assert group is not None
     return scales.repeat_interleave(group, dim=1)[:, :k]
+
+
+def _expand(scales: Tensor, n: int, k: int, group: int | None) -> Tensor:
+    """Scales ``[R, C]`` → broadcastable to ``[n, k]`` (groups of ``group`` columns)."""
+    return expand_scales(scales, k, group)
 
 
 def planes_matmul_torch(x2d: Tensor, packed: Sequence[Tensor] | Tensor, scales: Sequence[Tensor] | Tensor, k: int,

@@ -6,7 +6,7 @@
                            {"quant_method": "deltahub", "version": 1,
                             "planes": {tensor name: [P, C, G or null], ...},
                             "manifest": <manifest id>, "base_manifest": <its base's, or null>,
-                            "home": <the store>,
+                            "home": <the store>, "apply": "auto" | "merged" | "on-the-fly",
                             "adapter_planes": P, "adapter_group": G or null}
     DIR/deltahub.json      {"format": "deltahub-vllm-stub", "version": 1, "home": ..., "name": ...,
                             "manifest": <manifest id>, "bits": null, "max_size": null}
@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from deltahub import defaults
 from deltahub.errors import InputError, NameNotFoundError, StoreError
 from deltahub.fileio import write_file
 from deltahub.formats import safe_json
@@ -158,14 +159,19 @@ def adapter_problems(source: ModelSource, plan: dict[str, list[Any]]) -> list[st
 
 def prepare(ctx: StoreContext, name: str, out_dir: Path, dtype: str | torch.dtype | None = None,
             force: bool = False, bits: int | None = None, max_size: int | None = None,
-            adapter_planes: int = 1, adapter_group: int | None = None, resolved: Resolved | None = None) -> PrepareResult:
+            adapter_planes: int = 1, adapter_group: int | None = None, resolved: Resolved | None = None,
+            apply: str = defaults.VLLM_APPLY) -> PrepareResult:
     """Write the vLLM stub folder of stored model ``name`` into ``out_dir`` (see the module docstring).
     ``resolved``: that exact version of it (already looked up), not whatever ``name`` points at now.
+    ``apply``: how vLLM applies the deltas (``auto``: merged into the weights once on a CPU, on the
+    fly with the kernels on a GPU; ``merged``; ``on-the-fly``).
 
     Raises:
         NameNotFoundError: no such name. OutputExistsError: ``out_dir`` is not an empty folder (and
         not ``force``) or lies in the store.
     """
+    if apply not in defaults.VLLM_APPLY_MODES:
+        raise InputError(f"apply must be one of {', '.join(defaults.VLLM_APPLY_MODES)}, got {apply!r}", "use auto")
     out_dtype = parse_output_dtype(dtype)
     out_dir = check_output_dir(ctx, out_dir, force)
     with ctx.reading():
@@ -178,7 +184,7 @@ def prepare(ctx: StoreContext, name: str, out_dir: Path, dtype: str | torch.dtyp
         base_manifest = source.manifest.base.manifest if source.manifest.base is not None else None
         config["quantization_config"] = {
             "quant_method": QUANT_METHOD, "version": QUANT_VERSION, "planes": plan, "manifest": resolved.manifest_id,
-            "home": str(ctx.home.resolve()),
+            "home": str(ctx.home.resolve()), "apply": apply,
             "base_manifest": base_manifest, "adapter_planes": adapter_planes, "adapter_group": adapter_group}
         stub = Stub(ctx.home.resolve(), name, resolved.manifest_id, bits, max_size)
 

@@ -69,8 +69,9 @@ def main() -> None:
 
             def inspect(model):
                 mods = delta_modules(model)
-                return {"delta_layers": len(mods),
-                        "nonzero_scales": sum(int(m.delta_scales.abs().sum() > 0) for m in mods.values())}
+                return {"delta_layers": len(mods), "merged": sum(int(m.delta_merged) for m in mods.values()),
+                        "nonzero_scales": sum(int(m.delta_scales.numel() > 0 and m.delta_scales.abs().sum() > 0)
+                                              for m in mods.values())}
 
             results.append({"tokens": tokens, "cached": cached, "errors": errors, "inspect": llm.apply_model(inspect)[0]})
         else:

@@ -93,8 +93,9 @@ def _load(layer, shard, base, op, n):
             param.weight_loader(param, tensor, shard)
 
 
+@pytest.mark.parametrize("apply", ["on-the-fly", "merged"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_qkv_with_mixed_planes_equals_the_materialized_weight(one_rank, dtype):
+def test_fused_qkv_with_mixed_planes_equals_the_materialized_weight(one_rank, dtype, apply):
     from vllm.model_executor.layers.linear import QKVParallelLinear
 
     from deltahub.integrations.vllm.quant import DeltahubConfig, DeltahubLinearMethod
@@ -103,13 +104,16 @@ def test_fused_qkv_with_mixed_planes_equals_the_materialized_weight(one_rank, dt
     shards = {"q": ("sign1", None, heads * head), "k": ("planes", {"planes": 2, "scales": "row"}, kv * head),
               "v": ("sign1", None, kv * head)}
     enc = {s: _encoded(c, o, n, k, seed=i) for i, (s, (c, o, n)) in enumerate(shards.items())}
-    qc = DeltahubConfig({f"l.{s}_proj.weight": (e[3].planes, e[3].columns, e[3].group) for s, e in enc.items()})
+    qc = DeltahubConfig({f"l.{s}_proj.weight": (e[3].planes, e[3].columns, e[3].group) for s, e in enc.items()},
+                        apply=apply)
     qc.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
     layer = QKVParallelLinear(k, head, heads, kv, bias=False, quant_config=qc, prefix="l.qkv_proj", params_dtype=dtype)
     assert isinstance(layer.quant_method, DeltahubLinearMethod) and layer.quant_method.layout == (2, 1, None)
     for s, (base, op, _dec, _lay) in enc.items():
         _load(layer, s, base.to(dtype), op, shards[s][2])
     layer.quant_method.process_weights_after_loading(layer)
+    assert layer.delta_merged == (apply == "merged")
+    assert (layer.delta_signs.numel() == 0) == (apply == "merged")  # merged: the planes are freed
     x = torch.randn(5, k, generator=torch.Generator().manual_seed(9)).to(dtype)
     y, _ = layer(x)
     # reference: the fine-tune's decoded weight (W + Δ in fp32), the base rounded to dtype first
@@ -128,7 +132,8 @@ def test_gate_up_and_row_parallel_with_group_scales(one_rank):
     opts = {"planes": 1, "scales": "group", "group_size": 64}
     gate, up = _encoded("planes", opts, 88, 96, 1), _encoded("planes", opts, 88, 96, 2)  # C = 2 (96 = 64 + 32)
     down = _encoded("planes", opts, 96, 88, 3)  # K = 88: not a multiple of 32, last group 24 columns
-    qc = DeltahubConfig({"m.gate_proj.weight": (1, 2, 64), "m.up_proj.weight": (1, 2, 64), "m.down_proj.weight": (1, 2, 64)})
+    qc = DeltahubConfig({"m.gate_proj.weight": (1, 2, 64), "m.up_proj.weight": (1, 2, 64), "m.down_proj.weight": (1, 2, 64)},
+                        apply="on-the-fly")
     qc.packed_modules_mapping = {"gate_up_proj": ["gate_proj", "up_proj"]}
     gu = MergedColumnParallelLinear(96, [88, 88], bias=False, quant_config=qc, prefix="m.gate_up_proj",
                                     params_dtype=torch.float32)
@@ -161,20 +166,28 @@ def test_shards_with_different_scale_layouts_stay_unquantized(one_rank):
 
 # ---------------------------------------------------------------------------------------- end to end
 def test_llm_on_stub_folders_equals_transformers_on_the_materialized_fine_tunes(vstore, tmp_path):
+    import deltahub
+
+    with deltahub.Store(vstore["home"]) as store:  # the on-the-fly path too (auto merges on a CPU)
+        fly = store.vllm_prepare("ft-group", tmp_path / "fly", dtype="float32", apply="on-the-fly").out_dir
     names = ["base", *FINETUNES]
     runs = _run_engines(tmp_path, [{"model": str(vstore["stub"][n]), "prompts": PROMPTS, "max_tokens": MAX_TOKENS,
                                     "inspect": True} for n in names]
+                        + [{"model": str(fly), "prompts": PROMPTS, "max_tokens": MAX_TOKENS, "inspect": True}]
                         + [{"model": str(vstore["stub"]["ft-sign1"]), "prompts": PROMPTS, "max_tokens": 1,
                             "fake_vllm_version": "0.31.2"}])
     refused = runs.pop()
     assert "vLLM 0.31.2 is not supported by deltahub's vLLM plug-in" in refused["error"], refused
+    on_the_fly = runs.pop()
+    assert on_the_fly["tokens"] == vstore["want"]["ft-group"]
+    assert on_the_fly["inspect"] == {"delta_layers": 8, "merged": 0, "nonzero_scales": 8}
     for name, run in zip(names, runs):
         assert run["tokens"] == vstore["want"][name], name
         delta = run["inspect"]
         if name == "base":
             assert delta["delta_layers"] == 0
-        else:  # every Linear of both layers (qkv, o, gate_up, down) holds its delta as sign planes
-            assert delta["delta_layers"] == 8 and delta["nonzero_scales"] == 8, (name, delta)
+        else:  # every Linear of both layers (qkv, o, gate_up, down) got its delta as sign planes (merged on a CPU)
+            assert delta == {"delta_layers": 8, "merged": 8, "nonzero_scales": 0}, (name, delta)
     assert len({json.dumps(r["tokens"]) for r in runs}) == len(names)  # four different models
 
 

@@ -21,6 +21,7 @@ from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, Unqu
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 from vllm.model_executor.utils import set_weight_attrs
 
+from deltahub import defaults
 from deltahub.errors import InputError
 from deltahub.ops.vllm_stub import QUANT_METHOD, QUANT_VERSION, planes_of
 
@@ -31,6 +32,12 @@ __all__ = ["DeltahubConfig", "DeltahubLinearMethod", "Layout"]
 logger = logging.getLogger(__name__)
 
 WORD_BITS = 32
+#: how a Linear applies its delta: ``on-the-fly`` (base GEMM + the planes op, every forward),
+#: ``merged`` (``W + Δ`` built once after loading, in fp32 then rounded, exactly as ``materialize``;
+#: the planes are then freed), ``auto`` (merged on a CPU, where the torch path of the op costs
+#: several GEMMs; on the fly on a GPU, with the Triton kernel).
+APPLY_MODES = defaults.VLLM_APPLY_MODES
+MERGE_ROWS = 256  # rows of W + Δ built at a time (fp32 temporaries of MERGE_ROWS x K)
 Layout = tuple[int, int, int | None]
 """``(P, C, G)``: planes, scale columns per row, columns per scale group (None when C = 1)."""
 
@@ -39,9 +46,13 @@ class DeltahubConfig(QuantizationConfig):
     """Which Linear weights carry a deltahub delta, and its planes layout."""
 
     def __init__(self, planes: dict[str, Layout], manifest: str | None = None, base_manifest: str | None = None,
-                 adapter_planes: int = 1, adapter_group: int | None = None) -> None:
+                 adapter_planes: int = 1, adapter_group: int | None = None, apply: str = "auto") -> None:
         super().__init__()
+        if apply not in APPLY_MODES:
+            raise InputError(f"deltahub quantization_config: apply must be one of {', '.join(APPLY_MODES)}, got {apply!r}",
+                             "write the folder again with `deltahub vllm-prepare`")
         self.planes = planes
+        self.apply = apply
         self.manifest = manifest
         self.base_manifest = base_manifest
         self.adapter_planes = adapter_planes
@@ -81,7 +92,7 @@ class DeltahubConfig(QuantizationConfig):
             raise InputError("deltahub quantization_config: 'manifest' and 'base_manifest' must be manifest ids",
                              "write the folder again with `deltahub vllm-prepare`")
         return cls({str(name): planes_of(v, f"quantization_config planes of {name!r}") for name, v in planes.items()},
-                   ids[0], ids[1], p, g)
+                   ids[0], ids[1], p, g, config.get("apply", "auto"))
 
     def shards(self, prefix: str) -> list[str]:
         """The checkpoint module names behind vLLM module ``prefix`` (its shards when fused)."""
@@ -107,7 +118,7 @@ class DeltahubConfig(QuantizationConfig):
     def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantizeMethodBase | None:
         if isinstance(layer, LinearBase):
             layout = self.layout_for(prefix)
-            return UnquantizedLinearMethod() if layout is None else DeltahubLinearMethod(layout)
+            return UnquantizedLinearMethod() if layout is None else DeltahubLinearMethod(layout, self.apply)
         return None
 
 
@@ -121,8 +132,9 @@ class DeltahubLinearMethod(LinearMethodBase):
     places each shard (q/k/v, gate/up) at its rows. Unused planes keep zero scales.
     """
 
-    def __init__(self, layout: Layout) -> None:
+    def __init__(self, layout: Layout, apply: str = "auto") -> None:
         self.layout = layout
+        self.mode = apply
         self.base = UnquantizedLinearMethod()
 
     def create_weights(self, layer: nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
@@ -147,11 +159,41 @@ class DeltahubLinearMethod(LinearMethodBase):
         layer.delta_group = g or 0
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
+        merge = self.mode == "merged" or (self.mode == "auto" and layer.weight.device.type == "cpu")
+        layer.delta_merged = merge  # (fixed from here on: apply's one branch never changes)
+        if merge:
+            _merge(layer)
         self.base.process_weights_after_loading(layer)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         y = self.base.apply(layer, x, bias)
+        if layer.delta_merged:
+            return y
         x2d = x.reshape(-1, layer.delta_k)
         delta = torch.ops.deltahub.planes_delta(x2d, layer.delta_signs, layer.delta_scales, layer.delta_k,
                                                 layer.delta_group)
         return y + delta.to(y.dtype).reshape(y.shape)
+
+
+def _merge(layer: nn.Module) -> None:
+    """``W ← (W.float() + Σᵢ sᵢ ⊙ Sᵢ).to(W.dtype)`` in place, ``MERGE_ROWS`` rows at a time, then the
+    planes are freed. ``W`` ``[N, K]``; ``delta_signs`` int32 ``[P, N, ceil(K/32)]``; ``delta_scales``
+    fp32 ``[P, N, C]``."""
+    from deltahub.codec.planes_apply import expand_scales
+    from deltahub.codec.signs import unpack_rows
+
+    w = layer.weight.data
+    p, n, _ = layer.delta_signs.shape
+    k, group = layer.delta_k, layer.delta_group or None
+    with torch.no_grad():
+        for r0 in range(0, n, MERGE_ROWS):
+            r1 = min(n, r0 + MERGE_ROWS)
+            acc = w[r0:r1].to(torch.float32)
+            for i in range(p):
+                scales = layer.delta_scales[i, r0:r1]
+                if not bool(scales.any()):
+                    continue
+                acc += unpack_rows(layer.delta_signs[i, r0:r1], k, torch.float32) * expand_scales(scales, k, group)
+            w[r0:r1] = acc.to(w.dtype)
+    for name in ("delta_signs", "delta_scales"):  # nothing left to apply: give the memory back
+        setattr(layer, name, nn.Parameter(torch.empty(0, dtype=getattr(layer, name).dtype), requires_grad=False))

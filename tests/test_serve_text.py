@@ -72,6 +72,11 @@ def test_request_bodies_are_checked_field_by_field():
             parse_completion(bad)
     with pytest.raises(RequestError, match="role"):
         parse_chat({"model": "m", "messages": [{"role": "wizard", "content": "x"}]})
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    for key, value in (("response_format", {"type": "json_object"}), ("tool_choice", "auto"), ("function_call", "auto")):
+        with pytest.raises(RequestError, match=f"'{key}' is not supported"):  # refused, not silently ignored
+            parse_chat({**chat, key: value})
+    assert parse_chat({**chat, "response_format": {"type": "text"}, "tool_choice": "none"}).messages
     with pytest.raises(RequestError, match="JSON object"):
         parse_completion([1, 2])
 

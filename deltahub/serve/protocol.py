@@ -90,7 +90,8 @@ def _common(body: Any, endpoint: str) -> GenerationParams:
                            param="n")
     for key, neutral in (("presence_penalty", 0), ("frequency_penalty", 0), ("logit_bias", None),
                          ("logprobs", None), ("top_logprobs", None), ("best_of", 1), ("suffix", None),
-                         ("tools", None), ("functions", None)):
+                         ("tools", None), ("functions", None), ("tool_choice", "none"), ("function_call", "none"),
+                         ("response_format", {"type": "text"})):
         value = body.get(key)
         if value is not None and value != neutral and value is not False and value != {}:
             raise RequestError(f"'{key}' is not supported by deltahub serve", f"leave '{key}' out", param=key)

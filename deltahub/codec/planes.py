@@ -30,7 +30,7 @@ from . import signs
 from .base import BitPlanes, DeltaOperator, Encoded, JSONValue, PartSpec, PlanesLayout, TenantDeltas, TensorCodec
 from .codecs import CodecError, NonFiniteDeltaError
 from .packing import WORD_BITS, pack_signs, packed_shape, sign_lut
-from .planes_apply import planes_kernel_linear, stack_planes
+from .planes_apply import expand_scales, planes_kernel_linear, stack_planes
 from .planes_grad import planes_delta
 from .sign1 import run_row_blocks
 
@@ -53,14 +53,6 @@ def _scale_shape(n: int, k: int, params: Mapping[str, Any]) -> tuple[int, int]:
     if g == "row":
         return (n, 1)
     return (n, -(-k // int(params["group_size"])))
-
-
-def _expand(scales: Tensor, n: int, k: int, group: int | None) -> Tensor:
-    """Scales ``[R, C]`` → broadcastable to ``[n, k]`` (groups of ``group`` columns)."""
-    if scales.shape[1] == 1:
-        return scales
-    assert group is not None
-    return scales.repeat_interleave(group, dim=1)[:, :k]
 
 
 def _group_means(absr: Tensor, params: Mapping[str, Any]) -> Tensor:
@@ -220,7 +212,7 @@ class PlanesCodec(TensorCodec):
                     s = scales[i]
                     s = s if s.shape[0] == 1 else s[r0:r1]
                     # acc + s*S: the product is exactly +-s, then one fp32 rounding per plane
-                    acc.addcmul_(sf, _expand(s, r, k, group))
+                    acc.addcmul_(sf, expand_scales(s, k, group))
                 if acc_buf is not None:
                     result[r0:r1].copy_(acc)  # the single rounding to out_dtype
 
@@ -291,7 +283,7 @@ class PlanesOperator(DeltaOperator):
         for i in range(self.k):
             packed, s = self._plane(i)
             s_rows = s if s.shape[0] == 1 else s.index_select(0, index)
-            out += _expand(s_rows, index.numel(), self.in_features, self.group) * signs.sign_rows(
+            out += expand_scales(s_rows, self.in_features, self.group) * signs.sign_rows(
                 packed, index, self.in_features, torch.float32
             )
         return out
@@ -384,7 +376,7 @@ def _encode_rows(base: Tensor, finetuned: Tensor, params: dict[str, Any]) -> Enc
                     s = _group_means(d64, params)
                 scales_out[i][r0:r1] = s
                 # R -= (+s if bit else -s): the step is exactly +-s; one fp32 rounding
-                torch.copysign(_expand(s, t, k, group), r, out=step)
+                torch.copysign(expand_scales(s, k, group), r, out=step)
                 r.sub_(step)
             d64.copy_(r)
             row_err[r0:r1] = _row_sums(d64.square_()).reshape(-1)
@@ -428,7 +420,7 @@ def _encode_whole(base: Tensor, finetuned: Tensor, params: dict[str, Any]) -> En
         s = _group_means(r.abs(), params)
         parts[f"signs{i}"] = pack_signs(r)
         parts[f"scales{i}"] = s.contiguous()
-        step = _expand(s, n, k, group) * torch.where(bits, 1.0, -1.0)
+        step = expand_scales(s, k, group) * torch.where(bits, 1.0, -1.0)
         r = r - step
     err = float(r.double().pow(2).sum())
     return Encoded(

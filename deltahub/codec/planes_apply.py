@@ -61,11 +61,6 @@ def expand_scales(scales: Tensor, k: int, group: int | None) -> Tensor:
     return scales.repeat_interleave(group, dim=1)[:, :k]
 
 
-def _expand(scales: Tensor, n: int, k: int, group: int | None) -> Tensor:
-    """Scales ``[R, C]`` → broadcastable to ``[n, k]`` (groups of ``group`` columns)."""
-    return expand_scales(scales, k, group)
-
-
 def planes_matmul_torch(x2d: Tensor, packed: Sequence[Tensor] | Tensor, scales: Sequence[Tensor] | Tensor, k: int,
                         group: int | None) -> Tensor:
     """``Σᵢ (x·Sᵢᵀ) ⊙ sᵢ`` on the torch path (memory-bounded: :mod:`deltahub.codec.signs`; per-group
@@ -229,7 +224,7 @@ class PlanesStack(PackedTenantDeltas):
         out = torch.zeros((index.numel(), self.in_features), dtype=torch.float32, device=index.device)
         for p, s in zip(self.packed[i], self.scales[i]):
             s_rows = s if s.shape[0] == 1 else s.index_select(0, index)
-            out += _expand(s_rows, index.numel(), self.in_features, self.group) * signs.sign_rows(
+            out += expand_scales(s_rows, self.in_features, self.group) * signs.sign_rows(
                 p, index, self.in_features, torch.float32
             )
         return out

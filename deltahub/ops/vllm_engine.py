@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -32,7 +31,7 @@ from pathlib import Path
 from deltahub.errors import InputError
 from deltahub.formats.manifest import ModelKind
 from deltahub.ops.context import StoreContext
-from deltahub.ops.vllm_stub import adapter_problems, planes_plan, prepare, source_of
+from deltahub.ops.vllm_stub import adapter_problems, folder_name, planes_plan, prepare, source_of
 
 __all__ = ["VLLMLaunch", "plan_vllm", "run_vllm", "vllm_available"]
 
@@ -52,10 +51,6 @@ def vllm_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("vllm") is not None
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
 def plan_vllm(ctx: StoreContext, names: Sequence[str], host: str, port: int, dtype: str | None, max_batch: int,
@@ -100,7 +95,7 @@ def plan_vllm(ctx: StoreContext, names: Sequence[str], host: str, port: int, dty
             common.append("--enforce-eager")  # vLLM's CPU build runs eagerly
         if len(resolved) == 1 and not pull:  # one model alone: every tensor exact
             (name, r), = resolved.items()
-            stub = prepare(ctx, name, workdir / _safe(name), dtype=dtype, resolved=r).out_dir
+            stub = prepare(ctx, name, workdir / folder_name(name), dtype=dtype, resolved=r).out_dir
             cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(stub),
                    "--served-model-name", name, *common, *engine_args]
             return VLLMLaunch(cmd, env, workdir, [name])
@@ -124,11 +119,11 @@ def plan_vllm(ctx: StoreContext, names: Sequence[str], host: str, port: int, dty
             raise InputError(f"the base of {', '.join(fine_tunes)} has no name in this store",
                              "add the base under a name (deltahub add BASE_DIR --name NAME)")
         base_name = base_names[0]
-        base_stub = prepare(ctx, base_name, workdir / _safe(base_name), dtype=dtype, adapter_planes=planes,
+        base_stub = prepare(ctx, base_name, workdir / folder_name(base_name), dtype=dtype, adapter_planes=planes,
                             adapter_group=next(iter(groups), None)).out_dir
         modules = []
         for name, r in fine_tunes.items():
-            stub = prepare(ctx, name, workdir / "adapters" / f"{_safe(name)}-{r.manifest_id}", dtype=dtype,
+            stub = prepare(ctx, name, workdir / "adapters" / folder_name(name, r.manifest_id), dtype=dtype,
                            resolved=r).out_dir
             modules.append(f"{name}={stub}")
         slots = max(1, min(len(fine_tunes) if not pull else max_batch, max_batch))

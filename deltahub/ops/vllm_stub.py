@@ -53,7 +53,7 @@ from deltahub.ops.materialize import check_output_dir, parse_output_dtype, publi
 from deltahub.ops.reconstruct import ModelSource
 
 __all__ = ["STUB_FORMAT", "STUB_VERSION", "POINTER_FILE", "QUANT_METHOD", "Stub", "PrepareResult",
-           "prepare", "read_stub", "open_stub", "planes_plan", "adapter_problems", "source_of"]
+           "prepare", "read_stub", "open_stub", "planes_plan", "adapter_problems", "source_of", "folder_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +204,14 @@ def prepare(ctx: StoreContext, name: str, out_dir: Path, dtype: str | torch.dtyp
     shown = dtype_name(out_dtype) if out_dtype is not None else source.manifest.dtype
     logger.info("prepared %s for vLLM in %s (%d delta tensor(s) as sign planes)", name, out_dir, len(plan))
     return PrepareResult(name, out_dir, resolved.manifest_id, shown, len(plan), sorted(files))
+
+
+def folder_name(name: str, manifest_id: str | None = None) -> str:
+    """A folder name for stored model ``name`` (a Hub repo id may hold ``/``); with ``manifest_id``,
+    the version too: adapters are named after their manifest because vLLM keys adapters and its
+    prefix cache by name and path."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    return safe if manifest_id is None else f"{safe}-{manifest_id}"
 
 
 def source_of(ctx: StoreContext, resolved: Resolved, bits: int | None = None, max_size: int | None = None) -> ModelSource:

@@ -32,7 +32,6 @@ import inspect
 import logging
 import math
 import os
-import re
 import stat
 import tempfile
 from collections.abc import Callable
@@ -43,7 +42,7 @@ import torch
 
 from deltahub.errors import DeltaHubError, InputError
 from deltahub.formats.manifest import ModelKind
-from deltahub.ops.vllm_stub import POINTER_FILE, adapter_problems, open_stub, planes_plan, read_stub
+from deltahub.ops.vllm_stub import POINTER_FILE, adapter_problems, folder_name, open_stub, planes_plan, read_stub
 
 from .version import UnsupportedVLLMError, check_vllm_version
 
@@ -373,7 +372,7 @@ class DeltahubResolver:
             if m.kind is not ModelKind.DELTA or m.base is None or m.base.manifest != base.manifest:
                 logger.info("%s is not a fine-tune of the served base; not loaded as an adapter", lora_name)
                 return None
-            folder = adapters_dir() / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', lora_name)}-{resolved.manifest_id}"
+            folder = adapters_dir() / folder_name(lora_name, resolved.manifest_id)
             current = None
             if (folder / POINTER_FILE).is_file():
                 try:

@@ -113,7 +113,7 @@ def test_a_symlinked_pointer_is_not_followed(with_deltas, tmp_path):
     evil = tmp_path / "evil"
     evil.mkdir()
     os.symlink(res.out_dir / POINTER_FILE, evil / POINTER_FILE)
-    with pytest.raises(InputError, match="cannot be read"):
+    with pytest.raises(InputError, match="is a symbolic link"):
         read_stub(evil)
 
 
@@ -222,9 +222,40 @@ def test_conv1d_weights_are_served_decoded_and_adapters_must_match_the_bases_fil
         ctx.close()
 
 
-def test_a_pointer_that_is_a_fifo_is_refused_at_once(tmp_path):
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_a_pointer_that_is_no_regular_file_is_refused_at_once(tmp_path, kind):
     folder = tmp_path / "stub"
     folder.mkdir()
-    os.mkfifo(folder / POINTER_FILE)
+    (os.mkfifo if kind == "fifo" else os.mkdir)(folder / POINTER_FILE)
     with pytest.raises(InputError, match="is not a regular file"):
         read_stub(folder)
+
+
+def test_adapter_slot_options_are_checked_by_name(with_deltas, tmp_path):
+    store, _home = with_deltas
+    for group in (33, 0, -5):
+        with pytest.raises(InputError, match=f"--adapter-group must be a positive multiple of 32, got {group}"):
+            store.vllm_prepare(BASE, tmp_path / "o", adapter_group=group)
+    with pytest.raises(InputError, match="--adapter-planes must be 1 to 8"):
+        store.vllm_prepare(BASE, tmp_path / "o", adapter_planes=9)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_full_output_disk_names_the_output_folder(with_deltas, tmp_path):
+    """vllm-prepare onto a full tmpfs: one clear error naming that folder, nothing half-written."""
+    import subprocess as sp
+
+    store, home = with_deltas
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    if sp.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(tiny)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        (tiny / "filler").write_bytes(b"x" * 6000)
+        proc = sp.run([sys.executable, "-m", "deltahub.cli", "--home", str(home), "vllm-prepare", "ft", str(tiny / "o")],
+                      capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and proc.stderr.startswith("Error: ") and "Traceback" not in proc.stderr
+        assert f"in {tiny}" in proc.stderr and "output folder" in proc.stderr, proc.stderr
+        assert sorted(p.name for p in tiny.iterdir()) == ["filler"]
+    finally:
+        sp.run(["umount", str(tiny)])

@@ -28,6 +28,7 @@ are checked; a stub never makes deltahub read outside the store it names.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -42,7 +43,7 @@ import torch
 
 from deltahub import defaults
 from deltahub.errors import InputError, NameNotFoundError, StoreError
-from deltahub.fileio import write_file
+from deltahub.fileio import OUTPUT_HINT, disk_full_as, write_file
 from deltahub.formats import safe_json
 from deltahub.formats.manifest import ModelKind
 from deltahub.formats.paths import join_inside
@@ -172,6 +173,12 @@ def prepare(ctx: StoreContext, name: str, out_dir: Path, dtype: str | torch.dtyp
     """
     if apply not in defaults.VLLM_APPLY_MODES:
         raise InputError(f"apply must be one of {', '.join(defaults.VLLM_APPLY_MODES)}, got {apply!r}", "use auto")
+    if isinstance(adapter_planes, bool) or not isinstance(adapter_planes, int) or not 1 <= adapter_planes <= 8:
+        raise InputError(f"--adapter-planes must be 1 to 8, got {adapter_planes!r}", "e.g. --adapter-planes 2")
+    if adapter_group is not None and (isinstance(adapter_group, bool) or not isinstance(adapter_group, int)
+                                      or adapter_group < 32 or adapter_group % 32):
+        raise InputError(f"--adapter-group must be a positive multiple of 32, got {adapter_group!r}",
+                         "e.g. --adapter-group 128, or leave it out (one scale per row)")
     out_dtype = parse_output_dtype(dtype)
     out_dir = check_output_dir(ctx, out_dir, force)
     with ctx.reading():
@@ -200,7 +207,8 @@ def prepare(ctx: StoreContext, name: str, out_dir: Path, dtype: str | torch.dtyp
             write_file(tmp / POINTER_FILE, (json.dumps(stub.to_json(), indent=2) + "\n").encode())
             return [*files, POINTER_FILE]
 
-        files = publish_dir(out_dir, force, fill)
+        with disk_full_as(out_dir.parent, f"preparing {name} for vLLM", hint=OUTPUT_HINT):
+            files = publish_dir(out_dir, force, fill)
     shown = dtype_name(out_dtype) if out_dtype is not None else source.manifest.dtype
     logger.info("prepared %s for vLLM in %s (%d delta tensor(s) as sign planes)", name, out_dir, len(plan))
     return PrepareResult(name, out_dir, resolved.manifest_id, shown, len(plan), sorted(files))
@@ -241,10 +249,13 @@ def read_stub(folder: str | Path) -> Stub:
         raise InputError(f"{folder} has no {POINTER_FILE}: it is not a deltahub stub folder",
                          "write one with `deltahub vllm-prepare NAME DIR` and point vLLM at DIR") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _bad(folder, "is a symbolic link (deltahub does not follow it)") from None
         raise _bad(folder, f"cannot be read ({exc.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # (a folder, a FIFO or a device would fail, block or never end)
+        os.close(fd)
+        raise _bad(folder, "is not a regular file")
     with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):  # (a FIFO or a device would block or never end)
-            raise _bad(folder, "is not a regular file")
         raw = fh.read(MAX_POINTER_BYTES + 1)
     if len(raw) > MAX_POINTER_BYTES:
         raise _bad(folder, f"is larger than {MAX_POINTER_BYTES} bytes")
